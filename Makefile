@@ -1,0 +1,32 @@
+# perpfolio: every target creates the virtual environment and installs the project when needed.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+
+.PHONY: run test ui backfill bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## materialize the whole default window on the built-in synthetic market
+	$(PY) -m pipelines.run
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest -q
+
+ui: $(STAMP)  ## Dagster UI + daemon on 127.0.0.1:3000 over the same DAGSTER_HOME as make run
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+backfill: $(STAMP)  ## make backfill START=YYYY-MM-DD END=YYYY-MM-DD
+	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
+	$(PY) -m pipelines.run --start $(START) --end $(END)
+
+bench: $(STAMP)  ## benchmarks (not part of make test); see BENCHMARKS.md
+	for b in benchmarks/bench_*.py; do $(PY) $$b; done
+
+clean:
+	rm -rf $(VENV) warehouse/*.duckdb warehouse/reports .dagster_home/storage .dagster_home/history .dagster_home/schedules .dagster_home/logs
