@@ -1,0 +1,1 @@
+"""Market data sources: each returns polars frames in the raw-layer schemas."""

@@ -1,0 +1,494 @@
+"""Synthetic hourly perpetual-futures market: candles, funding events and an implied-vol index.
+
+Returns (symbol i, hourly bar t opened at ``start + t h``; LOG returns per bar)::
+
+    r_i(t) = mu_i / 8760
+             + m(t) s_i sqrt(1 - J) [rho_i sqrt(h_m(t)) e_m(t) + sqrt(1 - rho_i^2) sqrt(h_i(t)) e_i(t)]
+             + m(t) s_i sqrt(J / lam) B_i(t) n_i(t)
+
+- ``s_i = vol_i / sqrt(8760)``: calm hourly volatility; ``vol_i`` annualized base volatility,
+  ``mu_i`` a small annual drift, ``rho_i`` the loading on the market factor (one-factor model, so
+  corr(i, j) is about ``rho_i rho_j``).
+- ``e_m, e_i``: Student-t innovations, 4.5 degrees of freedom, scaled to unit variance.
+- ``h(t+1) = omega + h(t) (a min(e(t)^2, 16) + b)``: GARCH(1,1) variance with the news term capped
+  at 4 sd (one outlier cannot blow the variance up), ``omega = 1 - b - a E[min(e^2, 16)]`` so
+  E[h] = 1. Market factor a=0.10, b=0.88; each symbol's own component a=0.05, b=0.93.
+- Jumps: ``B_i(t) ~ Bernoulli(lam)``, ``lam = 1/240`` per hour, ``n_i ~ N(0, 1)``; jumps carry a
+  share J = 5 % of the variance, so ``vol_i`` is the total calm volatility.
+- ``m(t)``: turbulence multiplier, 1 when calm and 3 on the plateau of an episode.
+
+Candles: ``close_i(t) = price0_i exp(sum_{u<=t} r_i(u))``, ``open_i(t) = close_i(t-1)`` (first
+bar: ``price0_i``), ``high = max(open, close) exp(0.6 m s_i |g1|)``, ``low = min(open, close)
+exp(-0.6 m s_i |g2|)``, ``volume`` (base units) ``= notional_i / close (0.5 + |r| / s_i)
+exp(0.4 g3 - 0.08)``, lognormal and larger on large moves (g ~ N(0, 1)).
+
+Parameters: BTCUSDT vol 50 %, rho 0.92, price0 95 000; ETHUSDT 65 %, 0.88, 3 300; SOLUSDT 85 %,
+0.82, 190. Any other symbol draws its own from its generator: vol U(60 %, 120 %), rho
+U(0.5, 0.85), price0 log-uniform on [0.05, 500], drift U(-10 %, 20 %) a year.
+
+Planted schedule (d = days since ``start``; independent of ``end``):
+
+- Turbulent episodes on d in [70 + 120 j, 78 + 120 j), j = 0, 1, ...: ``m`` rises from 1 to 3
+  along a raised cosine over the first 36 h, stays at 3 and falls back over the last 36 h.
+- One crash bar per episode, 14:00 UTC on its second calendar day: BTCUSDT's simple return is
+  -11 % (log -0.1165); symbol i falls by ``11 % (rho_i vol_i) / (rho_BTC vol_BTC)``, at most 35 %.
+  The crash return replaces the model return of that bar.
+- Funding interval (hours): 1 for every symbol but BTCUSDT on d in [70 + 120 j, 80 + 120 j)
+  (episode plus two days); else 4 for symbols with ``vol_i >= 60 %`` on d mod 200 in
+  [110, 140); else 8. The interval is chosen at each event for the interval starting there, and
+  events sit on multiples of their interval from 00:00 UTC, so leaving a 1 h or 4 h regime keeps
+  the short interval until the clock is aligned. ``interval_hours`` of an event is the length of
+  the interval that ENDS at it, equal to the gap since the previous event.
+
+Funding rate per 8 h, an AR(1) on the hourly grid k (event time ``start + k h``)::
+
+    f(k) = 0.95 f(k-1) + 0.05 target(k) + 2e-5 eps(k),   f(0) = 1e-4
+    target(k) = 1e-4 + 5e-4 max(0, z(k) - 1.25) - 3e-4 stress(k-1)
+
+``z(k)``: log return of the 24 bars before k divided by ``s_i sqrt(24)`` (strong up-trends give
+positive spikes); ``stress(t) = w(t) + exp(-(t - crash) / 72 h)`` after a crash, with w the 0..1
+turbulence ramp; f is clipped to [-0.75 %, +0.75 %]. An event's ``rate = f(k) interval / 8``
+(decimal per funding interval, positive = longs pay shorts) and ``bar_ts = ts - 1 h``.
+
+Implied vol (annualized decimal, BTC and ETH only, hourly; no index for other underlyings)::
+
+    v(t) = E_5d[vol_i^2 (rho_i^2 h_m + (1 - rho_i^2) h_i)](t)          smooth base-variance forecast
+    iv(t) = 1.2 sqrt(v(t) (1 + 0.3 + 0.1 (E_10d[m^2](t) - 1))) exp(x(t))
+
+``E_n`` is an exponentially weighted mean with half-life n (started at the calm value); 0.3 is an
+event-risk premium (about half the average variance the planted turbulence and crashes add over a
+120-day cycle), so iv is about 1.37 x the base vol when calm and above the 30-day realized vol on
+average;
+``0.1 E_10d[m^2]`` is the partial, lagged reaction to an episode, which leaves iv below the
+realized vol for days after a crash. ``x``: AR(1) noise, coefficient 0.98, stationary sd 3 %.
+
+Determinism: every random stream is ``np.random.default_rng(SeedSequence([seed, key,
+component]))`` with ``key = zlib.crc32(symbol)`` (0 for the market factor) and draws one value per
+hour in time order, so a later ``end`` only appends rows and adding symbols changes nothing for
+the others (prefix stability: the pipeline generates daily partitions).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from perpfolio.errors import ConfigError
+
+HOURS_PER_YEAR = 8760
+SOURCE = "synthetic"
+_TS = pl.Datetime("us", "UTC")
+
+# Student-t innovations, scaled to unit variance: Var(t_df) = df / (df - 2).
+_T_DF = 4.5
+_T_SCALE = float(np.sqrt((_T_DF - 2.0) / _T_DF))
+_GARCH_MARKET = (0.10, 0.88)
+_NEWS_CAP = 16.0  # cap on e^2 in the variance update (4 sd), so one outlier cannot explode h
+_GARCH_IDIO = (0.05, 0.93)
+_JUMP_PROB = 1.0 / (10 * 24)
+_JUMP_SHARE = 0.05
+
+# Planted schedule, in hours since start.
+_TURB_FIRST = 70 * 24
+_TURB_EVERY = 120 * 24
+_TURB_LEN = 8 * 24
+_TURB_RAMP = 36
+_TURB_MULT = 3.0
+_FAST_FUNDING_LEN = _TURB_LEN + 2 * 24
+_FOUR_H_CYCLE = 200 * 24
+_FOUR_H_WINDOW = (110 * 24, 140 * 24)
+_FOUR_H_MIN_VOL = 0.60
+_CRASH_BTC = -0.11
+_CRASH_CAP = -0.35
+
+# Funding rate per 8h.
+_FUND_MEAN = 1e-4
+_FUND_PHI = 0.95
+_FUND_NOISE = 2e-5
+_FUND_UP = 5e-4
+_FUND_UP_Z = 1.25
+_FUND_STRESS = 3e-4
+_FUND_CRASH_DECAY_H = 72.0
+_FUND_CLIP = 0.0075
+
+# Implied-vol index.
+_IV_SYMBOLS = ("BTCUSDT", "ETHUSDT")
+_IV_PREMIUM = 1.2
+_IV_FAST_HL_H = 5 * 24
+_IV_TURB_HL_H = 10 * 24
+_IV_TURB_SHARE = 0.1
+_IV_EVENT_PREMIUM = 0.3
+_IV_NOISE_PHI = 0.98
+_IV_NOISE_SD = 0.03
+
+# Random-stream components (market uses key 0 and its own component ids).
+_PARAMS, _IDIO, _JUMP_U, _JUMP_N, _RANGE, _VOLUME, _FUNDING, _IV_NOISE = range(8)
+_MARKET = 100
+
+
+@dataclass(frozen=True)
+class _Params:
+    vol_ann: float
+    rho: float
+    price0: float
+    drift_ann: float
+    notional_per_hour: float
+
+
+_KNOWN = {
+    "BTCUSDT": _Params(0.50, 0.92, 95_000.0, 0.10, 7e8),
+    "ETHUSDT": _Params(0.65, 0.88, 3_300.0, 0.05, 4e8),
+    "SOLUSDT": _Params(0.85, 0.82, 190.0, 0.15, 1.5e8),
+}
+
+
+@dataclass(frozen=True)
+class SyntheticMarket:
+    """Raw frames of one synthetic run (schemas of the raw layer) and the planted events.
+
+    ``candles``: ts, symbol, open, high, low, close, volume, source — bars with ts in [start, end).
+    ``funding``: ts, bar_ts, symbol, rate (per interval), interval_hours, source — ts in (start, end].
+    ``implied_vol``: ts, underlying, iv (annualized decimal), source — BTC and ETH only.
+    ``events``: kind ("turbulent" | "crash" | "funding_1h" | "funding_4h"), symbol (null when
+    market-wide), start, end (the planned end, may lie after the requested end); every event that
+    starts in [start, end). Funding regimes are the scheduled windows; the interval itself switches
+    at the first funding event on or after the window edge.
+    Candles, funding and implied_vol are sorted by symbol (underlying), then ts.
+    """
+
+    candles: pl.DataFrame
+    funding: pl.DataFrame
+    implied_vol: pl.DataFrame
+    events: pl.DataFrame
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticMarket(candles={self.candles.height} rows, funding={self.funding.height} rows, "
+            f"implied_vol={self.implied_vol.height} rows, events={self.events.height} rows)"
+        )
+
+
+def generate_market(
+    symbols: Sequence[str], start: datetime, end: datetime, *, seed: int = 7
+) -> SyntheticMarket:
+    """Generate hourly candles, funding events and an implied-vol index (see module docstring).
+
+    ``start``/``end`` are tz-aware UTC datetimes on the hour; bars cover [start, end), funding
+    events (start, end]. Deterministic in ``seed`` and prefix-stable in ``end`` and ``symbols``.
+    """
+    syms = _check_args(symbols, start, end, seed)
+    n_hours = int((end - start) / timedelta(hours=1))
+    start_hod = start.hour
+    params = [_params(s, seed) for s in syms]
+    vol = np.array([p.vol_ann for p in params])
+    rho = np.array([p.rho for p in params])
+    s_h = vol / np.sqrt(HOURS_PER_YEAR)
+
+    mult, ramp = _turbulence(n_hours)
+    crash_bars = _crash_bars(start, n_hours)
+
+    # Innovations: one generator per (symbol, component), one draw per hour in time order.
+    e_m = _rng(seed, 0, _MARKET).standard_t(_T_DF, n_hours) * _T_SCALE
+    e_i = _per_symbol(syms, seed, _IDIO, lambda g: g.standard_t(_T_DF, n_hours) * _T_SCALE)
+    jump = _per_symbol(syms, seed, _JUMP_U, lambda g: g.random(n_hours) < _JUMP_PROB)
+    jump_n = _per_symbol(syms, seed, _JUMP_N, lambda g: g.standard_normal(n_hours))
+
+    h = _garch(np.column_stack([e_m, e_i]), *_garch_coefs(len(syms)))
+    h_m, h_i = h[:, :1], h[:, 1:]
+    scale = mult[:, None] * s_h
+    r = (
+        np.array([p.drift_ann for p in params]) / HOURS_PER_YEAR
+        + scale * np.sqrt(1.0 - _JUMP_SHARE)
+        * (rho * np.sqrt(h_m) * e_m[:, None] + np.sqrt(1.0 - rho**2) * np.sqrt(h_i) * e_i)
+        + scale * np.sqrt(_JUMP_SHARE / _JUMP_PROB) * np.where(jump, jump_n, 0.0)
+    )
+    btc = _KNOWN["BTCUSDT"]
+    crash_simple = np.maximum(_CRASH_BTC * (rho * vol) / (btc.rho * btc.vol_ann), _CRASH_CAP)
+    r[crash_bars] = np.log1p(crash_simple)
+
+    candles = _candles(syms, params, start, r, s_h, mult, seed)
+    funding = _funding(syms, params, start, start_hod, r, s_h, ramp, crash_bars, seed)
+    implied_vol = _implied_vol(syms, params, start, h_m, h_i, mult, seed)
+    events = _events(syms, params, start, n_hours, crash_bars)
+    return SyntheticMarket(candles, funding, implied_vol, events)
+
+
+def _check_args(symbols: Sequence[str], start: datetime, end: datetime, seed: int) -> list[str]:
+    if isinstance(symbols, str):
+        raise ConfigError(f"symbols must be a sequence of exchange ids, got the string {symbols!r}")
+    syms = list(symbols)
+    if not syms:
+        raise ConfigError("symbols must not be empty")
+    bad = [s for s in syms if not isinstance(s, str) or not s]
+    if bad:
+        raise ConfigError(f"symbols must be non-empty strings, got {bad!r}")
+    dupes = sorted({s for s in syms if syms.count(s) > 1})
+    if dupes:
+        raise ConfigError(f"symbols contain duplicates: {dupes!r}")
+    for name, value in (("start", start), ("end", end)):
+        if not isinstance(value, datetime):
+            raise ConfigError(f"{name} must be a datetime, got {value!r}")
+        if value.tzinfo is None or value.utcoffset() != timedelta(0):
+            raise ConfigError(f"{name} must be a tz-aware UTC datetime, got {value.isoformat()}")
+        if (value.minute, value.second, value.microsecond) != (0, 0, 0):
+            raise ConfigError(f"{name} must be aligned to the hour, got {value.isoformat()}")
+    if end <= start:
+        raise ConfigError(f"end must be after start, got start={start.isoformat()} end={end.isoformat()}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
+    return sorted(syms)
+
+
+def _rng(seed: int, key: int, component: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), key, component]))
+
+
+def _key(symbol: str) -> int:
+    return zlib.crc32(symbol.encode("utf-8"))
+
+
+def _per_symbol(syms, seed, component, draw) -> np.ndarray:
+    """Hours x symbols array; column j drawn from symbol j's own stream."""
+    return np.column_stack([draw(_rng(seed, _key(s), component)) for s in syms])
+
+
+def _params(symbol: str, seed: int) -> _Params:
+    if symbol in _KNOWN:
+        return _KNOWN[symbol]
+    g = _rng(seed, _key(symbol), _PARAMS)
+    return _Params(
+        vol_ann=g.uniform(0.60, 1.20),
+        rho=g.uniform(0.50, 0.85),
+        price0=float(np.exp(g.uniform(np.log(0.05), np.log(500.0)))),
+        drift_ann=g.uniform(-0.10, 0.20),
+        notional_per_hour=float(np.exp(g.uniform(np.log(1e6), np.log(5e7)))),
+    )
+
+
+def _garch_coefs(n_symbols: int) -> tuple[np.ndarray, np.ndarray]:
+    alpha = np.array([_GARCH_MARKET[0]] + [_GARCH_IDIO[0]] * n_symbols)
+    beta = np.array([_GARCH_MARKET[1]] + [_GARCH_IDIO[1]] * n_symbols)
+    return alpha, beta
+
+
+@functools.lru_cache
+def _capped_t_moment(df: float, cap: float) -> float:
+    """E[min(e^2, cap)] for a unit-variance Student-t e (trapezoid rule over |e| >= sqrt(cap))."""
+    scale = np.sqrt((df - 2.0) / df)
+    x = np.linspace(np.sqrt(cap), 2000.0, 200_001)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(log_norm - (df + 1) / 2 * np.log1p((x / scale) ** 2 / df)) / scale
+    excess = (x**2 - cap) * pdf
+    return 1.0 - 2.0 * float(np.sum((excess[1:] + excess[:-1]) / 2.0 * np.diff(x)))
+
+
+def _garch(e: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """h(t) = omega + h(t-1) (a min(e(t-1)^2, c) + b), omega = 1 - b - a E[min(e^2, c)], so E[h] = 1.
+
+    Pre-sample h = 1 and news E[min(e^2, c)], so h(0) = 1.
+    """
+    news_mean = _capped_t_moment(_T_DF, _NEWS_CAP)
+    news = np.vstack([np.full(e.shape[1], news_mean), np.minimum(e[:-1] ** 2, _NEWS_CAP)])
+    omega = 1.0 - beta - alpha * news_mean
+    return _affine_scan(alpha * news + beta, np.broadcast_to(omega, e.shape), np.ones(e.shape[1]))
+
+
+def _affine_scan(a: np.ndarray, b: np.ndarray, x_prev: np.ndarray) -> np.ndarray:
+    """x(t) = a(t) x(t-1) + b(t) for t = 0..T-1, x(-1) = x_prev; arrays T x C (sequential in t)."""
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    x = x_prev
+    for t in range(out.shape[0]):
+        x = a[t] * x + b[t]
+        out[t] = x
+    return out
+
+
+def _ewma(u: np.ndarray, half_life_h: float, init: np.ndarray) -> np.ndarray:
+    lam = 0.5 ** (1.0 / half_life_h)
+    return _affine_scan(np.broadcast_to(lam, u.shape), (1.0 - lam) * u, init)
+
+
+def _turbulence(n_hours: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vol multiplier m(t) = 1 + (3 - 1) w(t) and the 0..1 ramp w(t) per bar."""
+    tau = np.arange(n_hours)
+    u = (tau - _TURB_FIRST) % _TURB_EVERY
+    inside = (tau >= _TURB_FIRST) & (u < _TURB_LEN)
+    edge = np.minimum(u, _TURB_LEN - u)
+    w = np.where(edge >= _TURB_RAMP, 1.0, 0.5 * (1.0 - np.cos(np.pi * edge / _TURB_RAMP)))
+    w = np.where(inside, w, 0.0)
+    return 1.0 + (_TURB_MULT - 1.0) * w, w
+
+
+def _episode_starts(n_hours: int) -> range:
+    return range(_TURB_FIRST, n_hours, _TURB_EVERY)
+
+
+def _crash_bars(start: datetime, n_hours: int) -> list[int]:
+    """Bar of 14:00 UTC on the second calendar day of each episode (only bars before end)."""
+    bars = []
+    for ep in _episode_starts(n_hours):
+        ep_start = start + timedelta(hours=ep)
+        crash = ep_start.replace(hour=14) + timedelta(days=1)
+        bar = int((crash - start) / timedelta(hours=1))
+        if bar < n_hours:
+            bars.append(bar)
+    return bars
+
+
+def _ts_series(name: str, start: datetime, offsets_h: np.ndarray) -> pl.Series:
+    base = np.datetime64(start.replace(tzinfo=None), "us")
+    return pl.Series(name, base + offsets_h.astype("timedelta64[h]")).dt.replace_time_zone("UTC")
+
+
+def _symbol_series(name: str, syms: list[str], index: np.ndarray) -> pl.Series:
+    return pl.Series(name, syms, dtype=pl.String).gather(index)
+
+
+def _candles(syms, params, start, r, s_h, mult, seed) -> pl.DataFrame:
+    n_hours, n = r.shape
+    price0 = np.array([p.price0 for p in params])
+    close = price0 * np.exp(np.cumsum(r, axis=0))
+    open_ = np.vstack([price0, close[:-1]])
+    rng_range = _per_symbol(syms, seed, _RANGE, lambda g: g.standard_normal((n_hours, 2)).ravel())
+    span = 0.6 * mult[:, None] * s_h
+    high = np.maximum(open_, close) * np.exp(span * np.abs(rng_range[0::2]))
+    low = np.minimum(open_, close) * np.exp(-span * np.abs(rng_range[1::2]))
+    noise = _per_symbol(syms, seed, _VOLUME, lambda g: g.standard_normal(n_hours))
+    notional = np.array([p.notional_per_hour for p in params])
+    volume = notional / close * (0.5 + np.abs(r) / s_h) * np.exp(0.4 * noise - 0.08)
+    sym_idx = np.repeat(np.arange(n), n_hours)
+    return pl.DataFrame(
+        [
+            _ts_series("ts", start, np.tile(np.arange(n_hours), n)),
+            _symbol_series("symbol", syms, sym_idx),
+            pl.Series("open", open_.T.ravel()),
+            pl.Series("high", high.T.ravel()),
+            pl.Series("low", low.T.ravel()),
+            pl.Series("close", close.T.ravel()),
+            pl.Series("volume", volume.T.ravel()),
+        ]
+    ).with_columns(source=pl.lit(SOURCE))
+
+
+def _desired_interval(tau: int, *, fast: bool, four_h: bool) -> int:
+    """Funding interval wanted for the interval that starts tau hours after start."""
+    if fast and tau >= _TURB_FIRST and (tau - _TURB_FIRST) % _TURB_EVERY < _FAST_FUNDING_LEN:
+        return 1
+    if four_h and _FOUR_H_WINDOW[0] <= tau % _FOUR_H_CYCLE < _FOUR_H_WINDOW[1]:
+        return 4
+    return 8
+
+
+def _aligned_interval(wanted: int, hour_of_day: int) -> int:
+    return next(h for h in (8, 4, 1) if h <= wanted and hour_of_day % h == 0)
+
+
+def _event_schedule(start_hod: int, n_hours: int, *, fast: bool, four_h: bool):
+    """Event offsets k in (0, n_hours] (hours since start) and the interval ending at each."""
+    first = _desired_interval(0, fast=fast, four_h=four_h)
+    last = -(start_hod % first)  # virtual previous event on the clock grid, at or before start
+    ks, intervals = [], []
+    while True:
+        wanted = _desired_interval(max(last, 0), fast=fast, four_h=four_h)
+        step = _aligned_interval(wanted, (start_hod + last) % 24)
+        last += step
+        if last > n_hours:
+            return np.array(ks, dtype=np.int64), np.array(intervals, dtype=np.int64)
+        ks.append(last)
+        intervals.append(step)
+
+
+def _funding(syms, params, start, start_hod, r, s_h, ramp, crash_bars, seed) -> pl.DataFrame:
+    n_hours, n = r.shape
+    cum = np.vstack([np.zeros(n), np.cumsum(r, axis=0)])  # cum[k] = log return of bars < k
+    k = np.arange(1, n_hours + 1)
+    z = (cum[k] - cum[np.maximum(k - 24, 0)]) / (s_h * np.sqrt(24.0))
+    stress = ramp.copy()
+    for bar in crash_bars:
+        after = np.arange(bar, n_hours)
+        stress[after] += np.exp(-(after - bar) / _FUND_CRASH_DECAY_H)
+    target = _FUND_MEAN + _FUND_UP * np.maximum(z - _FUND_UP_Z, 0.0) - _FUND_STRESS * stress[:, None]
+    eps = _per_symbol(syms, seed, _FUNDING, lambda g: g.standard_normal(n_hours))
+    drive = (1.0 - _FUND_PHI) * target + _FUND_NOISE * eps
+    rate_8h = np.clip(
+        _affine_scan(np.broadcast_to(_FUND_PHI, drive.shape), drive, np.full(n, _FUND_MEAN)),
+        -_FUND_CLIP,
+        _FUND_CLIP,
+    )  # row k-1 = f(k), the per-8h rate at start + k hours
+
+    frames = []
+    schedules: dict[tuple[bool, bool], tuple[np.ndarray, np.ndarray]] = {}
+    for j, (sym, p) in enumerate(zip(syms, params)):
+        flags = (sym != "BTCUSDT", p.vol_ann >= _FOUR_H_MIN_VOL)
+        if flags not in schedules:
+            schedules[flags] = _event_schedule(start_hod, n_hours, fast=flags[0], four_h=flags[1])
+        ks, intervals = schedules[flags]
+        frames.append((j, ks, intervals, rate_8h[ks - 1, j] * intervals / 8.0))
+    sym_idx = np.concatenate([np.full(len(f[1]), f[0]) for f in frames])
+    ks = np.concatenate([f[1] for f in frames])
+    return pl.DataFrame(
+        [
+            _ts_series("ts", start, ks),
+            _ts_series("bar_ts", start, ks - 1),
+            _symbol_series("symbol", syms, sym_idx),
+            pl.Series("rate", np.concatenate([f[3] for f in frames]), dtype=pl.Float64),
+            pl.Series("interval_hours", np.concatenate([f[2] for f in frames]), dtype=pl.Int64),
+        ]
+    ).with_columns(source=pl.lit(SOURCE))
+
+
+def _implied_vol(syms, params, start, h_m, h_i, mult, seed) -> pl.DataFrame:
+    n_hours = h_m.shape[0]
+    cols = [j for j, s in enumerate(syms) if s in _IV_SYMBOLS]
+    if not cols:
+        return pl.DataFrame(
+            schema={"ts": _TS, "underlying": pl.String, "iv": pl.Float64, "source": pl.String}
+        )
+    iv_syms = [syms[j] for j in cols]
+    var_ann = np.array([params[j].vol_ann for j in cols]) ** 2
+    rho = np.array([params[j].rho for j in cols])
+    calm_var = var_ann * (rho**2 * h_m + (1.0 - rho**2) * h_i[:, cols])
+    fast = _ewma(calm_var, _IV_FAST_HL_H, var_ann)
+    turb = _ewma(np.broadcast_to(mult[:, None] ** 2, calm_var.shape), _IV_TURB_HL_H, np.ones(len(cols)))
+    iv_var = _IV_PREMIUM**2 * fast * (1.0 + _IV_EVENT_PREMIUM + _IV_TURB_SHARE * (turb - 1.0))
+    eps = _per_symbol(iv_syms, seed, _IV_NOISE, lambda g: g.standard_normal(n_hours))
+    noise_sd = _IV_NOISE_SD * np.sqrt(1.0 - _IV_NOISE_PHI**2)
+    x = _affine_scan(np.broadcast_to(_IV_NOISE_PHI, eps.shape), noise_sd * eps, np.zeros(len(cols)))
+    iv = np.sqrt(iv_var) * np.exp(x)
+    underlyings = [s.removesuffix("USDT") for s in iv_syms]
+    return pl.DataFrame(
+        [
+            _ts_series("ts", start, np.tile(np.arange(n_hours), len(cols))),
+            _symbol_series("underlying", underlyings, np.repeat(np.arange(len(cols)), n_hours)),
+            pl.Series("iv", iv.T.ravel()),
+        ]
+    ).with_columns(source=pl.lit(SOURCE))
+
+
+def _events(syms, params, start, n_hours, crash_bars) -> pl.DataFrame:
+    hour = timedelta(hours=1)
+    rows: list[tuple[str, str | None, datetime, datetime]] = []
+    for ep in _episode_starts(n_hours):
+        rows.append(("turbulent", None, start + ep * hour, start + (ep + _TURB_LEN) * hour))
+        fast_end = start + (ep + _FAST_FUNDING_LEN) * hour
+        rows += [("funding_1h", s, start + ep * hour, fast_end) for s in syms if s != "BTCUSDT"]
+    rows += [("crash", None, start + b * hour, start + (b + 1) * hour) for b in crash_bars]
+    for cycle in range(0, n_hours, _FOUR_H_CYCLE):
+        lo, hi = cycle + _FOUR_H_WINDOW[0], cycle + _FOUR_H_WINDOW[1]
+        if lo < n_hours:
+            rows += [
+                ("funding_4h", s, start + lo * hour, start + hi * hour)
+                for s, p in zip(syms, params)
+                if p.vol_ann >= _FOUR_H_MIN_VOL
+            ]
+    schema = {"kind": pl.String, "symbol": pl.String, "start": _TS, "end": _TS}
+    return pl.DataFrame(rows, schema=schema, orient="row").sort(
+        ["start", "kind", "symbol"], nulls_last=False
+    )
