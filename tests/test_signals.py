@@ -1,0 +1,171 @@
+"""perpfolio.signals: realized variance by hand, VRP from an index, the BTC proxy, stale and
+future index rows."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import polars as pl
+import pytest
+
+from perpfolio.errors import ConfigError, DataError
+from perpfolio.signals import realized_variance, vrp_signals
+
+UTC = timezone.utc
+ASOFS = np.array(["2024-01-02T23:00", "2024-01-03T23:00"], dtype="datetime64[us]")
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+RV = np.array([[0.25, 0.49, 1.00], [0.16, 0.36, 0.64]])  # annualized realized variances
+
+
+def iv_frame(rows: list[tuple[str, datetime, float]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"ts": [r[1] for r in rows], "underlying": [r[0] for r in rows], "iv": [r[2] for r in rows], "source": "test"},
+        schema={"ts": pl.Datetime("us", "UTC"), "underlying": pl.String, "iv": pl.Float64, "source": pl.String},
+    )
+
+
+def at(day: int, hour: int) -> datetime:
+    return datetime(2024, 1, day, hour, tzinfo=UTC)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(5)
+
+
+class TestRealizedVariance:
+    def test_by_hand(self):
+        r = np.array([[0.01, 0.02], [-0.02, 0.0], [0.03, -0.01], [0.0, 0.01]])
+        rv = realized_variance(r, np.array([2, 3]), window=3, periods_per_year=8760.0)
+        # window rows 0..2: (1e-4 + 4e-4 + 9e-4)/3, (4e-4 + 0 + 1e-4)/3; rows 1..3: (4e-4+9e-4+0)/3, (0+1e-4+1e-4)/3
+        expected = np.array([[14e-4 / 3, 5e-4 / 3], [13e-4 / 3, 2e-4 / 3]]) * 8760.0
+        np.testing.assert_allclose(rv, expected, rtol=1e-12)
+
+    def test_against_loop_with_nan_per_symbol(self, rng):
+        r = rng.normal(0, 0.01, size=(400, 3))
+        r[200, 1] = np.nan
+        ends = np.arange(0, 400, 3)
+        rv = realized_variance(r, ends, window=72, periods_per_year=2190.0)
+        for k, e in enumerate(ends):
+            if e < 71:
+                assert np.isnan(rv[k]).all()
+                continue
+            w = r[e - 71 : e + 1]
+            expected = np.array([np.mean(w[:, i] ** 2) * 2190.0 for i in range(3)])
+            np.testing.assert_allclose(rv[k], expected, rtol=1e-12)  # NaN only where symbol 1 saw the gap
+            assert np.isnan(rv[k, 1]) == (e - 71 <= 200 <= e)
+            assert np.isfinite(rv[k, [0, 2]]).all()
+
+    def test_no_look_ahead(self, rng):
+        r = rng.normal(0, 0.01, size=(200, 2))
+        ends = np.array([50, 100, 150])
+        base = realized_variance(r, ends, window=24, periods_per_year=8760.0)
+        r[101:] *= 10
+        moved = realized_variance(r, ends, window=24, periods_per_year=8760.0)
+        np.testing.assert_array_equal(moved[:2], base[:2])
+        assert (moved[2] > base[2]).all()
+
+    @pytest.mark.parametrize(("kwargs", "match"), [({"window": 0, "periods_per_year": 1.0}, "window"), ({"window": 3, "periods_per_year": 0.0}, "periods_per_year")])
+    def test_bad_parameters(self, kwargs, match):
+        with pytest.raises(ConfigError, match=match):
+            realized_variance(np.zeros((5, 1)), np.array([4]), **kwargs)
+
+
+class TestVrpFromIndex:
+    def test_by_hand(self):
+        iv = iv_frame([("BTC", at(2, 0), 0.60), ("ETH", at(2, 22), 0.70), ("BTC", at(3, 12), 0.50), ("ETH", at(3, 23), 0.80)])
+        out = vrp_signals(ASOFS, SYMBOLS[:2], RV[:, :2], iv)
+        assert out.schema == pl.Schema(
+            {"as_of": pl.Datetime("us", "UTC"), "symbol": pl.String, "implied_var": pl.Float64,
+             "realized_var": pl.Float64, "vrp": pl.Float64, "iv_source": pl.String}
+        )
+        assert out["as_of"].to_list() == [at(2, 23), at(2, 23), at(3, 23), at(3, 23)]
+        assert out["symbol"].to_list() == ["BTCUSDT", "ETHUSDT"] * 2
+        np.testing.assert_allclose(out["implied_var"].to_numpy(), [0.36, 0.49, 0.25, 0.64], rtol=1e-14)
+        np.testing.assert_allclose(out["realized_var"].to_numpy(), [0.25, 0.49, 0.16, 0.36])
+        np.testing.assert_allclose(out["vrp"].to_numpy(), [0.11, 0.0, 0.09, 0.28], atol=1e-15)
+        assert out["iv_source"].to_list() == ["index"] * 4
+
+    def test_asofs_as_timezone_aware_datetimes(self):
+        iv = iv_frame([("BTC", at(2, 0), 0.60), ("ETH", at(2, 22), 0.70)])
+        expected = vrp_signals(ASOFS, SYMBOLS, RV, iv)
+        cet = timezone(timedelta(hours=1))
+        assert vrp_signals([at(2, 23), datetime(2024, 1, 4, 0, tzinfo=cet)], SYMBOLS, RV, iv).equals(expected)
+
+    def test_future_rows_are_ignored(self):
+        rows = [("BTC", at(2, 20), 0.60)]
+        base = vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], iv_frame(rows))
+        later = vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], iv_frame(rows + [("BTC", at(2, 23) + timedelta(microseconds=1), 3.0), ("BTC", at(3, 0), 2.0)]))
+        assert later.equals(base)
+        assert base["implied_var"][0] == pytest.approx(0.36, rel=1e-14)
+        exact = vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], iv_frame(rows + [("BTC", at(2, 23), 0.9)]))
+        assert exact["implied_var"][0] == pytest.approx(0.81, rel=1e-14)  # a row at ts == asof is usable
+
+    def test_stale_index(self):
+        asof = at(2, 23)
+        fresh = iv_frame([("BTC", asof - timedelta(hours=48), 0.6)])
+        stale = iv_frame([("BTC", asof - timedelta(hours=48, seconds=1), 0.6)])
+        assert vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], fresh)["iv_source"].to_list() == ["index"]
+        out = vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], stale)
+        assert out.select("implied_var", "vrp", "iv_source").row(0) == (None, None, "unavailable")
+        assert out["realized_var"][0] == 0.25
+        tight = vrp_signals(ASOFS[:1], SYMBOLS[:1], RV[:1, :1], fresh, max_iv_age_hours=47)
+        assert tight["iv_source"].to_list() == ["unavailable"]
+
+
+class TestProxy:
+    def test_scaled_from_btc_by_relative_realized_variance(self):
+        iv = iv_frame([("BTC", at(2, 12), 0.60), ("ETH", at(2, 12), 0.70), ("BTC", at(3, 12), 0.50)])
+        out = vrp_signals(ASOFS, SYMBOLS, RV, iv)
+        got = {(r["as_of"].day, r["symbol"]): r for r in out.iter_rows(named=True)}
+        # SOL on day 2: 0.36 * 1.00 / 0.25 = 1.44; vrp = 1.44 - 1.00 = 0.44
+        assert got[(2, "SOLUSDT")]["implied_var"] == pytest.approx(1.44, rel=1e-14)
+        assert got[(2, "SOLUSDT")]["vrp"] == pytest.approx(0.44, rel=1e-13)
+        assert got[(2, "SOLUSDT")]["iv_source"] == "proxy:BTC"
+        # day 3: ETH's index (day 2, 12:00) is 35h old, still usable; SOL: 0.25 * 0.64 / 0.16 = 1.0
+        assert got[(3, "ETHUSDT")]["iv_source"] == "index"
+        assert got[(3, "SOLUSDT")]["implied_var"] == pytest.approx(1.0, rel=1e-14)
+        assert got[(3, "SOLUSDT")]["vrp"] == pytest.approx(0.36, rel=1e-13)
+
+    def test_proxy_keeps_implied_vol_ratio_equal_to_realized_vol_ratio(self, rng):
+        rv = rng.uniform(0.1, 2.0, size=(2, 3))
+        out = vrp_signals(ASOFS, SYMBOLS, rv, iv_frame([("BTC", at(2, 0), 0.6), ("BTC", at(3, 0), 0.7)]))
+        iv = np.sqrt(out["implied_var"].to_numpy().reshape(2, 3))
+        np.testing.assert_allclose(iv / iv[:, :1], np.sqrt(rv / rv[:, :1]), rtol=1e-13)
+
+    def test_unavailable_without_reference(self):
+        iv = iv_frame([("ETH", at(2, 12), 0.70)])
+        out = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv)
+        assert out["iv_source"].to_list() == ["unavailable", "index", "unavailable"]
+        assert out["implied_var"].to_list()[0] is None and out["vrp"].null_count() == 2
+
+    def test_unavailable_when_realized_variance_unknown(self):
+        rv = RV[:1].copy()
+        rv[0, 2] = np.nan
+        out = vrp_signals(ASOFS[:1], SYMBOLS, rv, iv_frame([("BTC", at(2, 12), 0.6)]))
+        assert out["iv_source"].to_list() == ["index", "proxy:BTC", "unavailable"]
+        assert out.row(2) == (at(2, 23), "SOLUSDT", None, None, None, "unavailable")
+
+    def test_other_reference(self):
+        out = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv_frame([("ETH", at(2, 12), 0.7)]), proxy_reference="ETH")
+        assert out["iv_source"].to_list() == ["proxy:ETH", "index", "proxy:ETH"]
+        assert out["implied_var"][0] == pytest.approx(0.49 * 0.25 / 0.49, rel=1e-14)
+
+
+class TestValidation:
+    @pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf"), None])
+    def test_bad_iv(self, bad):
+        with pytest.raises(DataError, match="iv must be finite and > 0 at underlying='BTC' ts=2024-01-02 12:00"):
+            vrp_signals(ASOFS, SYMBOLS, RV, iv_frame([("BTC", at(2, 12), bad)]))
+
+    def test_duplicate_row(self):
+        with pytest.raises(DataError, match="duplicate"):
+            vrp_signals(ASOFS, SYMBOLS, RV, iv_frame([("BTC", at(2, 12), 0.5), ("BTC", at(2, 12), 0.6)]))
+
+    def test_shapes_and_age(self):
+        iv = iv_frame([("BTC", at(2, 12), 0.5)])
+        with pytest.raises(DataError, match=r"realized_var has shape \(2, 2\), expected \(2, 3\)"):
+            vrp_signals(ASOFS, SYMBOLS, RV[:, :2], iv)
+        with pytest.raises(ConfigError, match="max_iv_age_hours"):
+            vrp_signals(ASOFS, SYMBOLS, RV, iv, max_iv_age_hours=-1)
