@@ -1,0 +1,278 @@
+"""Strategies as data: the ``[[strategy]]`` tables of ``config/strategies.toml``.
+
+A strategy is one objective, its parameters and a set of constraints::
+
+    [[strategy]]
+    name = "downside"                 # unique; the ``strategy`` column of portfolio.weights
+    objective = "downside"            # one of OBJECTIVES
+    solver = "CLARABEL"               # optional: "CLARABEL" (default) | "OSQP" (warm-started)
+    [strategy.parameters]
+    alpha = 0.5
+    [strategy.constraints]
+    budget = 1.0                      # sum_i w_i = budget (fractions of equity)
+    min_weight = 0.0                  # 0 = long-only; negative allows shorts
+    max_weight = 0.5
+    # max_leverage = 1.5              # sum_i |w_i| <= L (optional)
+    # max_rebalance = 0.1             # |w_i - w_prev_i| <= delta per rebalance (optional)
+    # cost_bps = 5.0                  # objective penalty sum_i c |w_i - w_prev_i|, c = cost_bps / 1e4
+
+All return-like parameters (``target_return``) are ANNUALIZED decimals (0.20 = 20% a year), like
+the annualized moments the optimizer receives. Unknown keys, unknown objectives, wrong types and
+constraint sets that can never be satisfied raise :class:`perpfolio.errors.ConfigError` naming
+the strategy, the key and the value. Feasibility that depends on the number of assets is checked
+by :func:`validate_for_universe`; feasibility that depends on the data (a target return above
+every asset's mean) is handled at solve time by the fallback chain.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args
+
+from perpfolio.errors import ConfigError
+
+Objective = Literal[
+    "min_variance", "target_return", "max_sharpe", "downside", "semivariance", "vrp_tilt", "hybrid"
+]
+Solver = Literal["CLARABEL", "OSQP"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+SOLVERS: tuple[str, ...] = get_args(Solver)
+
+_REQUIRED = object()
+# Parameters each objective accepts, with their defaults (_REQUIRED = no default).
+OBJECTIVE_PARAMETERS: dict[str, dict[str, object]] = {
+    "min_variance": {},
+    "target_return": {"target_return": _REQUIRED},
+    "max_sharpe": {},
+    "downside": {"alpha": 0.5},
+    "semivariance": {"target_return": None},
+    "vrp_tilt": {"beta": 1.0, "risk_aversion": 5.0},
+    "hybrid": {
+        "baseline": "min_variance",
+        "overlay_cap": 0.20,
+        "alpha": 0.5,
+        "beta": 1.0,
+        "risk_aversion": 5.0,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Objective parameters; a field is None when the objective does not use it.
+
+    - ``target_return``: annualized decimal, ``w'mu >= target_return``.
+    - ``alpha`` in [0, 1]: weight of the variance in ``alpha w'Sigma w + (1 - alpha) sum_i w_i D_i``.
+    - ``beta``: VRP tilt, ``mu_i = mu_i^hist + beta * VRP_i`` (VRP in annualized variance units).
+    - ``risk_aversion`` > 0: gamma of the utility ``mu'w - gamma/2 * risk(w)``.
+    - ``baseline``: name of the (non-hybrid) strategy whose weights anchor a hybrid.
+    - ``overlay_cap`` >= 0: ``1/2 ||w - w_base||_1 <= overlay_cap``.
+    """
+
+    target_return: float | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    risk_aversion: float | None = None
+    baseline: str | None = None
+    overlay_cap: float | None = None
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Constraint and cost settings shared by every objective (weights are fractions of equity)."""
+
+    budget: float = 1.0
+    min_weight: float = 0.0
+    max_weight: float = 1.0
+    max_leverage: float | None = None
+    max_rebalance: float | None = None
+    cost_bps: float = 0.0
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy: an objective, its parameters, its constraints and the solver to use."""
+
+    name: str
+    objective: Objective
+    parameters: Parameters = field(default_factory=Parameters)
+    constraints: Constraints = field(default_factory=Constraints)
+    solver: Solver = "CLARABEL"
+
+
+def load_strategies(path: str | Path, *, n_assets: int | None = None) -> list[StrategySpec]:
+    """Read and validate the ``[[strategy]]`` tables of a TOML file.
+
+    With ``n_assets`` the universe-dependent checks of :func:`validate_for_universe` run too.
+    Raises ConfigError naming the strategy and key for anything invalid or never feasible.
+    """
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    unknown = set(doc) - {"strategy"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected [[strategy]]")
+    tables = doc.get("strategy", [])
+    if not isinstance(tables, list) or not tables:
+        raise ConfigError(f"{path}: no [[strategy]] tables")
+    specs = parse_strategies(tables)
+    if n_assets is not None:
+        validate_for_universe(specs, n_assets)
+    return specs
+
+
+def parse_strategies(tables: list[dict]) -> list[StrategySpec]:
+    """Validate already-parsed strategy tables (the TOML structure as dicts); see load_strategies."""
+    specs = [_parse_one(i, table) for i, table in enumerate(tables)]
+    names = [s.name for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"strategy {name!r}: name is defined {names.count(name)} times")
+    by_name = {s.name: s for s in specs}
+    for s in specs:
+        if s.objective == "hybrid":
+            base = by_name.get(s.parameters.baseline)
+            if base is None or base.objective == "hybrid":
+                raise ConfigError(
+                    f"strategy {s.name!r}: parameters.baseline={s.parameters.baseline!r} must name "
+                    f"a non-hybrid strategy of the same file (have {names})"
+                )
+    return specs
+
+
+def validate_for_universe(specs: list[StrategySpec], n_assets: int) -> None:
+    """Reject strategies whose budget and bounds cannot hold for ``n_assets`` assets.
+
+    Feasible iff :math:`n \\cdot \\text{min\\_weight} \\le \\text{budget} \\le n \\cdot
+    \\text{max\\_weight}`; then equal weights ``budget / n`` satisfy budget, bounds and (since
+    ``max_leverage >= |budget|`` is checked at load) leverage, so the last fallback always exists.
+    """
+    if isinstance(n_assets, bool) or not isinstance(n_assets, int) or n_assets < 1:
+        raise ConfigError(f"n_assets must be a positive int, got {n_assets!r}")
+    for s in specs:
+        c = s.constraints
+        if not n_assets * c.min_weight <= c.budget <= n_assets * c.max_weight:
+            raise ConfigError(
+                f"strategy {s.name!r}: constraints budget={c.budget}, min_weight={c.min_weight}, "
+                f"max_weight={c.max_weight} can never be satisfied with n_assets={n_assets} "
+                f"(need n_assets*min_weight <= budget <= n_assets*max_weight)"
+            )
+
+
+def _number(name: str, key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"strategy {name!r}: {key}={value!r} must be a finite number")
+    return float(value)
+
+
+def _parse_one(index: int, table: dict) -> StrategySpec:
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"strategy #{index}: 'name' must be a non-empty string, got {name!r}")
+    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver"}
+    if unknown:
+        raise ConfigError(f"strategy {name!r}: unknown key(s) {sorted(unknown)}")
+    objective = table.get("objective")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"strategy {name!r}: objective={objective!r} is not one of {OBJECTIVES}")
+    solver = table.get("solver", "CLARABEL")
+    if solver not in SOLVERS:
+        raise ConfigError(f"strategy {name!r}: solver={solver!r} is not one of {SOLVERS}")
+    spec = StrategySpec(
+        name=name,
+        objective=objective,
+        parameters=_parse_parameters(name, objective, table.get("parameters", {})),
+        constraints=_parse_constraints(name, table.get("constraints", {})),
+        solver=solver,
+    )
+    _check_feasible(spec)
+    return spec
+
+
+def _parse_parameters(name: str, objective: str, raw: object) -> Parameters:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"strategy {name!r}: 'parameters' must be a table, got {raw!r}")
+    allowed = OBJECTIVE_PARAMETERS[objective]
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise ConfigError(
+            f"strategy {name!r}: unknown parameter(s) {sorted(unknown)} for objective "
+            f"{objective!r} (allowed: {sorted(allowed)})"
+        )
+    values: dict[str, object] = {}
+    for key, default in allowed.items():
+        value = raw.get(key, default)
+        if value is _REQUIRED:
+            raise ConfigError(f"strategy {name!r}: objective {objective!r} needs parameters.{key}")
+        if key == "baseline":
+            if not isinstance(value, str):
+                raise ConfigError(f"strategy {name!r}: parameters.baseline={value!r} must be a string")
+        elif value is not None:
+            value = _number(name, f"parameters.{key}", value)
+        values[key] = value
+    p = Parameters(**values)
+    if p.alpha is not None and not 0.0 <= p.alpha <= 1.0:
+        raise ConfigError(f"strategy {name!r}: parameters.alpha={p.alpha} must be in [0, 1]")
+    if p.risk_aversion is not None and p.risk_aversion <= 0:
+        raise ConfigError(f"strategy {name!r}: parameters.risk_aversion={p.risk_aversion} must be > 0")
+    if p.overlay_cap is not None and p.overlay_cap < 0:
+        raise ConfigError(f"strategy {name!r}: parameters.overlay_cap={p.overlay_cap} must be >= 0")
+    return p
+
+
+def _parse_constraints(name: str, raw: object) -> Constraints:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"strategy {name!r}: 'constraints' must be a table, got {raw!r}")
+    allowed = {f.name for f in fields(Constraints)}
+    unknown = set(raw) - allowed
+    if unknown:
+        raise ConfigError(
+            f"strategy {name!r}: unknown constraint(s) {sorted(unknown)} (allowed: {sorted(allowed)})"
+        )
+    c = Constraints(**{k: _number(name, f"constraints.{k}", v) for k, v in raw.items()})
+    for key in ("max_leverage", "max_rebalance"):
+        value = getattr(c, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"strategy {name!r}: constraints.{key}={value} must be > 0")
+    if c.cost_bps < 0:
+        raise ConfigError(f"strategy {name!r}: constraints.cost_bps={c.cost_bps} must be >= 0")
+    return c
+
+
+def _check_feasible(s: StrategySpec) -> None:
+    """Checks that need no universe size: bounds order, budget sign, leverage, objective limits."""
+    c = s.constraints
+    never = f"strategy {s.name!r}: constraints"
+    if c.min_weight > c.max_weight:
+        raise ConfigError(
+            f"{never} min_weight={c.min_weight} > max_weight={c.max_weight} can never be satisfied"
+        )
+    # some n with n*min_weight <= budget <= n*max_weight exists iff the budget's sign is reachable
+    if (c.budget > 0 >= c.max_weight) or (c.budget < 0 <= c.min_weight) or (
+        c.budget == 0 and not c.min_weight <= 0 <= c.max_weight
+    ):
+        raise ConfigError(
+            f"{never} budget={c.budget} with min_weight={c.min_weight}, max_weight={c.max_weight} "
+            f"can never be satisfied for any number of assets"
+        )
+    # sum|w| >= |sum w| = |budget| for every w
+    if c.max_leverage is not None and c.max_leverage < abs(c.budget):
+        raise ConfigError(
+            f"{never} max_leverage={c.max_leverage} < |budget|={abs(c.budget)} can never be satisfied"
+        )
+    if s.objective == "max_sharpe":
+        if c.budget <= 0:
+            raise ConfigError(
+                f"strategy {s.name!r}: objective 'max_sharpe' needs constraints.budget > 0, "
+                f"got {c.budget} (the Sharpe ratio of a zero-budget book has no scale)"
+            )
+        if c.cost_bps != 0:
+            raise ConfigError(
+                f"strategy {s.name!r}: constraints.cost_bps={c.cost_bps} is not supported with "
+                f"objective 'max_sharpe' (the cost is not scale-invariant); use 0"
+            )

@@ -1,0 +1,231 @@
+r"""Compiled strategy problems: built ONCE per (strategy, n_assets), re-solved per asof.
+
+Objectives (all inputs annualized; :math:`F^\top F = \Sigma`, rf = 0):
+
+- ``min_variance``:  :math:`\min_w w^\top\Sigma w`
+- ``target_return``: :math:`\min_w w^\top\Sigma w` s.t. :math:`\mu^\top w \ge \mu_p`
+- ``max_sharpe``:    :math:`\min_{y,\kappa} y^\top\Sigma y` s.t. :math:`\hat\mu^\top y = 1`,
+  constraints homogenized in :math:`\kappa \ge 0`; :math:`w = y/\kappa` maximizes
+  :math:`\mu^\top w / \sqrt{w^\top\Sigma w}`
+- ``downside``:      :math:`\min_w \alpha\, w^\top\Sigma w + (1-\alpha) \sum_i w_i D_i`
+- ``semivariance``:  :math:`\min_w w^\top\Sigma^- w` (s.t. :math:`\mu^\top w \ge \mu_p` if a target is set)
+- ``vrp_tilt``:      :math:`\max_w \tilde\mu^\top w - \tfrac{\gamma}{2} w^\top\Sigma w`,
+  :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP}`
+- ``hybrid``:        :math:`\max_w \tilde\mu^\top w - \tfrac{\gamma}{2}\big(\alpha\, w^\top\Sigma w +
+  (1-\alpha)\sum_i w_i D_i\big)` s.t. :math:`\tfrac12\|w - w^{base}\|_1 \le c`
+
+plus the constraint terms of the strategy (budget, bounds, optional gross leverage and max
+rebalance) and the optional trading-cost term. The reported ``objective`` is the minimized value
+in annualized units (a negative utility for vrp_tilt/hybrid), except ``max_sharpe`` which
+reports the annualized Sharpe ratio (rf = 0) it maximizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+
+from perpfolio.errors import DataError, SolverError
+from perpfolio.optimize.config import StrategySpec
+from perpfolio.optimize.terms import (
+    Bounds,
+    Budget,
+    ExpectedReturn,
+    GrossLeverage,
+    LinearDownside,
+    MaxRebalance,
+    OverlayCap,
+    QuadraticRisk,
+    SharpeNormalization,
+    SolveData,
+    TargetReturn,
+    TransactionCost,
+    constraint_violations,
+)
+
+TOLERANCE = 1e-6  # max constraint violation accepted by verification (original units)
+SOLVER_OPTIONS: dict[str, dict] = {
+    "CLARABEL": {},
+    "OSQP": {"warm_start": True, "eps_abs": 1e-9, "eps_rel": 1e-9, "polish": True, "max_iter": 100_000},
+}
+_FAILED_STATUS = {
+    cp.INFEASIBLE: "infeasible",
+    cp.INFEASIBLE_INACCURATE: "infeasible",
+    cp.UNBOUNDED: "unbounded",
+    cp.UNBOUNDED_INACCURATE: "unbounded",
+}
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Outcome of one solve: ``status`` is "optimal" or the failure reason
+    ("nonfinite_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
+    "nonfinite_solution", "verification_failed"); ``weights`` is None unless optimal.
+    ``solver`` gets the suffix ":optimal_inaccurate" when such a solution passed verification."""
+
+    weights: np.ndarray | None
+    status: str
+    solver: str
+
+
+def base_constraints(spec: StrategySpec) -> list:
+    """Budget, bounds and the optional leverage and max-rebalance terms of a strategy."""
+    c = spec.constraints
+    terms: list = [Budget(c.budget), Bounds(c.min_weight, c.max_weight)]
+    if c.max_leverage is not None:
+        terms.append(GrossLeverage(c.max_leverage))
+    if c.max_rebalance is not None:
+        relaxed = max(abs(c.min_weight), abs(c.max_weight))
+        terms.append(MaxRebalance(c.max_rebalance, relaxed=relaxed))
+    return terms
+
+
+def build_terms(spec: StrategySpec) -> tuple[list, list]:
+    """(objective terms, constraint terms) of a strategy."""
+    p, obj = spec.parameters, spec.objective
+    constraints = base_constraints(spec)
+    if obj in ("min_variance", "target_return", "max_sharpe"):
+        objective: list = [QuadraticRisk(1.0)]
+    elif obj == "downside":
+        objective = [QuadraticRisk(p.alpha), LinearDownside(1.0 - p.alpha)]
+    elif obj == "semivariance":
+        objective = [QuadraticRisk(1.0, matrix="semicov")]
+    elif obj == "vrp_tilt":
+        objective = [QuadraticRisk(p.risk_aversion / 2), ExpectedReturn(beta=p.beta)]
+    else:  # hybrid
+        gamma = p.risk_aversion
+        objective = [
+            QuadraticRisk(gamma * p.alpha / 2),
+            LinearDownside(gamma * (1.0 - p.alpha) / 2),
+            ExpectedReturn(beta=p.beta),
+        ]
+        constraints.append(OverlayCap(p.overlay_cap))
+    if p.target_return is not None:
+        constraints.append(TargetReturn(p.target_return))
+    if spec.constraints.cost_bps > 0:
+        objective.append(TransactionCost(spec.constraints.cost_bps))
+    return objective, constraints
+
+
+def min_variance_fallback(spec: StrategySpec) -> StrategySpec:
+    """The classical min-variance strategy under the same budget/bounds/leverage/rebalance."""
+    return StrategySpec(
+        name=f"{spec.name}/min_variance",
+        objective="min_variance",
+        constraints=dataclasses.replace(spec.constraints, cost_bps=0.0),
+        solver="CLARABEL",
+    )
+
+
+class PortfolioProblem:
+    """One strategy compiled for ``n_assets`` over ``cp.Parameter`` s (DPP); ``solve`` only sets
+    parameter values, so cvxpy reuses its canonicalization on every re-solve."""
+
+    def __init__(self, spec: StrategySpec, n_assets: int) -> None:
+        self.spec = spec
+        self.n_assets = n_assets
+        self.objective_terms, self.constraints = build_terms(spec)
+        w = cp.Variable(n_assets, name="w")
+        sharpe = spec.objective == "max_sharpe"
+        kappa = cp.Variable(nonneg=True, name="kappa") if sharpe else 1.0
+        self.normalization = [SharpeNormalization()] if sharpe else []
+        expr, cons = 0, []
+        for term in self.objective_terms:
+            e, c = term.compile(w, kappa)
+            expr, cons = expr + e, cons + c
+        for term in self.constraints + self.normalization:
+            cons += term.compile(w, kappa)
+        self.w, self.kappa = w, kappa
+        self.problem = cp.Problem(cp.Minimize(expr), cons)
+        if not self.problem.is_dpp():
+            raise SolverError(f"strategy {spec.name!r}: compiled problem is not DPP; terms {self.terms}")
+        self.risk_matrix = "semicov" if spec.objective == "semivariance" else "cov"
+        p = spec.parameters
+        needs = {self.risk_matrix}
+        if spec.objective in ("max_sharpe", "vrp_tilt", "hybrid") or p.target_return is not None:
+            needs.add("mu")
+        if spec.objective in ("downside", "hybrid"):
+            needs.add("downside")
+        self.needs = tuple(sorted(needs))
+
+    @property
+    def terms(self) -> list:
+        return self.objective_terms + self.constraints + self.normalization
+
+    def __repr__(self) -> str:
+        return f"PortfolioProblem({self.spec.name!r}, n_assets={self.n_assets}, terms={self.terms})"
+
+    def inputs_finite(self, data: SolveData) -> bool:
+        """True when every input the objective reads is finite (VRP may be NaN, never inf)."""
+        finite = all(np.isfinite(getattr(data, k)).all() for k in self.needs)
+        if self.spec.objective in ("vrp_tilt", "hybrid"):
+            finite = finite and not np.isinf(data.vrp).any()
+        return finite
+
+    def solve(self, data: SolveData) -> SolveResult:
+        """Set the parameters from ``data`` (rescaled), solve, and verify in original units."""
+        self._check_shapes(data)
+        solver = self.spec.solver
+        if not self.inputs_finite(data):
+            return SolveResult(None, "nonfinite_input", solver)
+        risk = getattr(data, self.risk_matrix)
+        trace = float(np.trace(risk))
+        if not trace > 0:
+            return SolveResult(None, "zero_risk", solver)
+        if self.normalization and not np.any(
+            data.mu > 0 if self.spec.constraints.min_weight >= 0 else data.mu != 0
+        ):
+            return SolveResult(None, "infeasible", solver)  # no allowed portfolio has mu'w > 0
+        scale = self.n_assets / trace
+        try:
+            for term in self.terms:
+                term.update(data, scale)
+        except DataError:
+            return SolveResult(None, "not_psd", solver)
+        try:
+            with warnings.catch_warnings():  # cvxpy itself reads the sparse factor's .value
+                warnings.filterwarnings("ignore", "Reading from a sparse CVXPY", RuntimeWarning)
+                self.problem.solve(solver=solver, **SOLVER_OPTIONS[solver])
+        except cp.error.SolverError:
+            return SolveResult(None, "solver_error", solver)
+        status = self.problem.status
+        if status in _FAILED_STATUS:
+            return SolveResult(None, _FAILED_STATUS[status], solver)
+        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.w.value is None:
+            return SolveResult(None, "solver_error", solver)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = self.w.value / (self.kappa.value if self.normalization else 1.0)
+        if not np.isfinite(w).all():
+            return SolveResult(None, "nonfinite_solution", solver)
+        if max(self.constraint_violations(w, data).values(), default=0.0) > TOLERANCE:
+            return SolveResult(None, "verification_failed", solver)
+        label = solver if status == cp.OPTIMAL else f"{solver}:{status}"
+        return SolveResult(np.asarray(w, dtype=float), "optimal", label)
+
+    def constraint_violations(self, w: np.ndarray, data: SolveData) -> dict[str, float]:
+        """Violation of every constraint of the strategy at ``w`` in original units."""
+        return constraint_violations(w, self.constraints, data)
+
+    def objective_value(self, w: np.ndarray, data: SolveData) -> float | None:
+        """The strategy's objective at ``w`` in annualized units (Sharpe ratio for max_sharpe);
+        None when the inputs it needs are not finite."""
+        if not self.inputs_finite(data):
+            return None
+        if self.normalization:
+            var = float(w @ data.cov @ w)
+            return float(w @ data.mu) / np.sqrt(var) if var > 0 else None
+        return float(sum(term.value(w, data) for term in self.objective_terms))
+
+    def _check_shapes(self, data: SolveData) -> None:
+        n = self.n_assets
+        for key in ("mu", "downside", "vrp", "cov", "semicov", "w_prev", "w_base"):
+            value = getattr(data, key)
+            shape = (n, n) if key in ("cov", "semicov") else (n,)
+            if value is not None and np.shape(value) != shape:
+                raise DataError(
+                    f"strategy {self.spec.name!r}: {key} has shape {np.shape(value)}, expected {shape}"
+                )

@@ -1,0 +1,345 @@
+r"""Objective and constraint terms: small composable objects (cvxportfolio style).
+
+Every term has one lifecycle:
+
+- ``compile(w, kappa)`` runs ONCE per problem and creates the ``cp.Parameter`` s it needs;
+- ``update(data, scale)`` runs before every solve and sets those parameters from the data;
+- constraints have ``violation(w, data) -> float`` in the ORIGINAL units (used to verify a
+  solution), objective terms have ``value(w, data) -> float`` in the original units.
+
+Units: ``data`` holds ANNUALIZED moments (mean and D_i as annualized decimals/variances,
+covariances as annualized variances). Before solving, the problem multiplies the whole objective
+and every return-like constraint by ``scale`` = n / trace(risk matrix) > 0, so the risk matrix has
+unit average variance whatever the input scale (hourly-scale matrices ~1e-5 make solvers stop
+early). Multiplying an objective by a positive constant does not move its minimizer.
+
+``kappa`` is 1 for ordinary problems; for the homogenized max-Sharpe problem the decision
+variable is :math:`y = \kappa w` with :math:`\kappa \ge 0` a variable, and every constraint is
+written homogeneously (right-hand sides times ``kappa``), so the same terms serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cvxpy as cp
+import numpy as np
+from scipy import sparse
+
+from perpfolio.errors import DataError
+
+
+@dataclass(frozen=True)
+class SolveData:
+    """Original (unscaled) inputs of one solve; all moments annualized, N assets.
+
+    ``vrp`` may hold NaN (unknown: no tilt). ``w_prev`` is None when there is no previous
+    portfolio (then max-rebalance is skipped and costs are charged from cash). ``w_base`` is the
+    hybrid's baseline. ``target_return`` overrides the strategy's target (frontier sweeps).
+    """
+
+    mu: np.ndarray
+    cov: np.ndarray
+    downside: np.ndarray
+    semicov: np.ndarray
+    vrp: np.ndarray
+    w_prev: np.ndarray | None = None
+    w_base: np.ndarray | None = None
+    target_return: float | None = None
+
+
+def psd_factor(matrix: np.ndarray, *, name: str) -> np.ndarray:
+    r"""Upper-triangular square-root factor :math:`R` with :math:`R^\top R = M` (M symmetric PSD).
+
+    Cholesky (:math:`M = LL^\top`, :math:`R = L^\top`) when M is positive definite; otherwise
+    (singular PSD, e.g. fewer observations than assets) the eigen factor
+    :math:`\Lambda_+^{1/2} V^\top` (eigenvalues clipped at 0) is made triangular by a QR
+    decomposition, which keeps :math:`R^\top R = M` without jitter. A triangular factor halves the
+    solver's matrix (a sparse parameter in :class:`QuadraticRisk`). Raises DataError naming
+    ``name`` when M is not symmetric or has an eigenvalue below :math:`-10^{-10}\lambda_{max}`.
+    """
+    size = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+    if np.max(np.abs(matrix - matrix.T), initial=0.0) > 1e-10 * size:
+        raise DataError(f"{name}: matrix is not symmetric")
+    matrix = (matrix + matrix.T) / 2
+    try:
+        return np.linalg.cholesky(matrix).T
+    except np.linalg.LinAlgError:
+        eigval, eigvec = np.linalg.eigh(matrix)
+    if eigval[0] < -1e-10 * max(eigval[-1], 0.0):
+        raise DataError(f"{name}: matrix is not positive semidefinite (min eigenvalue {eigval[0]:.3g})")
+    return np.linalg.qr(np.sqrt(np.clip(eigval, 0.0, None))[:, None] * eigvec.T, mode="r")
+
+
+# --------------------------------------------------------------------------- objective terms
+
+
+class QuadraticRisk:
+    r"""Quadratic risk :math:`c\, w^\top M w = c\,\|F w\|_2^2` with :math:`M` = ``cov`` (Σ) or
+    ``semicov`` (Σ⁻, the downside semicovariance), both annualized variances.
+
+    ``F`` is a sparse upper-triangular ``cp.Parameter`` holding :math:`\sqrt{s}` times the
+    factor of :func:`psd_factor`.
+    """
+
+    def __init__(self, weight: float, *, matrix: Literal["cov", "semicov"] = "cov") -> None:
+        self.weight = weight
+        self.matrix = matrix
+
+    def __repr__(self) -> str:
+        return f"QuadraticRisk(weight={self.weight}, matrix={self.matrix!r})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.upper = np.triu_indices(w.size)
+        self.factor = cp.Parameter((w.size, w.size), sparsity=self.upper, name=f"F_{self.matrix}")
+        return self.weight * cp.sum_squares(self.factor @ w), []
+
+    def update(self, data: SolveData, scale: float) -> None:
+        factor = np.sqrt(scale) * psd_factor(getattr(data, self.matrix), name=self.matrix)
+        self.factor.value_sparse = sparse.coo_array((factor[self.upper], self.upper), shape=factor.shape)
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return self.weight * float(w @ getattr(data, self.matrix) @ w)
+
+
+class LinearDownside:
+    r"""Linear downside penalty :math:`c \sum_i w_i D_i`, :math:`D_i = \overline{\min(0, r_i-\tau)^2}`
+    annualized (the article's composite; it rewards shorts, so use it long-only)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def __repr__(self) -> str:
+        return f"LinearDownside(weight={self.weight})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.d = cp.Parameter(w.size, name="downside")
+        return self.weight * (self.d @ w), []
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.d.value = scale * data.downside
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return self.weight * float(w @ data.downside)
+
+
+def tilted_mean(data: SolveData, beta: float) -> np.ndarray:
+    r""":math:`\tilde\mu_i = \mu_i^{hist} + \beta\,\mathrm{VRP}_i`; a NaN VRP (unknown) is no tilt."""
+    return data.mu + beta * np.where(np.isnan(data.vrp), 0.0, data.vrp)
+
+
+class ExpectedReturn:
+    r"""Negative expected return :math:`-\tilde\mu^\top w`, :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP}`
+    (annualized); minimizing risk terms plus this one maximizes a mean-risk utility."""
+
+    def __init__(self, *, beta: float = 0.0) -> None:
+        self.beta = beta
+
+    def __repr__(self) -> str:
+        return f"ExpectedReturn(beta={self.beta})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.mu = cp.Parameter(w.size, name="mu_tilted")
+        return -(self.mu @ w), []
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.mu.value = scale * tilted_mean(data, self.beta)
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return -float(w @ tilted_mean(data, self.beta))
+
+
+class TransactionCost:
+    r"""Linear trading cost :math:`\sum_i c\,|w_i - w^{prev}_i|`, :math:`c` = ``cost_bps``/10⁴
+    per unit of traded equity; from cash (:math:`w^{prev}=0`) when there is no previous portfolio.
+
+    Compiled with an epigraph variable :math:`t \ge |w - w^{prev}|` so that the scaled cost
+    parameter multiplies a parameter-free expression (DPP).
+    """
+
+    def __init__(self, cost_bps: float) -> None:
+        self.rate = cost_bps * 1e-4
+
+    def __repr__(self) -> str:
+        return f"TransactionCost(cost_bps={self.rate * 1e4})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.w_prev = cp.Parameter(w.size, name="w_prev_cost")
+        self.rate_scaled = cp.Parameter(nonneg=True, name="cost_rate")
+        trade = cp.Variable(w.size, name="trade")
+        return self.rate_scaled * cp.sum(trade), [trade >= w - self.w_prev, trade >= self.w_prev - w]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.w_prev.value = np.zeros(self.w_prev.size) if data.w_prev is None else data.w_prev
+        self.rate_scaled.value = scale * self.rate
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        prev = 0.0 if data.w_prev is None else data.w_prev
+        return self.rate * float(np.abs(w - prev).sum())
+
+
+# --------------------------------------------------------------------------- constraint terms
+
+
+class Budget:
+    r"""Budget :math:`\sum_i w_i = b` (fractions of equity; b = 1 fully invested)."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+
+    def __repr__(self) -> str:
+        return f"Budget({self.budget})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        return [cp.sum(w) == self.budget * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        pass
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return abs(float(w.sum()) - self.budget)
+
+
+class Bounds:
+    r"""Per-asset bounds :math:`w_{min} \le w_i \le w_{max}` (long-only: :math:`w_{min} = 0`)."""
+
+    def __init__(self, min_weight: float, max_weight: float) -> None:
+        self.min_weight = min_weight
+        self.max_weight = max_weight
+
+    def __repr__(self) -> str:
+        return f"Bounds({self.min_weight}, {self.max_weight})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        return [w >= self.min_weight * kappa, w <= self.max_weight * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        pass
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, float(np.max(self.min_weight - w)), float(np.max(w - self.max_weight)))
+
+
+class GrossLeverage:
+    r"""Gross leverage :math:`\sum_i |w_i| \le L`."""
+
+    def __init__(self, max_leverage: float) -> None:
+        self.max_leverage = max_leverage
+
+    def __repr__(self) -> str:
+        return f"GrossLeverage({self.max_leverage})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        return [cp.norm1(w) <= self.max_leverage * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        pass
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, float(np.abs(w).sum()) - self.max_leverage)
+
+
+class MaxRebalance:
+    r"""Max trade per asset and rebalance :math:`|w_i - w^{prev}_i| \le \delta`.
+
+    Skipped when there is no previous portfolio: then :math:`w^{prev} = 0` and the limit is
+    relaxed to ``relaxed`` = max(|w_min|, |w_max|), which the bounds already imply.
+    """
+
+    def __init__(self, max_rebalance: float, *, relaxed: float) -> None:
+        self.max_rebalance = max_rebalance
+        self.relaxed = relaxed
+
+    def __repr__(self) -> str:
+        return f"MaxRebalance({self.max_rebalance})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.w_prev = cp.Parameter(w.size, name="w_prev_rebalance")
+        self.delta = cp.Parameter(nonneg=True, name="max_rebalance")
+        return [cp.abs(w - kappa * self.w_prev) <= self.delta * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        skip = data.w_prev is None
+        self.w_prev.value = np.zeros(self.w_prev.size) if skip else data.w_prev
+        self.delta.value = self.relaxed if skip else self.max_rebalance
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        if data.w_prev is None:
+            return 0.0
+        return max(0.0, float(np.max(np.abs(w - data.w_prev))) - self.max_rebalance)
+
+
+class TargetReturn:
+    r"""Minimum expected return :math:`\mu^\top w \ge \mu_p` (annualized decimal target).
+
+    Compiled as :math:`(s\mu)^\top w \ge s\,\mu_p` with both sides parameters.
+    """
+
+    def __init__(self, target_return: float) -> None:
+        self.target_return = target_return
+
+    def __repr__(self) -> str:
+        return f"TargetReturn({self.target_return})"
+
+    def _target(self, data: SolveData) -> float:
+        return self.target_return if data.target_return is None else data.target_return
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.mu = cp.Parameter(w.size, name="mu_target")
+        self.target = cp.Parameter(name="target_return")
+        return [self.mu @ w >= self.target * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.mu.value = scale * data.mu
+        self.target.value = scale * self._target(data)
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, self._target(data) - float(w @ data.mu))
+
+
+class OverlayCap:
+    r"""Overlay cap :math:`\tfrac12 \|w - w^{base}\|_1 \le c`: at most a fraction c of equity
+    moves away from the baseline portfolio."""
+
+    def __init__(self, overlay_cap: float) -> None:
+        self.overlay_cap = overlay_cap
+
+    def __repr__(self) -> str:
+        return f"OverlayCap({self.overlay_cap})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.w_base = cp.Parameter(w.size, name="w_base")
+        return [0.5 * cp.norm1(w - kappa * self.w_base) <= self.overlay_cap * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        if data.w_base is None:
+            raise DataError("w_base: the overlay cap needs the baseline weights, got None")
+        self.w_base.value = data.w_base
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, 0.5 * float(np.abs(w - data.w_base).sum()) - self.overlay_cap)
+
+
+class SharpeNormalization:
+    r"""Normalization of the homogenized max-Sharpe problem: :math:`\hat\mu^\top y = 1`,
+    :math:`\hat\mu = \mu / \max_i|\mu_i|` (rf = 0; the positive rescaling of μ does not move
+    :math:`w = y/\kappa`). Infeasible when no allowed portfolio has positive expected return."""
+
+    def __repr__(self) -> str:
+        return "SharpeNormalization()"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.mu = cp.Parameter(w.size, name="mu_sharpe")
+        return [self.mu @ w == 1.0]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.mu.value = data.mu / np.max(np.abs(data.mu))
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return 0.0
+
+
+def constraint_violations(w: np.ndarray, constraints: list, data: SolveData) -> dict[str, float]:
+    """Violation of each constraint term at weights ``w``, in original units (0 = satisfied)."""
+    return {repr(term): term.violation(w, data) for term in constraints}

@@ -1,0 +1,253 @@
+"""Walk-forward optimization with a recorded fallback chain, and the efficient frontier.
+
+Per asof and strategy the decision is the first of:
+
+1. the strategy itself (only when the estimate status is "ok"),
+2. classical min-variance on the same covariance and budget/bounds/leverage/rebalance terms
+   (only when the estimate status is "ok" and the covariance is finite),
+3. the previous weights of the strategy, if they satisfy budget, bounds and leverage,
+4. equal weights ``budget / n`` clipped to the bounds, if they satisfy budget, bounds and leverage
+   (always true for strategies that passed :func:`validate_for_universe`).
+
+``status`` is "optimal" or ``"fallback:<which>:<reason>"`` where ``which`` is
+min_variance | previous | equal and ``reason`` is why the strategy was not used: the estimate
+status ("insufficient_history", "missing_data", "degenerate") or the solve failure
+("nonfinite_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
+"nonfinite_solution", "verification_failed"). Weights are never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+
+from perpfolio.errors import ConfigError, DataError, SolverError
+from perpfolio.optimize.config import Constraints, Parameters, StrategySpec, validate_for_universe
+from perpfolio.optimize.problem import TOLERANCE, PortfolioProblem, min_variance_fallback
+from perpfolio.optimize.terms import Bounds, Budget, GrossLeverage, SolveData
+
+WEIGHTS_SCHEMA = {
+    "as_of": pl.Datetime("us", "UTC"),
+    "strategy": pl.String,
+    "symbol": pl.String,
+    "weight": pl.Float64,
+    "status": pl.String,
+    "solver": pl.String,
+    "objective": pl.Float64,
+    "solve_ms": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class AsofInputs:
+    """Annualized estimates at one asof (N symbols, in the order of ``symbols``).
+
+    ``mu``, ``downside`` (N); ``cov``, ``semicov`` (N x N); ``vrp`` (N, annualized variance,
+    NaN = unknown, no tilt); ``status`` is the estimate status ("ok" or why the arrays are NaN).
+    A naive ``asof`` is taken as UTC.
+    """
+
+    asof: datetime
+    mu: np.ndarray
+    cov: np.ndarray
+    downside: np.ndarray
+    semicov: np.ndarray
+    vrp: np.ndarray
+    status: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Weights held by one strategy at one asof and how they were obtained."""
+
+    weights: np.ndarray
+    status: str
+    solver: str
+    objective: float | None
+    solve_ms: float
+
+
+class ProblemCache:
+    """Compiled problems keyed by strategy name, built on first use and reused afterwards."""
+
+    def __init__(self, n_assets: int) -> None:
+        self.n_assets = n_assets
+        self.problems: dict[str, PortfolioProblem] = {}
+
+    def get(self, spec: StrategySpec) -> PortfolioProblem:
+        if spec.name not in self.problems:
+            self.problems[spec.name] = PortfolioProblem(spec, self.n_assets)
+        return self.problems[spec.name]
+
+
+def decide(
+    spec: StrategySpec, data: SolveData, *, estimate_status: str, cache: ProblemCache
+) -> Decision:
+    """Run the fallback chain of the module docstring for one strategy at one asof."""
+    start = time.perf_counter()
+    primary = cache.get(spec)
+
+    def done(w: np.ndarray, status: str, solver: str) -> Decision:
+        ms = (time.perf_counter() - start) * 1e3
+        return Decision(np.array(w, dtype=float), status, solver, primary.objective_value(w, data), ms)
+
+    if estimate_status == "ok":
+        result = primary.solve(data)
+        if result.status == "optimal":
+            return done(result.weights, "optimal", result.solver)
+        reason = result.status
+        if np.isfinite(data.cov).all():
+            result = cache.get(min_variance_fallback(spec)).solve(data)
+            if result.status == "optimal":
+                return done(result.weights, f"fallback:min_variance:{reason}", result.solver)
+    else:
+        reason = estimate_status
+    c = spec.constraints
+    basic = [Budget(c.budget), Bounds(c.min_weight, c.max_weight)]
+    if c.max_leverage is not None:
+        basic.append(GrossLeverage(c.max_leverage))
+    if data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
+        return done(data.w_prev, f"fallback:previous:{reason}", "none")
+    equal = np.clip(np.full(cache.n_assets, c.budget / cache.n_assets), c.min_weight, c.max_weight)
+    if max(t.violation(equal, data) for t in basic) <= TOLERANCE:
+        return done(equal, f"fallback:equal:{reason}", "none")
+    raise SolverError(
+        f"strategy {spec.name!r}: {reason} and no fallback satisfies {basic}; "
+        f"run validate_for_universe(specs, {cache.n_assets}) first"
+    )
+
+
+def optimize_walk_forward(
+    specs: list[StrategySpec],
+    symbols: list[str],
+    inputs: Sequence[AsofInputs],
+    *,
+    previous: dict[str, np.ndarray] | None = None,
+) -> pl.DataFrame:
+    """Weights of every strategy at every asof (long format, schema ``WEIGHTS_SCHEMA``).
+
+    ``inputs`` must be in strictly ascending asof order. Each strategy's weights at one asof are
+    its previous weights at the next (seeded from ``previous[name]`` when given). Hybrids are
+    solved after their baseline at the same asof. Each problem is compiled once per call.
+    Columns: asof (UTC), strategy, symbol, weight, status, solver ("none" for held/equal
+    weights), objective (see ``perpfolio.optimize.problem``; null when not computable),
+    solve_ms (wall time of the whole fallback chain).
+    """
+    n = len(symbols)
+    validate_for_universe(specs, n)
+    names = {s.name: s.objective for s in specs}
+    for s in specs:
+        if s.objective == "hybrid" and names.get(s.parameters.baseline, "hybrid") == "hybrid":
+            raise ConfigError(
+                f"strategy {s.name!r}: baseline={s.parameters.baseline!r} is not a non-hybrid "
+                f"strategy of this run ({sorted(names)})"
+            )
+    cache = ProblemCache(n)
+    prev: dict[str, np.ndarray] = {}
+    for name, w in (previous or {}).items():
+        w = np.asarray(w, dtype=float)
+        if w.shape != (n,) or not np.isfinite(w).all():
+            raise DataError(f"previous[{name!r}]: need {n} finite weights, got {w!r}")
+        prev[name] = w
+    order = sorted(specs, key=lambda s: s.objective == "hybrid")
+    rows: dict[str, list] = {key: [] for key in WEIGHTS_SCHEMA}
+    last: datetime | None = None
+    for item in inputs:
+        asof = _check_inputs(item, n, last)
+        last = asof
+        decided: dict[str, Decision] = {}
+        for spec in order:
+            base = decided[spec.parameters.baseline].weights if spec.objective == "hybrid" else None
+            data = SolveData(
+                mu=item.mu, cov=item.cov, downside=item.downside, semicov=item.semicov,
+                vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
+            )
+            decided[spec.name] = decide(spec, data, estimate_status=item.status, cache=cache)
+            prev[spec.name] = decided[spec.name].weights
+        for spec in specs:
+            d = decided[spec.name]
+            rows["as_of"] += [asof] * n
+            rows["strategy"] += [spec.name] * n
+            rows["symbol"] += list(symbols)
+            rows["weight"] += d.weights.tolist()
+            rows["status"] += [d.status] * n
+            rows["solver"] += [d.solver] * n
+            rows["objective"] += [d.objective] * n
+            rows["solve_ms"] += [d.solve_ms] * n
+    return pl.DataFrame(rows, schema=WEIGHTS_SCHEMA)
+
+
+def _check_inputs(item: AsofInputs, n: int, last: datetime | None) -> datetime:
+    if not isinstance(item.asof, datetime):
+        raise DataError(f"asof: expected a datetime, got {item.asof!r}")
+    asof = item.asof.replace(tzinfo=UTC) if item.asof.tzinfo is None else item.asof.astimezone(UTC)
+    where = f"asof {asof.isoformat()}"
+    if last is not None and asof <= last:
+        raise DataError(f"{where}: inputs must be in strictly ascending asof order (after {last.isoformat()})")
+    for key in ("mu", "downside", "vrp", "cov", "semicov"):
+        shape = (n, n) if key in ("cov", "semicov") else (n,)
+        if np.shape(getattr(item, key)) != shape:
+            raise DataError(f"{where}: {key} has shape {np.shape(getattr(item, key))}, expected {shape}")
+    if not isinstance(item.status, str):
+        raise DataError(f"{where}: status must be a string, got {item.status!r}")
+    return asof
+
+
+def efficient_frontier(
+    mu: np.ndarray,
+    cov: np.ndarray,
+    *,
+    n_points: int = 20,
+    budget: float = 1.0,
+    min_weight: float = 0.0,
+    max_weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Efficient frontier :math:`\min_w w^\top\Sigma w` s.t. :math:`\mu^\top w \ge \mu_p`, budget,
+    bounds, for ``n_points`` targets :math:`\mu_p` from the min-variance portfolio's return to the
+    highest attainable return, all solved on ONE compiled problem.
+
+    ``mu`` (N) and ``cov`` (N x N) are annualized. Returns (annualized expected returns (P),
+    annualized volatilities (P), weights (P x N)).
+    """
+    mu, cov = np.asarray(mu, dtype=float), np.asarray(cov, dtype=float)
+    n = mu.shape[0]
+    if not (np.isfinite(mu).all() and np.isfinite(cov).all()) or cov.shape != (n, n):
+        raise DataError(
+            f"efficient_frontier: mu {mu.shape} and cov {cov.shape} must be finite, N and N x N"
+        )
+    if n_points < 2:
+        raise DataError(f"efficient_frontier: n_points={n_points} must be >= 2")
+    spec = StrategySpec(
+        name="frontier",
+        objective="target_return",
+        parameters=Parameters(target_return=0.0),  # replaced per point
+        constraints=Constraints(budget=budget, min_weight=min_weight, max_weight=max_weight),
+    )
+    validate_for_universe([spec], n)
+    # the greedy portfolio (fill the best assets up to max_weight) attains the highest return
+    w_top = np.full(n, min_weight)
+    room = budget - n * min_weight
+    for i in np.argsort(-mu):
+        step = min(max_weight - min_weight, room)
+        w_top[i] += step
+        room -= step
+    problem = PortfolioProblem(spec, n)
+    zeros = np.zeros(n)
+    data = SolveData(mu=mu, cov=cov, downside=zeros, semicov=cov, vrp=zeros)
+
+    def solve(target: float) -> np.ndarray:
+        result = problem.solve(dataclasses.replace(data, target_return=target))
+        if result.status != "optimal":
+            raise SolverError(f"efficient_frontier: target_return={target:.6g} failed: {result.status}")
+        return result.weights
+
+    w_min_var = solve(float(-np.abs(mu).sum() * max(abs(min_weight), abs(max_weight)) - 1.0))
+    targets = np.linspace(float(mu @ w_min_var), float(mu @ w_top), n_points)
+    w = np.array([w_min_var] + [solve(t) for t in targets[1:]])
+    return w @ mu, np.sqrt(np.einsum("pi,ij,pj->p", w, cov, w)), w

@@ -1,0 +1,472 @@
+"""Tests of perpfolio.optimize against independent computations.
+
+References: hand-written cvxpy problems with ``quad_form`` solved by OSQP at eps 1e-10 (a second
+solver and a second formulation; the package uses CLARABEL on a square-root factor), the
+closed-form min-variance portfolio, and plain numpy constraint checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import cvxpy as cp
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perpfolio.errors import ConfigError, DataError
+from perpfolio.optimize import (
+    AsofInputs,
+    PortfolioProblem,
+    SolveData,
+    efficient_frontier,
+    load_strategies,
+    optimize_walk_forward,
+    parse_strategies,
+    validate_for_universe,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ROOT / "config" / "strategies.toml"
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT"]
+T0 = datetime(2025, 1, 1, 23, tzinfo=UTC)
+BOUNDS = {"budget": 1.0, "min_weight": 0.0, "max_weight": 0.5}
+
+
+def market(seed: int, n: int, *, mu_floor: float | None = None) -> dict[str, np.ndarray]:
+    """Annualized moments of 300 fat-tailed hourly returns with a common factor (PSD inputs)."""
+    rng = np.random.default_rng(seed)
+    factor = rng.standard_t(4, size=(300, 1)) * 0.006
+    r = factor * rng.uniform(0.6, 1.4, n) + rng.standard_t(4, size=(300, n)) * rng.uniform(0.003, 0.01, n)
+    neg = np.minimum(r, 0.0)
+    mu = rng.normal(0.1, 0.4, n)
+    if mu_floor is not None:
+        mu[:2] = np.maximum(mu[:2], mu_floor)
+    vrp = rng.normal(0.0, 0.1, n)
+    vrp[rng.random(n) < 0.3] = np.nan
+    return {
+        "mu": mu,
+        "cov": np.cov(r.T) * 8760,
+        "downside": (neg**2).mean(0) * 8760,
+        "semicov": neg.T @ neg / 300 * 8760,
+        "vrp": vrp,
+    }
+
+
+def inputs_at(k: int, m: dict, status: str = "ok") -> AsofInputs:
+    return AsofInputs(asof=T0 + timedelta(days=k), status=status, **m)
+
+
+def spec_of(objective: str, parameters: dict | None = None, **constraints) -> list:
+    tables = [{"name": "min_variance", "objective": "min_variance", "constraints": BOUNDS}]
+    if objective != "min_variance":
+        tables.append({
+            "name": objective, "objective": objective,
+            "parameters": parameters or {}, "constraints": {**BOUNDS, **constraints},
+        })
+    return parse_strategies(tables)
+
+
+def reference(objective: str, m: dict, *, w_base=None, lo=0.0, hi=0.5) -> float:
+    """Objective value from a fresh quad_form problem solved by OSQP at eps 1e-10."""
+    n = len(m["mu"])
+    w = cp.Variable(n)
+    cov, mu = cp.psd_wrap(m["cov"]), m["mu"]
+    tilted = mu + np.where(np.isnan(m["vrp"]), 0.0, m["vrp"])
+    cons = [cp.sum(w) == 1, w >= lo, w <= hi]
+    if objective == "max_sharpe":  # homogenized by hand: y = k w
+        k = cp.Variable(nonneg=True)
+        cons = [cp.sum(w) == k, w >= lo * k, w <= hi * k, mu @ w == 1]
+        cp.Problem(cp.Minimize(cp.quad_form(w, cov)), cons).solve(**OSQP_REF)
+        x = w.value / k.value
+        return float(mu @ x / np.sqrt(x @ m["cov"] @ x))
+    risk = {
+        "min_variance": cp.quad_form(w, cov),
+        "target_return": cp.quad_form(w, cov),
+        "downside": 0.5 * cp.quad_form(w, cov) + 0.5 * m["downside"] @ w,
+        "semivariance": cp.quad_form(w, cp.psd_wrap(m["semicov"])),
+        "vrp_tilt": 2.5 * cp.quad_form(w, cov) - tilted @ w,
+        "hybrid": 2.5 * (0.5 * cp.quad_form(w, cov) + 0.5 * m["downside"] @ w) - tilted @ w,
+    }[objective]
+    if objective == "target_return":
+        cons.append(mu @ w >= 0.2)
+    if objective == "hybrid":
+        cons.append(0.5 * cp.norm1(w - w_base) <= 0.2)
+    problem = cp.Problem(cp.Minimize(risk), cons)
+    problem.solve(**OSQP_REF)
+    if problem.status != "optimal":
+        raise RuntimeError(f"reference {objective}: {problem.status}")
+    return float(problem.value)
+
+
+OSQP_REF = {"solver": "OSQP", "eps_abs": 1e-10, "eps_rel": 1e-10, "polish": True, "max_iter": 500_000}
+
+
+def weights_of(df: pl.DataFrame, strategy: str, k: int = 0) -> np.ndarray:
+    rows = df.filter((pl.col("strategy") == strategy) & (pl.col("as_of") == T0 + timedelta(days=k)))
+    return rows["weight"].to_numpy()
+
+
+def status_of(df: pl.DataFrame, strategy: str, k: int = 0) -> str:
+    rows = df.filter((pl.col("strategy") == strategy) & (pl.col("as_of") == T0 + timedelta(days=k)))
+    return rows["status"].unique().item()
+
+
+class TestLoadStrategies:
+    def test_default_file_is_the_case_study(self):
+        specs = load_strategies(STRATEGIES, n_assets=3)
+        assert [s.name for s in specs] == [
+            "min_variance", "target_return", "max_sharpe", "downside", "vrp_tilt", "hybrid"
+        ]
+        for s in specs:
+            assert (s.constraints.budget, s.constraints.min_weight, s.constraints.max_weight) == (1.0, 0.0, 0.5)
+        by = {s.name: s.parameters for s in specs}
+        assert by["target_return"].target_return == 0.20
+        assert by["downside"].alpha == 0.5
+        assert (by["vrp_tilt"].beta, by["vrp_tilt"].risk_aversion) == (1.0, 5.0)
+        assert (by["hybrid"].baseline, by["hybrid"].overlay_cap) == ("min_variance", 0.20)
+
+    def test_infeasible_bounds_for_the_universe_name_the_strategy(self, tmp_path):
+        path = tmp_path / "s.toml"
+        path.write_text(
+            '[[strategy]]\nname = "tight"\nobjective = "min_variance"\n'
+            "[strategy.constraints]\nbudget = 1.0\nmin_weight = 0.0\nmax_weight = 0.2\n"
+        )
+        with pytest.raises(ConfigError, match=r"strategy 'tight'.*max_weight=0.2.*n_assets=3"):
+            load_strategies(path, n_assets=3)
+        validate_for_universe(load_strategies(path), 5)  # 5 x 0.2 = 1 is feasible
+
+    @pytest.mark.parametrize(
+        ("table", "match"),
+        [
+            ({"objective": "min_variance", "leverage": 2}, r"strategy 'x'.*unknown key.*leverage"),
+            ({"objective": "max_return"}, r"strategy 'x'.*objective='max_return'"),
+            ({"objective": "downside", "parameters": {"beta": 1}}, r"strategy 'x'.*unknown parameter.*beta"),
+            ({"objective": "min_variance", "constraints": {"maxweight": 1}}, r"strategy 'x'.*maxweight"),
+            ({"objective": "target_return"}, r"strategy 'x'.*needs parameters.target_return"),
+            ({"objective": "min_variance", "constraints": {"min_weight": 0.6, "max_weight": 0.5}},
+             r"strategy 'x'.*min_weight=0.6 > max_weight=0.5"),
+            ({"objective": "min_variance", "constraints": {"max_leverage": 0.5}},
+             r"strategy 'x'.*max_leverage=0.5 < \|budget\|=1.0"),
+            ({"objective": "min_variance", "constraints": {"max_weight": -0.1, "min_weight": -1}},
+             r"strategy 'x'.*budget=1.0.*never be satisfied"),
+            ({"objective": "downside", "parameters": {"alpha": 1.5}}, r"strategy 'x'.*alpha=1.5"),
+            ({"objective": "max_sharpe", "constraints": {"cost_bps": 5}}, r"strategy 'x'.*cost_bps"),
+            ({"objective": "hybrid", "parameters": {"baseline": "nope"}}, r"strategy 'x'.*baseline='nope'"),
+        ],
+    )
+    def test_bad_tables_raise_naming_strategy_and_key(self, table, match):
+        with pytest.raises(ConfigError, match=match):
+            parse_strategies([{"name": "x", **table}])
+
+
+class TestConstraintsAlwaysHold:
+    """Every returned weight vector satisfies its strategy's constraints (plain numpy checks)."""
+
+    EXTRA = parse_strategies([
+        {"name": "min_variance", "objective": "min_variance", "constraints": BOUNDS},
+        {"name": "semi", "objective": "semivariance", "parameters": {"target_return": 0.1},
+         "constraints": BOUNDS},
+        {"name": "ls", "objective": "vrp_tilt", "constraints": {
+            "budget": 1.0, "min_weight": -0.3, "max_weight": 0.6, "max_leverage": 1.6,
+            "max_rebalance": 0.25, "cost_bps": 10.0}},
+        {"name": "ls_sharpe", "objective": "max_sharpe", "solver": "OSQP", "constraints": {
+            "budget": 1.0, "min_weight": -0.2, "max_weight": 0.6, "max_leverage": 1.5}},
+        {"name": "tight_hybrid", "objective": "hybrid", "parameters": {"overlay_cap": 0.05, "beta": 20.0},
+         "constraints": {**BOUNDS, "max_rebalance": 0.3}},
+    ])
+
+    @settings(max_examples=30, deadline=None)
+    @given(
+        seed=st.integers(0, 2**32 - 1),
+        n=st.integers(3, 5),
+        broken=st.sampled_from(["none", "nan_cov", "history"]),
+    )
+    def test_random_inputs(self, seed, n, broken):
+        specs = load_strategies(STRATEGIES) + self.EXTRA[1:]
+        steps = []
+        for k in range(3):
+            m = market(seed + k, n)
+            status = "ok"
+            if k == 1 and broken == "nan_cov":
+                m["cov"][0, 1] = m["cov"][1, 0] = np.nan
+            if k == 1 and broken == "history":
+                m = {key: np.full_like(v, np.nan) for key, v in m.items()}
+                status = "insufficient_history"
+            steps.append((m, status))
+        df = optimize_walk_forward(specs, SYMBOLS[:n], [inputs_at(k, m, s) for k, (m, s) in enumerate(steps)])
+        assert df.height == 3 * len(specs) * n
+        assert df["weight"].is_finite().all()
+        prev = {}
+        for k, (m, status) in enumerate(steps):
+            base = weights_of(df, "min_variance", k)
+            for s in specs:
+                w, c = weights_of(df, s.name, k), s.constraints
+                label = f"{s.name} at {k}: {status_of(df, s.name, k)}"
+                assert abs(w.sum() - c.budget) <= 1e-6, label
+                assert w.min() >= c.min_weight - 1e-6 and w.max() <= c.max_weight + 1e-6, label
+                if c.max_leverage is not None:
+                    assert np.abs(w).sum() <= c.max_leverage + 1e-6, label
+                optimal = status_of(df, s.name, k) == "optimal"
+                if optimal and c.max_rebalance is not None and s.name in prev:
+                    assert np.abs(w - prev[s.name]).max() <= c.max_rebalance + 1e-6, label
+                if optimal and s.parameters.target_return is not None:
+                    assert m["mu"] @ w >= s.parameters.target_return - 1e-6, label
+                if optimal and s.objective == "hybrid":
+                    assert 0.5 * np.abs(w - base).sum() <= s.parameters.overlay_cap + 1e-6, label
+                if status != "ok":
+                    assert status_of(df, s.name, k).endswith(":insufficient_history"), label
+                prev[s.name] = w
+
+
+class TestSecondSolver:
+    """Objective values match a fresh quad_form problem solved by OSQP (relative 1e-5)."""
+
+    problems: dict = {}
+
+    def solve(self, objective: str, m: dict, parameters=None, w_base=None) -> float:
+        spec = spec_of(objective, parameters)[-1]
+        key = (objective, len(m["mu"]))
+        if key not in self.problems:
+            self.problems[key] = PortfolioProblem(spec, len(m["mu"]))
+        problem = self.problems[key]
+        data = SolveData(**m, w_base=w_base)
+        result = problem.solve(data)
+        assert result.status == "optimal"
+        assert max(problem.constraint_violations(result.weights, data).values()) <= 1e-6
+        return problem.objective_value(result.weights, data), result.weights
+
+    @settings(max_examples=20, deadline=None)
+    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 5))
+    def test_objectives_match(self, seed, n):
+        m = market(seed, n, mu_floor=0.3)  # two assets >= 30%: target 20% and Sharpe > 0 feasible
+        params = {"target_return": {"target_return": 0.2}}
+        objectives = ("min_variance", "target_return", "max_sharpe", "downside", "semivariance", "vrp_tilt")
+        for objective in objectives:
+            ours, _ = self.solve(objective, m, params.get(objective))
+            assert ours == pytest.approx(reference(objective, m), rel=1e-5, abs=1e-9), objective
+        _, w_base = self.solve("min_variance", m)
+        ours, _ = self.solve("hybrid", m, w_base=w_base)
+        assert ours == pytest.approx(reference("hybrid", m, w_base=w_base), rel=1e-5, abs=1e-9)
+
+    def test_min_variance_closed_form_without_binding_bounds(self):
+        m = market(3, 5)
+        spec = spec_of("min_variance")[0]
+        loose = dataclasses.replace(spec.constraints, min_weight=-5.0, max_weight=5.0)
+        spec = dataclasses.replace(spec, constraints=loose)
+        w = PortfolioProblem(spec, 5).solve(SolveData(**m)).weights
+        x = np.linalg.solve(m["cov"], np.ones(5))
+        np.testing.assert_allclose(w, x / x.sum(), atol=1e-7)
+
+    def test_osqp_option_matches_clarabel(self):
+        m = market(11, 5, mu_floor=0.3)
+        specs = parse_strategies([
+            {"name": "a", "objective": "vrp_tilt", "constraints": BOUNDS},
+            {"name": "b", "objective": "vrp_tilt", "constraints": BOUNDS, "solver": "OSQP"},
+        ])
+        df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, m)])
+        assert df.filter(pl.col("strategy") == "b")["solver"].unique().item() == "OSQP"
+        np.testing.assert_allclose(weights_of(df, "b"), weights_of(df, "a"), atol=1e-6)
+
+    def test_efficient_frontier_points_match_target_return_solves(self):
+        m = market(5, 4)
+        rets, vols, ws = efficient_frontier(m["mu"], m["cov"], n_points=6, max_weight=0.5)
+        assert np.all(np.diff(rets) > 0) and np.all(np.diff(vols) >= -1e-9)
+        assert vols[0] ** 2 == pytest.approx(reference("min_variance", m), rel=1e-5)
+        # the top point is the greedy max-return portfolio: best two assets at 50% each
+        assert rets[-1] == pytest.approx(np.sort(m["mu"])[-2:].sum() / 2, abs=1e-6)
+        for r, w in zip(rets[1:-1], ws[1:-1]):
+            x = cp.Variable(4)
+            cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(m["cov"]))),
+                       [cp.sum(x) == 1, x >= 0, x <= 0.5, m["mu"] @ x >= r]).solve(**OSQP_REF)
+            assert w @ m["cov"] @ w == pytest.approx(x.value @ m["cov"] @ x.value, rel=1e-5)
+
+
+class TestCompiledOnce:
+    def test_every_problem_is_dpp(self):
+        for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:
+            assert PortfolioProblem(s, 4).problem.is_dpp(), s.name
+
+    def test_resolving_does_not_rebuild(self, monkeypatch):
+        """Count cp.Problem constructions: as many as strategies, whatever the number of asofs."""
+        built = []
+
+        class CountingProblem(cp.Problem):
+            def __init__(self, *args, **kw):
+                built.append(1)
+                super().__init__(*args, **kw)
+
+        monkeypatch.setattr(cp, "Problem", CountingProblem)
+        specs = load_strategies(STRATEGIES)
+        counts = []
+        for n_asofs in (2, 8):
+            built.clear()
+            steps = [inputs_at(k, market(k, 4, mu_floor=0.4)) for k in range(n_asofs)]
+            df = optimize_walk_forward(specs, SYMBOLS[:4], steps)
+            assert (df["status"] == "optimal").all()
+            counts.append(len(built))
+        assert counts == [len(specs), len(specs)]
+
+    def test_resolve_reuses_cvxpy_canonicalization(self):
+        problem = PortfolioProblem(spec_of("downside")[-1], 4)
+        problem.solve(SolveData(**market(1, 4)))
+        cached = problem.problem._cache.param_prog
+        problem.solve(SolveData(**market(2, 4)))
+        assert problem.problem._cache.param_prog is cached
+
+
+class TestRescaling:
+    """Hourly-scale inputs (annualized / 8760, covariances ~1e-5) give the annualized weights."""
+
+    @pytest.mark.parametrize(
+        "objective", ["min_variance", "max_sharpe", "downside", "semivariance", "vrp_tilt", "hybrid"]
+    )
+    def test_hourly_equals_annualized(self, objective):
+        m = market(21, 5, mu_floor=0.3)
+        hourly = {k: v / 8760 for k, v in m.items()}
+        assert np.diag(hourly["cov"]).max() < 1e-3
+        specs = spec_of(objective)
+        annual_df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, m)])
+        hourly_df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, hourly)])
+        assert status_of(hourly_df, objective) == "optimal"
+        np.testing.assert_allclose(
+            weights_of(hourly_df, objective), weights_of(annual_df, objective), atol=1e-6
+        )
+
+    def test_solver_sees_identical_numbers(self):
+        """The rescaling makes the parameter values independent of the input scale."""
+        m = market(22, 5)
+        problem = PortfolioProblem(spec_of("vrp_tilt")[-1], 5)
+        seen = []
+        for data in (m, {k: v / 8760 for k, v in m.items()}):
+            problem.solve(SolveData(**data))
+            seen.append([
+                p.value_sparse.toarray() if p.sparse_idx is not None else np.array(p.value)
+                for p in problem.problem.parameters()
+            ])
+        for a, b in zip(*seen):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+class TestFallbackChain:
+    SPECS = load_strategies(STRATEGIES)
+
+    def run(self, steps, previous=None) -> pl.DataFrame:
+        return optimize_walk_forward(
+            self.SPECS, SYMBOLS[:3], [inputs_at(k, m, s) for k, (m, s) in enumerate(steps)], previous=previous
+        )
+
+    def test_nan_covariance_without_previous_gives_equal_weights(self):
+        m = market(1, 3)
+        m["cov"][0, 0] = np.nan
+        df = self.run([(m, "ok")])
+        for s in self.SPECS:
+            assert status_of(df, s.name) == "fallback:equal:nonfinite_input"
+            np.testing.assert_allclose(weights_of(df, s.name), np.full(3, 1 / 3))
+        assert df["objective"].null_count() == df.height
+
+    def test_covariance_that_is_not_psd_is_not_solved(self):
+        m = market(1, 3)
+        m["cov"] = np.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.9], [0.0, 0.9, 1.0]])  # eigenvalue < 0
+        assert np.linalg.eigvalsh(m["cov"])[0] < 0
+        df = self.run([(m, "ok")], previous={"downside": np.array([0.4, 0.3, 0.3])})
+        assert status_of(df, "downside") == "fallback:previous:not_psd"
+        assert status_of(df, "min_variance") == "fallback:equal:not_psd"
+
+    def test_singular_covariance_is_solved(self):
+        """Perfectly correlated assets (rank-1 Σ): the eigen/QR factor needs no jitter."""
+        vols = np.array([0.5, 0.6, 0.8])
+        m = market(1, 3)
+        m["cov"] = np.outer(vols, vols)
+        df = self.run([(m, "ok")])
+        w = weights_of(df, "min_variance")
+        assert status_of(df, "min_variance") == "optimal"
+        # min (w'vols)^2 with 0 <= w <= 0.5: the two least volatile assets at 50% each
+        np.testing.assert_allclose(w, [0.5, 0.5, 0.0], atol=1e-6)
+
+    def test_insufficient_history_reuses_previous_weights(self):
+        nan = {k: np.full_like(v, np.nan) for k, v in market(1, 3).items()}
+        prev = np.array([0.5, 0.3, 0.2])
+        df = self.run([(nan, "insufficient_history")], previous={"max_sharpe": prev})
+        assert status_of(df, "max_sharpe") == "fallback:previous:insufficient_history"
+        np.testing.assert_array_equal(weights_of(df, "max_sharpe"), prev)
+        assert status_of(df, "downside") == "fallback:equal:insufficient_history"
+
+    def test_previous_weights_carry_across_asofs(self):
+        m = market(2, 3, mu_floor=0.4)
+        nan = {k: np.full_like(v, np.nan) for k, v in m.items()}
+        df = self.run([(m, "ok"), (nan, "missing_data")])
+        for s in self.SPECS:
+            assert status_of(df, s.name, 0) == "optimal"
+            assert status_of(df, s.name, 1) == "fallback:previous:missing_data"
+            np.testing.assert_array_equal(weights_of(df, s.name, 1), weights_of(df, s.name, 0))
+
+    def test_previous_weights_outside_bounds_are_not_reused(self):
+        nan = {k: np.full_like(v, np.nan) for k, v in market(1, 3).items()}
+        df = self.run([(nan, "missing_data")], previous={"min_variance": np.array([0.7, 0.2, 0.1])})
+        assert status_of(df, "min_variance") == "fallback:equal:missing_data"
+
+    def test_unreachable_target_falls_back_to_min_variance(self):
+        m = market(4, 3)
+        m["mu"] = np.array([0.05, -0.1, 0.15])  # 20% a year is out of reach
+        df = self.run([(m, "ok")])
+        assert status_of(df, "target_return") == "fallback:min_variance:infeasible"
+        w = weights_of(df, "target_return")
+        assert w @ m["cov"] @ w == pytest.approx(reference("min_variance", m), rel=1e-5)
+        np.testing.assert_allclose(w, weights_of(df, "min_variance"), atol=1e-6)
+
+    def test_no_positive_mean_makes_max_sharpe_fall_back(self):
+        m = market(4, 3)
+        m["mu"] = np.array([-0.05, -0.1, -0.2])
+        df = self.run([(m, "ok")])
+        assert status_of(df, "max_sharpe") == "fallback:min_variance:infeasible"
+        assert status_of(df, "vrp_tilt") == "optimal"
+
+    def test_nan_vrp_is_no_tilt(self):
+        m = market(6, 3)
+        m["vrp"] = np.full(3, np.nan)
+        tilted = parse_strategies([{"name": "t", "objective": "vrp_tilt", "constraints": BOUNDS}])
+        df = optimize_walk_forward(tilted, SYMBOLS[:3], [inputs_at(0, m)])
+        assert status_of(df, "t") == "optimal"
+        assert df["objective"][0] == pytest.approx(reference("vrp_tilt", m), rel=1e-5)
+
+
+class TestHybrid:
+    def test_overlay_cap_binds_and_holds(self):
+        m = market(8, 4)
+        m["vrp"] = np.array([0.4, -0.4, 0.0, np.nan])  # a strong tilt pulls away from the baseline
+        specs = load_strategies(STRATEGIES)
+        df = optimize_walk_forward(specs, SYMBOLS[:4], [inputs_at(0, m)])
+        w, base = weights_of(df, "hybrid"), weights_of(df, "min_variance")
+        assert 0.5 * np.abs(w - base).sum() == pytest.approx(0.20, abs=1e-6)
+        # the unconstrained overlay moves further than the cap allows
+        vrp = weights_of(df, "vrp_tilt")
+        assert 0.5 * np.abs(vrp - base).sum() > 0.2
+
+
+class TestInputErrors:
+    def test_asofs_must_ascend(self):
+        m = market(1, 3)
+        with pytest.raises(DataError, match="strictly ascending"):
+            optimize_walk_forward(spec_of("min_variance"), SYMBOLS[:3], [inputs_at(1, m), inputs_at(0, m)])
+
+    def test_shape_mismatch_names_the_field(self):
+        m = market(1, 3)
+        m["cov"] = m["cov"][:2, :2]
+        with pytest.raises(DataError, match=r"cov has shape \(2, 2\), expected \(3, 3\)"):
+            optimize_walk_forward(spec_of("min_variance"), SYMBOLS[:3], [inputs_at(0, m)])
+
+    def test_hybrid_needs_its_baseline_in_the_run(self):
+        hybrid = [s for s in load_strategies(STRATEGIES) if s.name == "hybrid"]
+        with pytest.raises(ConfigError, match=r"strategy 'hybrid': baseline='min_variance'"):
+            optimize_walk_forward(hybrid, SYMBOLS[:3], [inputs_at(0, market(1, 3))])
+
+    def test_previous_must_be_finite(self):
+        with pytest.raises(DataError, match=r"previous\['min_variance'\]"):
+            optimize_walk_forward(
+                spec_of("min_variance"), SYMBOLS[:3], [], previous={"min_variance": [np.nan, 0.5, 0.5]}
+            )
