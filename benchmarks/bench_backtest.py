@@ -1,0 +1,117 @@
+"""Benchmark the backtest and the stress test at the target size.
+
+4 strategies x 100 symbols x 17520 hourly bars (2 years), daily rebalancing (730 asofs, lag 1),
+random returns/funding/weights. Compares perpfolio.backtest.simulate (vectorized within holding
+segments) with two per-bar loops (numpy over symbols; plain Python), then runs the stress test at every
+rebalance (730 asofs x 4 strategies x 3 scenarios, betas over the 30-day window ending at each asof).
+
+Run: .venv/bin/python benchmarks/bench_backtest.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from perpfolio.backtest import performance_metrics, simulate
+from perpfolio.stress import DEFAULT_SCENARIOS, load_leverage_tiers, rolling_betas, stress_test
+
+N_BARS, N_SYM, N_STRAT, WINDOW, REPEATS = 17_520, 100, 4, 720, 3
+
+
+def per_bar_loop(r, f, reb, w, *, fee_bps, slippage_bps, lag_bars, e0=1.0):
+    """Baseline: the same accounting one bar at a time (numpy over symbols, Python over bars)."""
+    n_bars, n_sym = r.shape
+    execute = {b + lag_bars: j for j, b in enumerate(reb) if b + lag_bars < n_bars}
+    x, equity, out = np.zeros(n_sym), e0, np.empty(n_bars)
+    for t in range(n_bars):
+        equity += x @ r[t] + x @ f[t]
+        x = x * (1.0 + r[t])
+        if t in execute:
+            target = w[execute[t]] * equity
+            equity -= (fee_bps + slippage_bps) / 1e4 * np.abs(target - x).sum()
+            x = target
+        out[t] = equity
+    return out
+
+
+def pure_python_loop(r, f, reb, w, *, fee_bps, slippage_bps, lag_bars, e0=1.0):
+    """Naive baseline: bar by bar and symbol by symbol in plain Python (lists of floats)."""
+    r, f, w = r.tolist(), f.tolist(), w.tolist()
+    n_sym = len(r[0])
+    execute = {b + lag_bars: j for j, b in enumerate(reb) if b + lag_bars < len(r)}
+    x, equity, out = [0.0] * n_sym, e0, []
+    for t, (rt, ft) in enumerate(zip(r, f)):
+        equity += sum(xi * (ri + fi) for xi, ri, fi in zip(x, rt, ft))
+        x = [xi * (1.0 + ri) for xi, ri in zip(x, rt)]
+        if t in execute:
+            target = [wi * equity for wi in w[execute[t]]]
+            equity -= (fee_bps + slippage_bps) / 1e4 * sum(abs(a - b) for a, b in zip(target, x))
+            x = target
+        out.append(equity)
+    return np.array(out)
+
+
+def best_of(fn, repeats=REPEATS):
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+def main() -> None:
+    rng = np.random.default_rng(42)
+    ts = np.datetime64("2023-01-01T00", "us") + np.arange(N_BARS) * np.timedelta64(1, "h")
+    r = rng.standard_t(4, (N_BARS, N_SYM)) * 0.006
+    f = -rng.normal(1e-5, 2e-5, (N_BARS, N_SYM)) * (np.arange(N_BARS) % 8 == 7)[:, None]
+    reb = np.arange(23, N_BARS, 24)
+    weights = [rng.dirichlet(np.full(N_SYM, 0.3), len(reb)) for _ in range(N_STRAT)]
+    kw = dict(fee_bps=5.0, slippage_bps=2.0, lag_bars=1)
+
+    t_vec, frames = best_of(lambda: [simulate(ts, r, f, reb, w, **kw) for w in weights])
+    t_loop, loops = best_of(lambda: [per_bar_loop(r, f, reb, w, **kw) for w in weights])
+    t_py, pys = best_of(lambda: [pure_python_loop(r, f, reb, w, **kw) for w in weights], 1)
+
+    def max_diff(baseline):
+        return max(np.abs(fr["equity"].to_numpy() - eq).max() for fr, eq in zip(frames, baseline))
+
+    t_met, _ = best_of(lambda: [performance_metrics(fr, periods_per_year=8760) for fr in frames])
+
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"] + [f"S{i:03d}USDT" for i in range(3, N_SYM)]
+    tiers = load_leverage_tiers()
+
+    def betas_all():  # the WINDOW bars ending at the asof bar (fewer for the first 29 asofs)
+        return [rolling_betas(r[max(0, b + 1 - WINDOW): b + 1], reference=0) for b in reb]
+
+    t_beta, betas = best_of(betas_all, 1)
+
+    def stress_all():
+        rows = 0
+        for k, fr in enumerate(frames):
+            eq = fr["equity"].to_numpy()
+            for j, b in enumerate(reb):
+                rows += stress_test(weights[k][j], symbols, betas[j], scenarios=DEFAULT_SCENARIOS,
+                                    leverage=3.0, tiers=tiers, equity=eq[b], default_mmr=0.01).height
+        return rows
+
+    t_stress, rows = best_of(stress_all, 1)
+    n_exec = len(reb) * N_STRAT
+    print(f"\n{N_STRAT} strategies x {N_SYM} symbols x {N_BARS} bars, {len(reb)} daily rebalances, lag 1\n")
+    print("| step | time (s) | note |")
+    print("|---|---:|---|")
+    print(f"| simulate, vectorized (best of {REPEATS}) | {t_vec:.3f} | {N_STRAT} strategies |")
+    print(f"| per-bar numpy loop baseline (best of {REPEATS}) | {t_loop:.3f} | {t_loop / t_vec:.1f}x slower; "
+          f"max equity diff {max_diff(loops):.1e} |")
+    print(f"| per-bar pure-Python loop baseline (once) | {t_py:.3f} | {t_py / t_vec:.0f}x slower; "
+          f"max equity diff {max_diff(pys):.1e} |")
+    print(f"| performance_metrics (best of {REPEATS}) | {t_met:.4f} | {N_STRAT} strategies |")
+    print(f"| rolling_betas, {WINDOW}-bar window | {t_beta:.3f} | {len(reb)} asofs |")
+    print(f"| stress_test | {t_stress:.3f} | {n_exec} books -> {rows} scenario rows, "
+          f"{1e6 * t_stress / rows:.0f} us/row |")
+
+
+if __name__ == "__main__":
+    main()

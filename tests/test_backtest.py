@@ -1,0 +1,251 @@
+"""Tests of perpfolio.backtest against hand-worked numbers and an independent per-bar loop."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from perpfolio.backtest import performance_metrics, simulate
+from perpfolio.errors import DataError
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20250102)
+
+
+def hourly(n: int) -> np.ndarray:
+    return np.datetime64("2025-01-01T00", "us") + np.arange(n) * np.timedelta64(1, "h")
+
+
+def per_bar_loop(r, f, reb, w, *, fee_bps, slippage_bps, lag_bars, e0=1.0):
+    """Reference: the accounting written out bar by bar, one symbol at a time (plain Python)."""
+    n_bars, n_sym = r.shape
+    execute = {b + lag_bars: j for j, b in enumerate(reb) if b + lag_bars < n_bars}
+    x, equity, rows = [0.0] * n_sym, e0, []
+    for t in range(n_bars):
+        price = sum(x[i] * r[t, i] for i in range(n_sym))
+        funding = sum(x[i] * f[t, i] for i in range(n_sym))
+        x = [x[i] * (1 + r[t, i]) for i in range(n_sym)]
+        equity += price + funding
+        traded = 0.0
+        if t in execute:
+            target = [w[execute[t], i] * equity for i in range(n_sym)]
+            traded = sum(abs(target[i] - x[i]) for i in range(n_sym))
+            x, equity = target, equity - (fee_bps + slippage_bps) / 1e4 * traded
+        rows.append((equity, price, funding, fee_bps / 1e4 * traded, slippage_bps / 1e4 * traded,
+                     sum(abs(v) for v in x) / equity))
+    return np.array(rows)
+
+
+class TestCompounding:
+    def test_weight_one_rebalanced_every_bar_is_product_of_net_returns(self, rng):
+        n = 500
+        r = rng.normal(0, 0.01, (n, 1))
+        f = rng.normal(-1e-5, 1e-5, (n, 1))
+        out = simulate(hourly(n), r, f, np.arange(n), np.ones((n, 1)), fee_bps=0, slippage_bps=0, lag_bars=0)
+        # Trade at the close of bar 0, so bar 0 is flat and bar t >= 1 earns 1 + r_t + f_t.
+        expected = np.concatenate([[1.0], np.cumprod(1 + r[1:, 0] + f[1:, 0])])
+        np.testing.assert_allclose(out["equity"].to_numpy(), expected, rtol=1e-12, atol=0)
+
+
+class TestReconciliation:
+    @pytest.fixture
+    def case(self, rng):
+        n, k = 24 * 10, 5
+        r = rng.normal(0, 0.01, (n, k))
+        f = rng.normal(0, 5e-5, (n, k))
+        reb = np.arange(23, n, 24)
+        w = rng.dirichlet(np.ones(k), len(reb)) * rng.choice([-1.0, 1.0], (len(reb), k)) * 2
+        return r, f, reb, w
+
+    def test_final_equity_is_initial_plus_components(self, case):
+        r, f, reb, w = case
+        out = simulate(hourly(len(r)), r, f, reb, w, fee_bps=5, slippage_bps=2, initial_equity=3.0)
+        total = 3.0 + out["price_pnl"].sum() + out["funding_pnl"].sum() - out["fees"].sum() - out["slippage"].sum()
+        assert abs(out["equity"][-1] - total) < 1e-9
+        assert out["fees"].sum() > 0 and abs(out["funding_pnl"].sum()) > 0
+
+    def test_matches_per_bar_loop(self, case):
+        r, f, reb, w = case
+        out = simulate(hourly(len(r)), r, f, reb, w, fee_bps=5, slippage_bps=2, lag_bars=1)
+        ref = per_bar_loop(r, f, reb, w, fee_bps=5, slippage_bps=2, lag_bars=1)
+        got = out.select("equity", "price_pnl", "funding_pnl", "fees", "slippage", "gross_leverage").to_numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-13)
+
+
+class TestHandWorked:
+    """2 assets, 3 bars, lag 1, fee 10 bps, slippage 5 bps; every number computed below by hand."""
+
+    r = np.array([[0.10, -0.05], [0.02, 0.04], [-0.10, 0.20]])
+    f = np.array([[0.0, 0.0], [0.001, -0.002], [0.0005, 0.001]])
+
+    def run(self):
+        w = np.array([[0.5, 0.5], [1.0, -0.5]])
+        return simulate(hourly(3), self.r, self.f, np.array([0, 1]), w, fee_bps=10, slippage_bps=5, lag_bars=1)
+
+    def test_bar_by_bar(self):
+        out = self.run()
+        # bar 0: flat.  bar 1: still flat (asof-0 weights trade at bar 1's close): bar 1 returns unearned.
+        # trade at close of bar 1: E_pre = 1, x* = [0.5, 0.5], traded 1.0
+        fees1, slip1 = 0.001 * 1.0, 0.0005 * 1.0
+        e1 = 1.0 - fees1 - slip1  # 0.9985
+        # bar 2 earns [0.5, 0.5]
+        price2 = 0.5 * -0.10 + 0.5 * 0.20  # 0.05
+        fund2 = 0.5 * 0.0005 + 0.5 * 0.001  # 0.00075
+        e_pre2 = e1 + price2 + fund2  # 1.04925
+        drifted = np.array([0.5 * 0.9, 0.5 * 1.2])  # [0.45, 0.6]
+        target = np.array([1.0, -0.5]) * e_pre2
+        traded2 = abs(target[0] - 0.45) + abs(target[1] - 0.6)  # 0.59925 + 1.124625
+        fees2, slip2 = 0.001 * traded2, 0.0005 * traded2
+        e2 = e_pre2 - fees2 - slip2
+        np.testing.assert_allclose(out["equity"].to_numpy(), [1.0, e1, e2], rtol=0, atol=1e-15)
+        np.testing.assert_allclose(out["price_pnl"].to_numpy(), [0, 0, price2], atol=1e-15)
+        np.testing.assert_allclose(out["funding_pnl"].to_numpy(), [0, 0, fund2], atol=1e-15)
+        np.testing.assert_allclose(out["fees"].to_numpy(), [0, fees1, fees2], atol=1e-15)
+        np.testing.assert_allclose(out["slippage"].to_numpy(), [0, slip1, slip2], atol=1e-15)
+        np.testing.assert_allclose(out["turnover"].to_numpy(), [0, 1.0, traded2 / e_pre2], atol=1e-15)
+        np.testing.assert_allclose(out["gross_leverage"].to_numpy(), [0, 1.0 / e1, 1.5 * e_pre2 / e2], atol=1e-14)
+        np.testing.assert_allclose(out["drawdown"].to_numpy(), [0, e1 - 1.0, 0.0], atol=1e-15)
+        assert abs(traded2 - 1.723875) < 1e-12 and abs(drifted.sum() - 1.05) < 1e-15
+        assert out["ts"].dtype == pl.Datetime("us", "UTC")
+
+
+class TestFundingAndFees:
+    def test_short_receives_positive_funding(self):
+        rate = np.array([0.0, 1e-4, 0.0, 3e-4])  # positive rates: longs pay shorts
+        out = simulate(hourly(4), np.zeros((4, 1)), -rate[:, None], np.array([0]), np.array([[-1.0]]),
+                       fee_bps=0, slippage_bps=0, lag_bars=0, initial_equity=2.0)
+        np.testing.assert_allclose(out["funding_pnl"].to_numpy(), 2.0 * rate, atol=1e-18)
+        assert out["equity"][-1] == pytest.approx(2.0 + 2.0 * 4e-4, abs=1e-15)
+
+    def test_fees_on_traded_notional(self):
+        # no price moves: positions x = w * E. Trade 1: 0 -> [0.6, -0.4]; trade 2: -> w2 * E1.
+        w = np.array([[0.6, -0.4], [0.1, 0.3]])
+        out = simulate(hourly(4), np.zeros((4, 2)), np.zeros((4, 2)), np.array([0, 2]), w,
+                       fee_bps=20, slippage_bps=0, lag_bars=1)
+        e1 = 1.0 - 0.002 * 1.0
+        traded2 = abs(0.1 * e1 - 0.6) + abs(0.3 * e1 + 0.4)
+        np.testing.assert_allclose(out["fees"].to_numpy(), [0, 0.002, 0, 0.002 * traded2], atol=1e-16)
+        assert out["slippage"].sum() == 0.0
+
+    def test_rebalance_executing_after_the_last_bar_is_not_traded(self):
+        out = simulate(hourly(3), np.zeros((3, 1)), np.zeros((3, 1)), np.array([2]), np.array([[1.0]]), lag_bars=1)
+        assert out["fees"].sum() == 0.0 and out["gross_leverage"].sum() == 0.0
+
+
+class TestRuin:
+    def test_ruined_account_closes_out_and_stops_trading(self):
+        # 2x long, -60% bar: E = 1 - 1.2 = -0.2 <= 0, so the rebalances close the position (x* = 0),
+        # pay costs on the closed notional 2 * 0.4 = 0.8, and never reopen.
+        r = np.array([[0.0], [-0.6], [0.1], [0.2]])
+        out = simulate(hourly(4), r, np.zeros((4, 1)), np.arange(4), np.full((4, 1), 2.0),
+                       fee_bps=10, slippage_bps=0, lag_bars=0)
+        e1 = 1.0 - 0.002 - 2.0 * 0.6  # costs of the first trade (2.0 notional), then the loss
+        np.testing.assert_allclose(out["fees"].to_numpy(), [0.002, 0.001 * 2.0 * 0.4, 0, 0], atol=1e-15)
+        np.testing.assert_allclose(out["equity"].to_numpy(), [0.998, e1 - 0.0008, e1 - 0.0008, e1 - 0.0008],
+                                   atol=1e-15)
+        with pytest.raises(DataError, match="equity reaches <= 0"):
+            performance_metrics(out, periods_per_year=8760)
+
+
+class TestMissingReturns:
+    def test_nan_in_held_symbol_names_bar_and_symbol(self):
+        r = np.zeros((5, 2))
+        r[3, 1] = np.nan
+        with pytest.raises(DataError, match=r"price_return is NaN at bar 3 .*'ETHUSDT'"):
+            simulate(hourly(5), r, np.zeros((5, 2)), np.array([0]), np.array([[0.5, 0.5]]),
+                     symbols=["BTCUSDT", "ETHUSDT"])
+
+    def test_nan_in_unheld_symbol_is_ignored(self, rng):
+        r = rng.normal(0, 0.01, (6, 2))
+        f = np.zeros((6, 2))
+        r[4, 1] = np.nan
+        w = np.array([[1.0, 0.0]])
+        both = simulate(hourly(6), r, f, np.array([1]), w)
+        alone = simulate(hourly(6), r[:, :1], f[:, :1], np.array([1]), w[:, :1])
+        np.testing.assert_allclose(both["equity"].to_numpy(), alone["equity"].to_numpy(), rtol=0, atol=0)
+
+    def test_nan_before_the_first_trade_is_ignored(self):
+        r = np.zeros((4, 1))
+        r[1, 0] = np.nan  # bar 1 is flat: asof 0 trades at bar 1's close
+        out = simulate(hourly(4), r, np.zeros((4, 1)), np.array([0]), np.array([[1.0]]))
+        assert out["equity"].is_finite().all()
+
+
+class TestValidation:
+    def test_rebalance_bars_must_ascend(self):
+        with pytest.raises(DataError, match="rebalance_bars must be strictly ascending"):
+            simulate(hourly(4), np.zeros((4, 1)), np.zeros((4, 1)), np.array([2, 1]), np.ones((2, 1)))
+
+    def test_weights_shape(self):
+        with pytest.raises(DataError, match=r"target_weights shape \(1, 2\) != \(1, 1\)"):
+            simulate(hourly(4), np.zeros((4, 1)), np.zeros((4, 1)), np.array([0]), np.ones((1, 2)))
+
+    def test_nan_weight(self):
+        with pytest.raises(DataError, match=r"target_weights\[0\] for column 0 is nan"):
+            simulate(hourly(4), np.zeros((4, 1)), np.zeros((4, 1)), np.array([0]), np.array([[np.nan]]))
+
+
+class TestDrawdown:
+    def test_known_path(self):
+        r = np.array([[0.0], [0.1], [-0.1], [0.5], [-0.5]])
+        out = simulate(hourly(5), r, np.zeros((5, 1)), np.arange(5), np.ones((5, 1)),
+                       fee_bps=0, slippage_bps=0, lag_bars=0)
+        np.testing.assert_allclose(out["equity"].to_numpy(), [1.0, 1.1, 0.99, 1.485, 0.7425], rtol=1e-15)
+        np.testing.assert_allclose(out["drawdown"].to_numpy(), [0.0, 0.0, -0.1, 0.0, -0.5], atol=1e-15)
+        assert performance_metrics(out, periods_per_year=8760)["max_drawdown"] == pytest.approx(0.5, abs=1e-15)
+
+    def test_first_bar_loss_counts_against_initial_equity(self):
+        r = np.array([[0.0], [-0.2]])
+        out = simulate(hourly(2), r, np.zeros((2, 1)), np.array([0]), np.ones((1, 1)),
+                       fee_bps=0, slippage_bps=0, lag_bars=0)
+        assert out["drawdown"].to_list() == pytest.approx([0.0, -0.2], abs=1e-15)
+
+
+class TestMetrics:
+    def test_against_numpy_formulas(self, rng):
+        n, ppy, e0 = 400, 8760.0, 2.0
+        ret = rng.normal(2e-4, 0.01, n)
+        path = e0 * np.cumprod(1 + ret)
+        pnl = np.diff(np.concatenate([[e0], path]))
+        turnover = np.where(np.arange(n) % 24 == 0, 0.3, 0.0)
+        fees = 0.0005 * turnover
+        frame = pl.DataFrame({"ts": hourly(n), "equity": path, "pnl": pnl, "price_pnl": pnl,
+                              "funding_pnl": np.full(n, 1e-5), "fees": fees, "slippage": fees / 2,
+                              "turnover": turnover})
+        m = performance_metrics(frame, periods_per_year=ppy)
+
+        full = np.concatenate([[e0], path])
+        worst_drop = max(1 - full[j] / full[: j + 1].max() for j in range(n + 1))
+        traded = turnover * (path + fees + fees / 2)
+        expected = {
+            "sharpe": ret.mean() / ret.std(ddof=1) * np.sqrt(ppy),
+            "sortino": ret.mean() / np.sqrt(np.mean(np.minimum(ret, 0) ** 2)) * np.sqrt(ppy),
+            "ann_return": np.prod(1 + ret) ** (ppy / n) - 1,
+            "ann_vol": ret.std(ddof=1) * np.sqrt(ppy),
+            "max_drawdown": worst_drop,
+            "max_loss": -ret.min(),
+            "turnover": traded.sum() / path.mean() * ppy / n,
+            "cvar_95": -np.sort(ret)[:20].mean(),
+            "funding_pnl": n * 1e-5,
+            "costs": 1.5 * fees.sum(),
+        }
+        assert set(m) == set(expected)
+        for key, value in expected.items():
+            assert m[key] == pytest.approx(value, rel=1e-9), key
+
+    def test_turnover_round_trip_through_simulate(self):
+        # constant prices, weight 1 then 0 then 1 with cost rate c: buy 1 (E -> 1 - c), sell the
+        # position of 1 (E -> 1 - 2c), buy 1 - 2c: traded notional = 1 + 1 + (1 - 2c)
+        out = simulate(hourly(6), np.zeros((6, 1)), np.zeros((6, 1)), np.array([0, 2, 4]),
+                       np.array([[1.0], [0.0], [1.0]]), fee_bps=10, slippage_bps=0, lag_bars=0)
+        c = 0.001
+        traded = 1 + 1 + (1 - 2 * c)
+        m = performance_metrics(out, periods_per_year=8760)
+        assert m["turnover"] == pytest.approx(traded / out["equity"].mean() * 8760 / 6, rel=1e-12)
+        assert m["costs"] == pytest.approx(c * traded, rel=1e-12)
+
+    def test_rejects_multiple_strategies_in_one_frame(self):
+        one = simulate(hourly(3), np.zeros((3, 1)), np.zeros((3, 1)), np.array([0]), np.ones((1, 1)))
+        with pytest.raises(DataError, match="strictly increasing"):
+            performance_metrics(pl.concat([one, one]), periods_per_year=8760)

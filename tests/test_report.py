@@ -1,0 +1,99 @@
+"""Tests of perpfolio.report: PNGs decode and are not blank; the HTML is self-contained."""
+
+import base64
+import io
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+from matplotlib.image import imread
+
+from perpfolio.errors import ConfigError, DataError
+from perpfolio.report import plot_drawdown, plot_equity, plot_stress, plot_vrp, plot_weights, write_report
+
+STRATEGIES = ["classical", "downside", "vrp", "hybrid"]
+SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(3)
+    ts = pl.datetime_range(pl.datetime(2025, 1, 1, time_zone="UTC"), pl.datetime(2025, 1, 31, time_zone="UTC"),
+                           "1h", eager=True)
+    asof = pl.datetime_range(pl.datetime(2025, 1, 1, 23, time_zone="UTC"), pl.datetime(2025, 1, 30, 23, time_zone="UTC"),
+                             "1d", eager=True)
+    equity, weights, signals, stress = [], [], [], []
+    for s in STRATEGIES:
+        eq = np.cumprod(1 + rng.normal(1e-4, 0.005, len(ts)))
+        dd = eq / np.maximum.accumulate(eq) - 1
+        equity.append(pl.DataFrame({"ts": ts, "strategy": s, "equity": eq, "drawdown": dd}))
+        w = rng.dirichlet(np.ones(3), len(asof))
+        for i, sym in enumerate(SYMBOLS):
+            weights.append(pl.DataFrame({"as_of": asof, "strategy": s, "symbol": sym, "weight": w[:, i]}))
+        for sc, loss in (("btc_-5pct_1h", 0.05), ("btc_-10pct_1h", 0.1), ("all_-10pct", 0.1)):
+            stress.append(pl.DataFrame({"as_of": asof, "strategy": s, "scenario": sc,
+                                        "equity_after_frac": 1 - loss * rng.uniform(1, 3, len(asof))}))
+    for sym in SYMBOLS:
+        vrp = rng.normal(0.05, 0.03, len(asof))
+        vrp[5] = np.nan  # unknown implied variance: a gap
+        signals.append(pl.DataFrame({"as_of": asof, "symbol": sym, "vrp": vrp}))
+    return {"equity": pl.concat(equity), "weights": pl.concat(weights), "signals": pl.concat(signals),
+            "stress": pl.concat(stress)}
+
+
+@pytest.fixture(scope="module")
+def figures(frames):
+    short = frames["weights"].with_columns(
+        pl.when(pl.col("symbol") == "SOLUSDT").then(-pl.col("weight")).otherwise(pl.col("weight")).alias("weight"))
+    return {
+        "equity": plot_equity(frames["equity"]),
+        "drawdown": plot_drawdown(frames["equity"]),
+        "weights_hybrid": plot_weights(frames["weights"], "hybrid"),
+        "weights_long_short": plot_weights(short, "classical"),
+        "vrp": plot_vrp(frames["signals"]),
+        "stress": plot_stress(frames["stress"]),
+    }
+
+
+class TestFigures:
+    def test_pngs_decode_and_are_not_blank(self, figures):
+        for name, png in figures.items():
+            assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+            pixels = imread(io.BytesIO(png), format="png")
+            assert pixels.shape[0] >= 300 and pixels.shape[1] >= 600, name
+            assert pixels[..., :3].std() > 0.05, name
+
+    def test_missing_column_is_named(self, frames):
+        with pytest.raises(DataError, match=r"plot_drawdown: frame lacks columns \['drawdown'\]"):
+            plot_drawdown(frames["equity"].drop("drawdown"))
+
+    def test_unknown_strategy(self, frames):
+        with pytest.raises(DataError, match="no rows for strategy 'nope'"):
+            plot_weights(frames["weights"], "nope")
+
+
+class TestWriteReport:
+    @pytest.fixture
+    def metrics(self):
+        return pl.DataFrame({"strategy": STRATEGIES, "sharpe": [1.2345678, 0.5, -0.25, 2.0],
+                             "max_drawdown": [0.1, 0.2, 0.3, 0.05]})
+
+    def test_self_contained_html(self, tmp_path, figures, metrics):
+        path = write_report(tmp_path / "out", title="Strategy <comparison>", metrics=metrics, figures=figures)
+        assert path == tmp_path / "out" / "report.html"
+        page = path.read_text(encoding="utf-8")
+        for name, png in figures.items():
+            assert f"data:image/png;base64,{base64.b64encode(png).decode('ascii')}" in page
+            assert (tmp_path / "out" / f"{name}.png").read_bytes() == png
+        assert '<table class="metrics">' in page and "<td>1.235</td>" in page and "<th>max_drawdown</th>" in page
+        assert all(f"<td>{s}</td>" in page for s in STRATEGIES)
+        assert "Strategy &lt;comparison&gt;" in page
+        outside = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+        assert "http" not in outside.lower() and "//" not in outside  # nothing fetched: opens offline
+        assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * len(figures)
+        assert page.count("<img ") == len(figures)
+
+    def test_bad_figure_name(self, tmp_path, figures, metrics):
+        with pytest.raises(ConfigError, match="figure name '../x'"):
+            write_report(tmp_path, title="t", metrics=metrics, figures={"../x": figures["vrp"]})
