@@ -1,0 +1,57 @@
+"""The blocking schema check every stage runs on its own output before anything is stored.
+
+An asset yields through `validated`: a frame that fails its pandera model is NOT written (the
+stored partition stays as it was), the check fails with the offending rows attached, and the
+downstream assets of the run do not execute.
+"""
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import dagster as dg
+import pandera.errors
+import pandera.polars as pa
+import polars as pl
+
+from assets.schemas import conform
+
+SCHEMA_CHECK = "schema"
+
+
+def schema_check(key: dg.AssetKey, model: type[pa.DataFrameModel]) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(SCHEMA_CHECK, asset=key, blocking=True, description=f"rows satisfy {model.__name__}: {model.__doc__}")
+
+
+def check_frame(frame: pl.DataFrame, model: type[pa.DataFrameModel], key: dg.AssetKey) -> dg.AssetCheckResult:
+    """Validate `frame` against `model`; a failure lists up to 20 failure cases as markdown."""
+    try:
+        model.validate(frame, lazy=True)
+    except pandera.errors.SchemaErrors as exc:
+        cases = exc.failure_cases
+        return dg.AssetCheckResult(
+            asset_key=key,
+            check_name=SCHEMA_CHECK,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"failure_count": cases.height, "failures": dg.MetadataValue.md(markdown_table(cases.head(20)))},
+        )
+    return dg.AssetCheckResult(asset_key=key, check_name=SCHEMA_CHECK, passed=True, metadata={"rows": frame.height})
+
+
+def validated(
+    frame: pl.DataFrame, model: type[pa.DataFrameModel], key: dg.AssetKey, *, output_name: str = "result",
+    metadata: Mapping[str, Any] | None = None,
+) -> Iterator[dg.Output | dg.AssetCheckResult]:
+    """Conform `frame` to the table, check it, and emit the output only when the check passes."""
+    frame = conform(frame, model)
+    result = check_frame(frame, model, key)
+    if result.passed:
+        yield dg.Output(frame, output_name=output_name, metadata=dict(metadata or {}))
+    yield result
+
+
+def markdown_table(frame: pl.DataFrame) -> str:
+    """A frame as a markdown table (floats to 4 significant digits), for asset metadata."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
+    return header + "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in frame.iter_rows())

@@ -1,0 +1,65 @@
+"""portfolio.weights: the optimized target weights of every configured strategy at each rebalance."""
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets import schemas
+from assets.checks import schema_check, validated
+from assets.features import ESTIMATES
+from assets.signals import SIGNALS
+from perpfolio import estimators
+from perpfolio.optimize import AsofInputs, load_strategies, optimize_walk_forward, validate_for_universe
+from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
+from pipelines.settings import Settings
+
+WEIGHTS = dg.AssetKey(["portfolio", "weights"])
+
+
+def asof_inputs(estimates: pl.DataFrame, signals: pl.DataFrame, symbols: list[str]) -> list[AsofInputs]:
+    """One optimizer input per asof: annualized moments, VRP in symbol order, and the estimate status."""
+    asofs, found, moments = estimators.moments_from_long(estimates, estimator="sample")
+    if sorted(found) != sorted(symbols):
+        raise ValueError(f"features.estimates holds symbols {found}, expected the configured {symbols}")
+    order = [found.index(s) for s in symbols]
+    mean, downside = moments.mean[:, order], moments.downside[:, order]
+    cov, semicov = moments.cov[:, order][:, :, order], moments.semicov[:, order][:, :, order]
+    stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
+    wide = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
+    vrp = wide.select(pl.col(s) if s in wide.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
+    vrp = vrp.cast(pl.Float64).to_numpy()  # null (no usable implied vol) becomes NaN: a zero tilt downstream
+    return [
+        AsofInputs(asof=asof, mu=mean[k], cov=cov[k], downside=downside[k], semicov=semicov[k], vrp=vrp[k],
+                   status=str(moments.status[k]))
+        for k, asof in enumerate(stamps["as_of"].to_list())
+    ]
+
+
+def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+    symbols = list(settings.symbols)
+
+    @dg.asset(
+        key=WEIGHTS,
+        ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS)},
+        partitions_def=partitions, backfill_policy=SINGLE_RUN, pool=WAREHOUSE_POOL, output_required=False,
+        metadata={"partition_expr": "as_of"}, check_specs=[schema_check(WEIGHTS, schemas.Weights)],
+        group_name="portfolio", kinds={"duckdb", "cvxpy"},
+        description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}; "
+        "status says optimal or which fallback produced them and why.",
+    )
+    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame):
+        specs = load_strategies(settings.strategies_file)
+        validate_for_universe(specs, len(symbols))
+        frame = optimize_walk_forward(specs, symbols, asof_inputs(estimates, signals, symbols))
+        per_decision = frame.unique(["as_of", "strategy"])
+        statuses = per_decision.group_by("status").len().sort("status")
+        meta = {
+            "strategies": ", ".join(s.name for s in specs),
+            "decisions": per_decision.height,
+            "solve_ms_mean": float(per_decision["solve_ms"].mean() or 0.0),
+            "solve_ms_max": float(per_decision["solve_ms"].max() or 0.0),
+            **{f"status_{s}": n for s, n in statuses.iter_rows()},
+        }
+        yield from validated(frame, schemas.Weights, WEIGHTS, metadata=meta)
+
+    return [weights]
