@@ -118,7 +118,10 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                         w, symbols, betas, scenarios=scenarios, leverage=leverage, tiers=tiers, buffer=settings.margin_buffer,
                     )
                     frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(strategy)))
-        frame = pl.concat(frames).drop("pnl", "equity_after").rename({"pnl_frac": "pnl", "equity_after_frac": "equity_after"}) if frames else pl.DataFrame()
+        frame = pl.concat(frames) if frames else pl.DataFrame()
+        if frames:  # the table states fractions of pre-shock equity; a wiped-out account has no margin ratio (null)
+            frame = frame.drop("pnl", "equity_after").rename({"pnl_frac": "pnl", "equity_after_frac": "equity_after"})
+            frame = frame.with_columns(margin_ratio=pl.when(pl.col("margin_ratio").is_finite()).then("margin_ratio"))
         meta = {"rows": frame.height, "liquidations": int(frame["liquidated"].sum()) if frames else 0}
         yield from validated(frame, schemas.Stress, STRESS, metadata=meta)
 

@@ -213,7 +213,7 @@ class Stress(Table):
     shock: float = pa.Field(description="return applied to the reference symbol")
     pnl: float = pa.Field(description="PnL of the shock as a fraction of equity")
     equity_after: float = pa.Field(description="equity after the shock, fraction of equity before")
-    margin_ratio: float = pa.Field(ge=0, description="maintenance margin / equity after (inf when equity is gone)")
+    margin_ratio: float = pa.Field(nullable=True, ge=0, description="maintenance margin / equity after; null when no equity is left")
     liquidated: bool = pa.Field(description="equity after <= maintenance margin")
     capital_sufficient: bool = pa.Field(description="equity after >= maintenance margin + buffer")
 

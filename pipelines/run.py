@@ -11,6 +11,7 @@ DAGSTER_HOME, so `make ui` shows them.
 import argparse
 import sys
 import time
+import warnings
 from datetime import date
 
 import dagster as dg
@@ -34,9 +35,12 @@ class RunFailed(RuntimeError):
 def materialize_range(defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance) -> None:
     """One run of the walk-forward job over [start, end], then one run of the evaluation job."""
     tags = {"dagster/asset_partition_range_start": start.isoformat(), "dagster/asset_partition_range_end": end.isoformat()}
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     for job_name, run_tags in (("daily_walk_forward", tags), ("evaluation", {})):
         began = time.perf_counter()
-        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, tags=run_tags, raise_on_error=False)
+        result = defs.resolve_job_def(job_name).execute_in_process(
+            run_config=quiet, instance=instance, tags=run_tags, raise_on_error=False
+        )
         if not result.success:
             failed = [e.step_key for e in result.all_events if e.is_step_failure]
             raise RunFailed(f"run {result.run_id} of job {job_name} failed at steps {failed}; see its log in the UI (make ui)")
@@ -44,6 +48,7 @@ def materialize_range(defs: dg.Definitions, start: date, end: date, instance: dg
 
 
 def main(argv: list[str] | None = None) -> None:
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # Dagster marks backfill policies and mappings beta
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--start", type=date.fromisoformat, default=settings.start)

@@ -2,12 +2,14 @@
 
 Returns (symbol i, hourly bar t opened at ``start + t h``; LOG returns per bar)::
 
-    r_i(t) = mu_i / 8760
+    r_i(t) = mu_i / 8760 - (m(t) s_i)^2 / 2 - log(1 + c_i) / 2880
              + m(t) s_i sqrt(1 - J) [rho_i sqrt(h_m(t)) e_m(t) + sqrt(1 - rho_i^2) sqrt(h_i(t)) e_i(t)]
              + m(t) s_i sqrt(J / lam) B_i(t) n_i(t)
 
 - ``s_i = vol_i / sqrt(8760)``: calm hourly volatility; ``vol_i`` annualized base volatility,
-  ``mu_i`` a small annual drift, ``rho_i`` the loading on the market factor (one-factor model, so
+  ``mu_i`` a small annual drift of the SIMPLE return: the log drift gives back the variance drag
+  and the expected log loss of the planted crash ``c_i`` (one per 2880-hour cycle, below), so the
+  market has no built-in downward bias, ``rho_i`` the loading on the market factor (one-factor model, so
   corr(i, j) is about ``rho_i rho_j``).
 - ``e_m, e_i``: Student-t innovations, 4.5 degrees of freedom, scaled to unit variance.
 - ``h(t+1) = omega + h(t) (a min(e(t)^2, 16) + b)``: GARCH(1,1) variance with the news term capped
@@ -203,14 +205,21 @@ def generate_market(
     h = _garch(np.column_stack([e_m, e_i]), *_garch_coefs(len(syms)))
     h_m, h_i = h[:, :1], h[:, 1:]
     scale = mult[:, None] * s_h
-    r = (
+    btc = _KNOWN["BTCUSDT"]
+    crash_simple = np.maximum(_CRASH_BTC * (rho * vol) / (btc.rho * btc.vol_ann), _CRASH_CAP)
+    # Log drift that makes drift_ann the expected SIMPLE return: minus the variance drag of the bar
+    # and minus the planted crash's log loss spread over its 120-day cycle (no built-in bear market).
+    log_drift = (
         np.array([p.drift_ann for p in params]) / HOURS_PER_YEAR
+        - 0.5 * scale**2
+        - np.log1p(crash_simple) / _TURB_EVERY
+    )
+    r = (
+        log_drift
         + scale * np.sqrt(1.0 - _JUMP_SHARE)
         * (rho * np.sqrt(h_m) * e_m[:, None] + np.sqrt(1.0 - rho**2) * np.sqrt(h_i) * e_i)
         + scale * np.sqrt(_JUMP_SHARE / _JUMP_PROB) * np.where(jump, jump_n, 0.0)
     )
-    btc = _KNOWN["BTCUSDT"]
-    crash_simple = np.maximum(_CRASH_BTC * (rho * vol) / (btc.rho * btc.vol_ann), _CRASH_CAP)
     r[crash_bars] = np.log1p(crash_simple)
 
     candles = _candles(syms, params, start, r, s_h, mult, seed)
