@@ -61,7 +61,10 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         f"{settings.window_bars} bars at each daily asof, annualized x{ppy:g}. Long format.",
     )
     def estimates(context: dg.AssetExecutionContext, net_returns: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours)
+        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        if not asofs:
+            yield from validated(schemas.empty(schemas.Estimates), schemas.Estimates, ESTIMATES, metadata={"asofs": 0})
+            return
         ts, matrix = aligned_returns(net_returns, symbols)
         moments = estimators.rolling_moments(matrix, window_ends(ts, asofs), window=settings.window_bars)
         frame = estimators.moments_to_long(

@@ -50,6 +50,9 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame):
         specs = load_strategies(settings.strategies_file)
         validate_for_universe(specs, len(symbols))
+        if estimates.is_empty():
+            yield from validated(schemas.empty(schemas.Weights), schemas.Weights, WEIGHTS, metadata={"decisions": 0})
+            return
         frame = optimize_walk_forward(specs, symbols, asof_inputs(estimates, signals, symbols))
         per_decision = frame.unique(["as_of", "strategy"])
         statuses = per_decision.group_by("status").len().sort("status")

@@ -227,3 +227,8 @@ def conform(frame: pl.DataFrame, model: type[pa.DataFrameModel]) -> pl.DataFrame
     return frame.select(
         pl.col(name).cast(column.dtype.type, strict=True) for name, column in schema.columns.items()
     )
+
+
+def empty(model: type[pa.DataFrameModel]) -> pl.DataFrame:
+    """A table with no rows (e.g. a day still in progress has no rebalance yet)."""
+    return pl.DataFrame(schema={name: column.dtype.type for name, column in model.to_schema().columns.items()})

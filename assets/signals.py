@@ -31,7 +31,10 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         "underlying's index, or for symbols without one a proxy scaled from BTC's by relative realized variance.",
     )
     def signals(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, implied_vol: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours)
+        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        if not asofs:
+            yield from validated(schemas.empty(schemas.Signals), schemas.Signals, SIGNALS, metadata={"asofs": 0})
+            return
         ts, matrix = aligned_returns(net_returns, symbols)
         realized = signal_lib.realized_variance(
             matrix, window_ends(ts, asofs), window=settings.window_bars,

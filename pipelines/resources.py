@@ -9,7 +9,7 @@ table.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import polars as pl
@@ -77,7 +77,8 @@ class RawMarket(dg.ConfigurableResource):
     """Where raw candles, funding and implied vol come from (PERPFOLIO_SOURCE).
 
     `fetch(start, end)` returns bars with ts in [start, end), funding events whose bar_ts is in
-    [start, end) and implied-vol observations with ts in [start, end), for `symbols`.
+    [start, end) and implied-vol observations with ts in [start, end), for `symbols`. Nothing
+    after the last closed hour is returned, so a day in progress holds only the bars that exist.
     """
 
     source: str = "synthetic"
@@ -86,7 +87,10 @@ class RawMarket(dg.ConfigurableResource):
     seed: int = 7
 
     def fetch(self, start: datetime, end: datetime) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        market = generate_market(self.symbols, datetime.fromisoformat(self.origin), end, seed=self.seed)
+        origin = datetime.fromisoformat(self.origin)
+        # bars opened before the current hour have closed; nothing later exists yet
+        end = min(end, datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0))
+        market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed)
         in_window = lambda col: pl.col(col).is_between(start, end, closed="left")  # noqa: E731
         return (
             market.candles.filter(in_window("ts")),

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 import warnings
-from datetime import date
+from datetime import date, datetime, timezone
 
 import dagster as dg
 import duckdb
@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--start", type=date.fromisoformat, default=settings.start)
-    parser.add_argument("--end", type=date.fromisoformat, default=settings.end)
+    last_day = settings.last_day(datetime.now(timezone.utc).date())
+    parser.add_argument("--end", type=date.fromisoformat, default=last_day)
     args = parser.parse_args(argv)
-    if not settings.start <= args.start <= args.end <= settings.end:
-        sys.exit(f"range {args.start}..{args.end} must lie inside PERPFOLIO_START..END = {settings.start}..{settings.end}")
+    if not settings.start <= args.start <= args.end <= last_day:
+        sys.exit(f"range {args.start}..{args.end} must lie inside PERPFOLIO_START..END = {settings.start}..{last_day}")
     settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.get() as instance:
         try:

@@ -29,11 +29,12 @@ def normalize_symbol(raw: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """One deployment's settings. Dates are UTC days; `end` is the last day materialized (inclusive)."""
+    """One deployment's settings. Dates are UTC days; `end` is the last day materialized (inclusive),
+    or None (PERPFOLIO_END=open) for a live deployment whose partitions run through the current day."""
 
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
     start: date = date(2025, 1, 1)
-    end: date = date(2025, 7, 29)
+    end: date | None = date(2025, 7, 29)
     seed: int = 1
     source: Literal["synthetic"] = "synthetic"
     warehouse: Path = PROJECT_ROOT / "warehouse" / "perpfolio.duckdb"
@@ -48,7 +49,7 @@ class Settings:
     margin_buffer: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.end < self.start:
+        if self.end is not None and self.end < self.start:
             raise ConfigError(f"PERPFOLIO_END {self.end} is before PERPFOLIO_START {self.start}")
         if self.bar_hours not in (1, 4, 24):
             raise ConfigError(f"PERPFOLIO_BAR_HOURS must be 1, 4 or 24, got {self.bar_hours}")
@@ -76,8 +77,12 @@ class Settings:
         return self.start.isoformat()
 
     @property
-    def partition_end_exclusive(self) -> str:
-        return (self.end + timedelta(days=1)).isoformat()
+    def partition_end_exclusive(self) -> str | None:
+        return None if self.end is None else (self.end + timedelta(days=1)).isoformat()
+
+    def last_day(self, today: date) -> date:
+        """The last partition day: `end`, or today (in progress) for an open window."""
+        return today if self.end is None else self.end
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -86,7 +91,7 @@ class Settings:
         parsers = {
             "symbols": lambda v: tuple(normalize_symbol(s) for s in v.split(",") if s.strip()),
             "start": date.fromisoformat,
-            "end": date.fromisoformat,
+            "end": lambda v: None if v.lower() == "open" else date.fromisoformat(v),
             "seed": int,
             "source": str,
             "warehouse": Path,

@@ -223,3 +223,50 @@ def test_definitions_load_with_the_designed_lineage():
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {(k, "schema") for k in deps if k != "report"}
+
+
+class TestLiveWindow:
+    """PERPFOLIO_END=open: partitions run through today; the hourly data schedule refreshes today."""
+
+    def test_open_end_reads_from_env(self):
+        assert Settings.from_env({"PERPFOLIO_END": "open"}).end is None
+        assert Settings.from_env({"PERPFOLIO_END": "2025-02-01"}).end == datetime(2025, 2, 1).date()
+
+    def test_hourly_schedule_requests_today_only_for_an_open_window(self):
+        now = datetime(2025, 3, 10, 14, 5, tzinfo=timezone.utc)
+        for settings, expected in ((Settings(), dg.SkipReason), (Settings(end=None), dg.RunRequest)):
+            defs = build_definitions(settings)
+            schedule = defs.resolve_schedule_def("hourly_market_data_schedule")
+            with dg.build_schedule_context(scheduled_execution_time=now, repository_def=defs.get_repository_def()) as context:
+                result = schedule.evaluate_tick(context)
+            requests = result.run_requests or []
+            if expected is dg.RunRequest:
+                assert [r.partition_key for r in requests] == ["2025-03-10"]
+            else:
+                assert requests == [] and "PERPFOLIO_END=open" in result.skip_message
+
+    def test_source_returns_no_bar_that_has_not_closed(self, short_settings):
+        now = datetime.now(timezone.utc)
+        market = RawMarket(**{**market_for(short_settings), "origin": (now - timedelta(days=2)).replace(
+            minute=0, second=0, microsecond=0).isoformat()})
+        candles, funding, _ = market.fetch(now - timedelta(days=1), now + timedelta(days=1))
+        assert candles["ts"].max() < now - timedelta(hours=1) + timedelta(seconds=1)
+        assert funding["bar_ts"].max() < now
+
+    def test_a_day_in_progress_has_bars_but_no_rebalance_yet(self, tmp_path):
+        today = datetime.now(timezone.utc).date()
+        settings = Settings(start=today - timedelta(days=2), end=None, window_bars=24,
+                            warehouse=tmp_path / "live.duckdb", reports_dir=tmp_path / "reports")
+        defs = build_definitions(settings)
+        job = defs.resolve_job_def("daily_walk_forward")
+        midnight = datetime(today.year, today.month, today.day, tzinfo=timezone.utc)
+        closed_hours = lambda: int((datetime.now(timezone.utc) - midnight) / timedelta(hours=1))  # noqa: E731
+        before = closed_hours()
+        tags = {"dagster/asset_partition_range_start": str(today - timedelta(days=1)),
+                "dagster/asset_partition_range_end": str(today)}
+        with dg.DagsterInstance.ephemeral() as instance:
+            assert job.execute_in_process(instance=instance, tags=tags).success
+        tables = read_tables(settings.warehouse)
+        candles_today = tables["raw.candles"].filter(pl.col("ts") >= midnight)
+        assert candles_today.height // len(settings.symbols) in {before, closed_hours()}  # an hour may close mid-run
+        assert tables["portfolio.weights"]["as_of"].max() == midnight - timedelta(hours=1)
