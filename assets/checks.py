@@ -14,12 +14,31 @@ import pandera.polars as pa
 import polars as pl
 
 from assets.schemas import conform
+from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
 
 SCHEMA_CHECK = "schema"
 
 
 def schema_check(key: dg.AssetKey, model: type[pa.DataFrameModel]) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(SCHEMA_CHECK, asset=key, blocking=True, description=f"rows satisfy {model.__name__}: {model.__doc__}")
+
+
+def table_asset(
+    key: dg.AssetKey, model: type[pa.DataFrameModel], *, partitions: dg.PartitionsDefinition | None = None,
+    partition_expr: str | None = None, **asset_kwargs: Any,
+):
+    """`@dg.asset` for a warehouse table: writer pool, blocking schema check, output only when valid.
+
+    A partitioned table also gets its `partition_expr` (the column a partition's rows are found by)
+    and the single-run backfill policy, so a range of days is one run.
+    """
+    partitioned = {} if partitions is None else {
+        "partitions_def": partitions, "backfill_policy": SINGLE_RUN, "metadata": {"partition_expr": partition_expr},
+    }
+    return dg.asset(
+        key=key, pool=WAREHOUSE_POOL, output_required=False, check_specs=[schema_check(key, model)],
+        **partitioned, **asset_kwargs,
+    )
 
 
 def check_frame(frame: pl.DataFrame, model: type[pa.DataFrameModel], key: dg.AssetKey) -> dg.AssetCheckResult:

@@ -12,12 +12,11 @@ import numpy as np
 import polars as pl
 
 from assets import schemas
-from assets.checks import markdown_table, schema_check, validated
+from assets.checks import markdown_table, table_asset, validated
 from assets.features import NET_RETURNS, aligned_returns
 from assets.portfolio import WEIGHTS
 from assets.signals import SIGNALS
 from perpfolio import backtest, report, returns, stress
-from pipelines.partitions import WAREHOUSE_POOL
 from pipelines.settings import Settings
 
 EQUITY = dg.AssetKey(["backtest", "equity"])
@@ -49,11 +48,10 @@ def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
-    common = dict(pool=WAREHOUSE_POOL, output_required=False, kinds={"duckdb", "numpy"})
 
-    @dg.asset(
-        key=EQUITY, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
-        check_specs=[schema_check(EQUITY, schemas.Equity)], group_name="backtest", **common,
+    @table_asset(
+        EQUITY, schemas.Equity, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
+        group_name="backtest", kinds={"duckdb", "numpy"},
         description=f"Walk-forward equity per bar and strategy: trade at the close of the bar after each asof, "
         f"taker fee {settings.fee_bps:g} bps + slippage {settings.slippage_bps:g} bps on traded notional, "
         "funding paid or received by position sign, positions drift between rebalances.",
@@ -78,9 +76,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         meta = {"strategies": len(paths), **{f"final_equity_{s}": float(e) for s, e in final.iter_rows()}}
         yield from validated(frame, schemas.Equity, EQUITY, metadata=meta)
 
-    @dg.asset(
-        key=METRICS, ins={"equity": dg.AssetIn(EQUITY), "weights": dg.AssetIn(WEIGHTS)},
-        check_specs=[schema_check(METRICS, schemas.Metrics)], group_name="backtest", **common,
+    @table_asset(
+        METRICS, schemas.Metrics, ins={"equity": dg.AssetIn(EQUITY), "weights": dg.AssetIn(WEIGHTS)},
+        group_name="backtest", kinds={"duckdb", "numpy"},
         description="Per-strategy Sharpe, Sortino, annual return and vol, max drawdown, worst bar, turnover, "
         "CVaR 95, funding PnL, costs and the number of fallback rebalances.",
     )
@@ -95,9 +93,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         frame = pl.DataFrame(rows).join(fallbacks, on="strategy", how="left").sort("sharpe", descending=True)
         yield from validated(frame, schemas.Metrics, METRICS, metadata={"table": dg.MetadataValue.md(markdown_table(frame))})
 
-    @dg.asset(
-        key=STRESS, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
-        check_specs=[schema_check(STRESS, schemas.Stress)], group_name="risk", **common,
+    @table_asset(
+        STRESS, schemas.Stress, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
+        group_name="risk", kinds={"duckdb", "numpy"},
         description="Instant one-hour shocks (BTC -5%/-10% with others moved by rolling beta, all -10%) applied to "
         f"the weights of every rebalance at gross leverage {', '.join(f'{x:g}' for x in settings.stress_leverages)}; "
         "cross margin with tiered maintenance margin, liquidation and capital sufficiency.",

@@ -5,10 +5,10 @@ import numpy as np
 import polars as pl
 
 from assets import schemas
-from assets.checks import schema_check, validated
+from assets.checks import table_asset, validated
 from assets.raw import CANDLES, FUNDING, time_range
 from perpfolio import estimators, returns
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL, lookback, rebalance_asofs
+from pipelines.partitions import lookback, rebalance_asofs
 from pipelines.settings import Settings
 
 NET_RETURNS = dg.AssetKey(["features", "net_returns"])
@@ -35,11 +35,9 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
 
-    @dg.asset(
-        key=NET_RETURNS,
+    @table_asset(
+        NET_RETURNS, schemas.NetReturns, partitions=partitions, partition_expr="ts",
         ins={"candles": dg.AssetIn(CANDLES, partition_mapping=lookback(1)), "funding": dg.AssetIn(FUNDING)},
-        partitions_def=partitions, backfill_policy=SINGLE_RUN, pool=WAREHOUSE_POOL, output_required=False,
-        metadata={"partition_expr": "ts"}, check_specs=[schema_check(NET_RETURNS, schemas.NetReturns)],
         group_name="features", kinds={"duckdb", "polars"},
         description="Per-bar return of a long position: simple price return plus funding return "
         "(minus the rates settled in the bar); net_return is simple or log per PERPFOLIO_RETURN_KIND.",
@@ -51,11 +49,9 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         meta = {"time_range": time_range(frame), "bars_spanning_gaps": int(frame["filled"].sum()), "return_kind": settings.return_kind}
         yield from validated(frame, schemas.NetReturns, NET_RETURNS, metadata=meta)
 
-    @dg.asset(
-        key=ESTIMATES,
+    @table_asset(
+        ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of",
         ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days))},
-        partitions_def=partitions, backfill_policy=SINGLE_RUN, pool=WAREHOUSE_POOL, output_required=False,
-        metadata={"partition_expr": "as_of"}, check_specs=[schema_check(ESTIMATES, schemas.Estimates)],
         group_name="features", kinds={"duckdb", "numpy"},
         description=f"Rolling sample mean, covariance (ddof=1), downside D_i and semicovariance over the last "
         f"{settings.window_bars} bars at each daily asof, annualized x{ppy:g}. Long format.",

@@ -5,12 +5,11 @@ import numpy as np
 import polars as pl
 
 from assets import schemas
-from assets.checks import schema_check, validated
+from assets.checks import table_asset, validated
 from assets.features import ESTIMATES
 from assets.signals import SIGNALS
 from perpfolio import estimators
 from perpfolio.optimize import AsofInputs, load_strategies, optimize_walk_forward, validate_for_universe
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
 from pipelines.settings import Settings
 
 WEIGHTS = dg.AssetKey(["portfolio", "weights"])
@@ -38,11 +37,9 @@ def asof_inputs(estimates: pl.DataFrame, signals: pl.DataFrame, symbols: list[st
 def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
 
-    @dg.asset(
-        key=WEIGHTS,
+    @table_asset(
+        WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
         ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS)},
-        partitions_def=partitions, backfill_policy=SINGLE_RUN, pool=WAREHOUSE_POOL, output_required=False,
-        metadata={"partition_expr": "as_of"}, check_specs=[schema_check(WEIGHTS, schemas.Weights)],
         group_name="portfolio", kinds={"duckdb", "cvxpy"},
         description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}; "
         "status says optimal or which fallback produced them and why.",

@@ -4,11 +4,11 @@ import dagster as dg
 import polars as pl
 
 from assets import schemas
-from assets.checks import schema_check, validated
+from assets.checks import table_asset, validated
 from assets.features import NET_RETURNS, aligned_returns, window_ends
 from assets.raw import IMPLIED_VOL
 from perpfolio import returns, signals as signal_lib
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL, lookback, rebalance_asofs
+from pipelines.partitions import lookback, rebalance_asofs
 from pipelines.settings import Settings
 
 SIGNALS = dg.AssetKey(["signals", "signals"])
@@ -18,14 +18,12 @@ IV_LOOKBACK_DAYS = 2
 def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
 
-    @dg.asset(
-        key=SIGNALS,
+    @table_asset(
+        SIGNALS, schemas.Signals, partitions=partitions, partition_expr="as_of",
         ins={
             "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days)),
             "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS)),
         },
-        partitions_def=partitions, backfill_policy=SINGLE_RUN, pool=WAREHOUSE_POOL, output_required=False,
-        metadata={"partition_expr": "as_of"}, check_specs=[schema_check(SIGNALS, schemas.Signals)],
         group_name="signals", kinds={"duckdb", "numpy"},
         description="VRP = implied variance - realized variance (annualized). Implied variance is iv^2 of the "
         "underlying's index, or for symbols without one a proxy scaled from BTC's by relative realized variance.",
