@@ -140,14 +140,19 @@ class TestIdempotence:
 
 
 class _CorruptCandles(RawMarket):
-    """The synthetic market with one NaN close: the raw schema check must stop everything downstream."""
+    """The synthetic market with one bad candle row: the raw schema check must stop everything downstream."""
+
+    corruption: str  # "nan_close" | "duplicate_bar"
 
     def fetch(self, start, end):
         candles, funding, iv = super().fetch(start, end)
-        bad = candles.with_row_index().with_columns(
-            close=pl.when(pl.col("index") == 5).then(float("nan")).otherwise(pl.col("close"))
-        ).drop("index")
-        return bad, funding, iv
+        if self.corruption == "nan_close":
+            candles = candles.with_row_index().with_columns(
+                close=pl.when(pl.col("index") == 5).then(float("nan")).otherwise(pl.col("close"))
+            ).drop("index")
+        else:
+            candles = pl.concat([candles, candles.slice(5, 1)])
+        return candles, funding, iv
 
 
 class _ShiftedFuture(RawMarket):
@@ -168,9 +173,10 @@ class _ShiftedFuture(RawMarket):
 
 
 class TestGuards:
-    def test_nan_close_fails_the_check_and_blocks_downstream(self, short_settings):
+    @pytest.mark.parametrize("corruption", ["nan_close", "duplicate_bar"])
+    def test_bad_candle_fails_the_check_and_blocks_downstream(self, short_settings, corruption):
         with pytest.raises(RunFailed, match="daily_walk_forward"):
-            materialize(short_settings, _CorruptCandles(**market_for(short_settings)))
+            materialize(short_settings, _CorruptCandles(**market_for(short_settings), corruption=corruption))
         tables = read_tables(short_settings.warehouse) if short_settings.warehouse.exists() else {}
         assert "raw.candles" not in tables  # the failing frame was not stored
         assert "features.net_returns" not in tables and "portfolio.weights" not in tables
