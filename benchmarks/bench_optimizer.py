@@ -126,7 +126,7 @@ def main() -> None:
         ref_obj = np.array([w @ c @ w for w, c in zip(ref, covs)])
         methods = {
             "project (compiled DPP, CLARABEL)": lambda: project(covs, max_weight, "CLARABEL"),
-            "project (compiled DPP, OSQP warm)": lambda: project(covs, max_weight, "OSQP"),
+            "project (direct OSQP, warm start)": lambda: project(covs, max_weight, "OSQP"),
             "rebuild cp.Problem per window (CLARABEL)": lambda: rebuild(covs, max_weight, solver="CLARABEL"),
             "rebuild per window, hourly-scale Σ, no rescaling": lambda: rebuild(
                 [c / BARS_PER_YEAR for c in covs], max_weight, solver="CLARABEL"),

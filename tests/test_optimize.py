@@ -286,6 +286,57 @@ class TestSecondSolver:
             assert w @ m["cov"] @ w == pytest.approx(x.value @ m["cov"] @ x.value, rel=1e-5)
 
 
+class TestDirectOSQP:
+    """solver = "OSQP" on a plain QP skips cvxpy: same objectives as the independent reference."""
+
+    QP = ("min_variance", "target_return", "downside", "semivariance", "vrp_tilt")
+
+    def spec(self, objective: str, parameters=None):
+        return dataclasses.replace(spec_of(objective, parameters)[-1], solver="OSQP")
+
+    def test_only_plain_qps_take_the_direct_path(self):
+        for objective in self.QP:
+            params = {"target_return": 0.2} if objective == "target_return" else None
+            assert PortfolioProblem(self.spec(objective, params), 4).direct is not None, objective
+        assert PortfolioProblem(self.spec("max_sharpe"), 4).direct is None
+        leveraged = dataclasses.replace(self.spec("min_variance"), constraints=dataclasses.replace(
+            self.spec("min_variance").constraints, max_leverage=1.5, min_weight=-0.5))
+        assert PortfolioProblem(leveraged, 4).direct is None  # |w| needs auxiliary variables: cvxpy
+
+    @settings(max_examples=15, deadline=None)
+    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 6))
+    def test_objectives_match_the_reference_over_reused_problems(self, seed, n):
+        m = market(seed, n, mu_floor=0.3)
+        for objective in self.QP:
+            params = {"target_return": 0.2} if objective == "target_return" else None
+            key = (objective, n)
+            problem = TestDirectOSQP.cache.setdefault(key, PortfolioProblem(self.spec(objective, params), n))
+            data = SolveData(**m)
+            result = problem.solve(data)  # warm-started from the previous example's solution
+            assert result.status == "optimal" and result.solver == "OSQP", objective
+            assert max(problem.constraint_violations(result.weights, data).values()) <= 1e-6
+            ours = problem.objective_value(result.weights, data)
+            assert ours == pytest.approx(reference(objective, m), rel=1e-5, abs=1e-9), objective
+
+    cache: dict = {}
+
+    def test_unreachable_target_is_infeasible_and_bad_matrix_is_not_psd(self):
+        m = market(2, 4)
+        problem = PortfolioProblem(self.spec("target_return", {"target_return": 50.0}), 4)
+        assert problem.solve(SolveData(**m)).status == "infeasible"
+        cov = m["cov"].copy()
+        cov[3, 3] = -cov[3, 3]  # a negative variance: trace still positive, matrix indefinite
+        indefinite = {**m, "cov": cov}
+        assert PortfolioProblem(self.spec("min_variance"), 4).solve(SolveData(**indefinite)).status == "not_psd"
+
+    def test_hourly_scale_inputs_give_the_annualized_weights(self):
+        m = market(8, 5)
+        hourly = {k: v / 8760 for k, v in m.items()}
+        w_ann = PortfolioProblem(self.spec("min_variance"), 5).solve(SolveData(**m)).weights
+        w_hour = PortfolioProblem(self.spec("min_variance"), 5).solve(SolveData(**hourly)).weights
+        np.testing.assert_allclose(w_hour, w_ann, atol=1e-8)
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

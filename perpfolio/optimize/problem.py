@@ -31,6 +31,7 @@ import numpy as np
 
 from perpfolio.errors import DataError, SolverError
 from perpfolio.optimize.config import StrategySpec
+from perpfolio.optimize.direct import DirectQP
 from perpfolio.optimize.terms import (
     Bounds,
     Budget,
@@ -45,6 +46,7 @@ from perpfolio.optimize.terms import (
     TargetReturn,
     TransactionCost,
     constraint_violations,
+    psd_factor,
 )
 
 TOLERANCE = 1e-6  # max constraint violation accepted by verification (original units)
@@ -151,6 +153,9 @@ class PortfolioProblem:
         if spec.objective in ("downside", "hybrid"):
             needs.add("downside")
         self.needs = tuple(sorted(needs))
+        # solver "OSQP" on a plain QP skips cvxpy per solve; everything else goes through cvxpy
+        direct = spec.solver == "OSQP" and not sharpe and DirectQP.supports(self.objective_terms, self.constraints)
+        self.direct = DirectQP(self.objective_terms, self.constraints, n_assets) if direct else None
 
     @property
     def terms(self) -> list:
@@ -181,30 +186,46 @@ class PortfolioProblem:
         ):
             return SolveResult(None, "infeasible", solver)  # no allowed portfolio has mu'w > 0
         scale = self.n_assets / trace
-        try:
-            for term in self.terms:
-                term.update(data, scale)
-        except DataError:
-            return SolveResult(None, "not_psd", solver)
-        try:
-            with warnings.catch_warnings():  # cvxpy itself reads the sparse factor's .value
-                warnings.filterwarnings("ignore", "Reading from a sparse CVXPY", RuntimeWarning)
-                self.problem.solve(solver=solver, **SOLVER_OPTIONS[solver])
-        except cp.error.SolverError:
-            return SolveResult(None, "solver_error", solver)
-        status = self.problem.status
-        if status in _FAILED_STATUS:
-            return SolveResult(None, _FAILED_STATUS[status], solver)
-        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.w.value is None:
-            return SolveResult(None, "solver_error", solver)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            w = self.w.value / (self.kappa.value if self.normalization else 1.0)
+        if self.direct is not None:
+            try:
+                psd_factor(risk, name=self.risk_matrix)
+            except DataError:
+                return SolveResult(None, "not_psd", solver)
+            w, status = self.direct.solve(data, scale)
+            if w is None:
+                return SolveResult(None, status, solver)
+        else:
+            w, status = self._solve_cvxpy(data, scale)
+            if w is None:
+                return SolveResult(None, status, solver)
         if not np.isfinite(w).all():
             return SolveResult(None, "nonfinite_solution", solver)
         if max(self.constraint_violations(w, data).values(), default=0.0) > TOLERANCE:
             return SolveResult(None, "verification_failed", solver)
         label = solver if status == cp.OPTIMAL else f"{solver}:{status}"
         return SolveResult(np.asarray(w, dtype=float), "optimal", label)
+
+    def _solve_cvxpy(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, str]:
+        """Set the parameters (scaled) and solve the compiled cvxpy problem: (weights, status)."""
+        solver = self.spec.solver
+        try:
+            for term in self.terms:
+                term.update(data, scale)
+        except DataError:
+            return None, "not_psd"
+        try:
+            with warnings.catch_warnings():  # cvxpy itself reads the sparse factor's .value
+                warnings.filterwarnings("ignore", "Reading from a sparse CVXPY", RuntimeWarning)
+                self.problem.solve(solver=solver, **SOLVER_OPTIONS[solver])
+        except cp.error.SolverError:
+            return None, "solver_error"
+        status = self.problem.status
+        if status in _FAILED_STATUS:
+            return None, _FAILED_STATUS[status]
+        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.w.value is None:
+            return None, "solver_error"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.w.value / (self.kappa.value if self.normalization else 1.0), status
 
     def constraint_violations(self, w: np.ndarray, data: SolveData) -> dict[str, float]:
         """Violation of every constraint of the strategy at ``w`` in original units."""

@@ -102,6 +102,10 @@ class QuadraticRisk:
     def value(self, w: np.ndarray, data: SolveData) -> float:
         return self.weight * float(w @ getattr(data, self.matrix) @ w)
 
+    def qp(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(P, q) of this term in the QP form ½ wᵀPw + qᵀw, scaled."""
+        return 2.0 * self.weight * scale * getattr(data, self.matrix), None
+
 
 class LinearDownside:
     r"""Linear downside penalty :math:`c \sum_i w_i D_i`, :math:`D_i = \overline{\min(0, r_i-\tau)^2}`
@@ -122,6 +126,9 @@ class LinearDownside:
 
     def value(self, w: np.ndarray, data: SolveData) -> float:
         return self.weight * float(w @ data.downside)
+
+    def qp(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return None, self.weight * scale * data.downside
 
 
 def tilted_mean(data: SolveData, beta: float) -> np.ndarray:
@@ -148,6 +155,9 @@ class ExpectedReturn:
 
     def value(self, w: np.ndarray, data: SolveData) -> float:
         return -float(w @ tilted_mean(data, self.beta))
+
+    def qp(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return None, -scale * tilted_mean(data, self.beta)
 
 
 class TransactionCost:
@@ -200,9 +210,15 @@ class Budget:
     def violation(self, w: np.ndarray, data: SolveData) -> float:
         return abs(float(w.sum()) - self.budget)
 
+    def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(A, l, u): rows of the QP constraint l <= A w <= u."""
+        return np.ones((1, n)), np.array([self.budget]), np.array([self.budget])
+
 
 class Bounds:
     r"""Per-asset bounds :math:`w_{min} \le w_i \le w_{max}` (long-only: :math:`w_{min} = 0`)."""
+
+    qp_pattern = "identity"  # its QP rows are the identity matrix (see perpfolio.optimize.direct)
 
     def __init__(self, min_weight: float, max_weight: float) -> None:
         self.min_weight = min_weight
@@ -219,6 +235,9 @@ class Bounds:
 
     def violation(self, w: np.ndarray, data: SolveData) -> float:
         return max(0.0, float(np.max(self.min_weight - w)), float(np.max(w - self.max_weight)))
+
+    def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.eye(n), np.full(n, self.min_weight), np.full(n, self.max_weight)
 
 
 class GrossLeverage:
@@ -296,6 +315,9 @@ class TargetReturn:
 
     def violation(self, w: np.ndarray, data: SolveData) -> float:
         return max(0.0, self._target(data) - float(w @ data.mu))
+
+    def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return scale * data.mu[None, :], np.array([scale * self._target(data)]), np.array([np.inf])
 
 
 class OverlayCap:
