@@ -337,6 +337,64 @@ class TestDirectOSQP:
         np.testing.assert_allclose(w_hour, w_ann, atol=1e-8)
 
 
+class TestRiskTerms:
+    """L2 regularization, margin buffer and stress-loss bound: held in the output and equal to an
+    independent cvxpy formulation, on the cvxpy (CLARABEL) and the direct (OSQP) path."""
+
+    def spec(self, solver: str, **constraints):
+        tables = [{"name": "s", "objective": "min_variance", "solver": solver,
+                   "constraints": {**BOUNDS, **constraints}}]
+        return parse_strategies(tables)[0]
+
+    def reference(self, m: dict, *, lo=0.0, hi=0.5, extra=lambda w: [], gamma=0.0) -> np.ndarray:
+        w = cp.Variable(len(m["mu"]))
+        objective = cp.quad_form(w, cp.psd_wrap(m["cov"])) + gamma * cp.sum_squares(w)
+        cp.Problem(cp.Minimize(objective), [cp.sum(w) == 1, w >= lo, w <= hi, *extra(w)]).solve(**OSQP_REF)
+        return w.value
+
+    @pytest.mark.parametrize("solver", ["CLARABEL", "OSQP"])
+    def test_l2_penalty_matches_reference_and_spreads_weights(self, solver):
+        m = market(4, 5)
+        plain = PortfolioProblem(self.spec(solver), 5).solve(SolveData(**m)).weights
+        ridge = PortfolioProblem(self.spec(solver, l2_gamma=5.0), 5).solve(SolveData(**m)).weights
+        np.testing.assert_allclose(ridge, self.reference(m, gamma=5.0), atol=1e-6)
+        assert np.abs(ridge - 0.2).max() < np.abs(plain - 0.2).max()  # closer to equal weights
+
+    def test_margin_buffer_binds_and_matches_reference(self):
+        m = market(6, 5)
+        spec = self.spec("CLARABEL", min_weight=-1.0, max_weight=1.0, margin_leverage=2.0, margin_buffer=0.49)
+        problem = PortfolioProblem(spec, 5)
+        assert problem.direct is None  # |w| needs cvxpy
+        w = problem.solve(SolveData(**m)).weights
+        assert np.abs(w).sum() / 2.0 <= 0.51 + 1e-6
+        free = PortfolioProblem(self.spec("CLARABEL", min_weight=-1.0, max_weight=1.0), 5).solve(SolveData(**m)).weights
+        assert np.abs(free).sum() > 1.02 + 1e-3  # without the buffer the book would be more leveraged
+        ref = self.reference(m, lo=-1.0, hi=1.0, extra=lambda x: [cp.norm1(x) / 2.0 <= 0.51])
+        np.testing.assert_allclose(w, ref, atol=1e-5)
+
+    @pytest.mark.parametrize("solver", ["CLARABEL", "OSQP"])
+    def test_stress_loss_bound_holds_and_matches_reference(self, solver):
+        m = market(9, 4)
+        beta = m["cov"][:, 0] / m["cov"][0, 0]
+        problem = PortfolioProblem(self.spec(solver, max_stress_loss=0.105, stress_shock=-0.10), 4)
+        assert (problem.direct is not None) == (solver == "OSQP")
+        result = problem.solve(SolveData(**m))
+        assert result.status == "optimal"
+        assert 0.10 * beta @ result.weights <= 0.105 + 1e-6
+        ref = self.reference(m, extra=lambda x: [0.10 * beta @ x <= 0.105])
+        np.testing.assert_allclose(result.weights, ref, atol=1e-5)
+
+    @pytest.mark.parametrize(("constraints", "message"), [
+        ({"max_stress_loss": 0.05}, "max_stress_loss=0.05 < |stress_shock| \\* budget"),
+        ({"margin_leverage": 1.0, "margin_buffer": 0.5}, "needs \\|budget\\|/margin_leverage"),
+        ({"margin_buffer": 0.2}, "margin_buffer needs constraints.margin_leverage"),
+        ({"l2_gamma": -1.0}, "l2_gamma=-1.0 must be >= 0"),
+    ])
+    def test_never_feasible_settings_are_rejected_at_load(self, constraints, message):
+        with pytest.raises(ConfigError, match=f"strategy 's': .*{message}"):
+            self.spec("CLARABEL", **constraints)
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

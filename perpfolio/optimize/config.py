@@ -15,6 +15,11 @@ A strategy is one objective, its parameters and a set of constraints::
     # max_leverage = 1.5              # sum_i |w_i| <= L (optional)
     # max_rebalance = 0.1             # |w_i - w_prev_i| <= delta per rebalance (optional)
     # cost_bps = 5.0                  # objective penalty sum_i c |w_i - w_prev_i|, c = cost_bps / 1e4
+    # l2_gamma = 0.1                  # objective penalty l2_gamma * ||w||^2
+    # margin_leverage = 5.0           # with margin_buffer: sum_i |w_i| / margin_leverage <= 1 - margin_buffer
+    # margin_buffer = 0.2
+    # max_stress_loss = 0.08          # loss of an instant stress_shock (reference by beta, and all assets) <= 8%
+    # stress_shock = -0.10
 
 All return-like parameters (``target_return``) are ANNUALIZED decimals (0.20 = 20% a year), like
 the annualized moments the optimizer receives. Unknown keys, unknown objectives, wrong types and
@@ -90,6 +95,11 @@ class Constraints:
     max_leverage: float | None = None
     max_rebalance: float | None = None
     cost_bps: float = 0.0
+    l2_gamma: float = 0.0
+    margin_leverage: float | None = None
+    margin_buffer: float = 0.0
+    max_stress_loss: float | None = None
+    stress_shock: float = -0.10
 
 
 @dataclass(frozen=True)
@@ -239,8 +249,19 @@ def _parse_constraints(name: str, raw: object) -> Constraints:
         value = getattr(c, key)
         if value is not None and value <= 0:
             raise ConfigError(f"strategy {name!r}: constraints.{key}={value} must be > 0")
-    if c.cost_bps < 0:
-        raise ConfigError(f"strategy {name!r}: constraints.cost_bps={c.cost_bps} must be >= 0")
+    for key in ("cost_bps", "l2_gamma"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"strategy {name!r}: constraints.{key}={getattr(c, key)} must be >= 0")
+    for key in ("margin_leverage", "max_stress_loss"):
+        value = getattr(c, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"strategy {name!r}: constraints.{key}={value} must be > 0")
+    if not 0.0 <= c.margin_buffer < 1.0:
+        raise ConfigError(f"strategy {name!r}: constraints.margin_buffer={c.margin_buffer} must be in [0, 1)")
+    if c.margin_buffer > 0 and c.margin_leverage is None:
+        raise ConfigError(f"strategy {name!r}: constraints.margin_buffer needs constraints.margin_leverage")
+    if c.stress_shock >= 0:
+        raise ConfigError(f"strategy {name!r}: constraints.stress_shock={c.stress_shock} must be a loss (< 0)")
     return c
 
 
@@ -264,6 +285,18 @@ def _check_feasible(s: StrategySpec) -> None:
     if c.max_leverage is not None and c.max_leverage < abs(c.budget):
         raise ConfigError(
             f"{never} max_leverage={c.max_leverage} < |budget|={abs(c.budget)} can never be satisfied"
+        )
+    # sum|w| >= |budget|, so the initial margin is at least |budget| / margin_leverage
+    if c.margin_leverage is not None and abs(c.budget) / c.margin_leverage > 1.0 - c.margin_buffer:
+        raise ConfigError(
+            f"{never} margin_leverage={c.margin_leverage}, margin_buffer={c.margin_buffer} with "
+            f"budget={c.budget} can never be satisfied (needs |budget|/margin_leverage <= 1 - margin_buffer)"
+        )
+    # in the all-assets scenario every book loses |stress_shock| * budget, whatever its weights
+    if c.max_stress_loss is not None and c.budget > 0 and c.max_stress_loss < -c.stress_shock * c.budget:
+        raise ConfigError(
+            f"{never} max_stress_loss={c.max_stress_loss} < |stress_shock| * budget = "
+            f"{-c.stress_shock * c.budget:g} can never be satisfied (every asset moving by stress_shock)"
         )
     if s.objective == "max_sharpe":
         if c.budget <= 0:

@@ -37,12 +37,15 @@ from perpfolio.optimize.terms import (
     Budget,
     ExpectedReturn,
     GrossLeverage,
+    L2Regularization,
     LinearDownside,
+    MarginBuffer,
     MaxRebalance,
     OverlayCap,
     QuadraticRisk,
     SharpeNormalization,
     SolveData,
+    StressLoss,
     TargetReturn,
     TransactionCost,
     constraint_violations,
@@ -83,6 +86,10 @@ def base_constraints(spec: StrategySpec) -> list:
     if c.max_rebalance is not None:
         relaxed = max(abs(c.min_weight), abs(c.max_weight))
         terms.append(MaxRebalance(c.max_rebalance, relaxed=relaxed))
+    if c.margin_leverage is not None:
+        terms.append(MarginBuffer(c.margin_leverage, c.margin_buffer))
+    if c.max_stress_loss is not None:
+        terms.append(StressLoss(c.max_stress_loss, c.stress_shock))
     return terms
 
 
@@ -110,6 +117,8 @@ def build_terms(spec: StrategySpec) -> tuple[list, list]:
         constraints.append(TargetReturn(p.target_return))
     if spec.constraints.cost_bps > 0:
         objective.append(TransactionCost(spec.constraints.cost_bps))
+    if spec.constraints.l2_gamma > 0:
+        objective.append(L2Regularization(spec.constraints.l2_gamma))
     return objective, constraints
 
 

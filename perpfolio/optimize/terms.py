@@ -189,6 +189,30 @@ class TransactionCost:
         return self.rate * float(np.abs(w - prev).sum())
 
 
+class L2Regularization:
+    r"""Ridge penalty :math:`\gamma \|w\|_2^2` (``l2_gamma``, annualized-variance units): spreads
+    weight across assets when the covariance is nearly singular."""
+
+    def __init__(self, gamma: float) -> None:
+        self.gamma = gamma
+
+    def __repr__(self) -> str:
+        return f"L2Regularization(gamma={self.gamma})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.gamma_scaled = cp.Parameter(nonneg=True, name="l2_gamma")
+        return self.gamma_scaled * cp.sum_squares(w), []
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.gamma_scaled.value = scale * self.gamma
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return self.gamma * float(w @ w)
+
+    def qp(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return 2.0 * scale * self.gamma * np.eye(len(data.mu)), None
+
+
 # --------------------------------------------------------------------------- constraint terms
 
 
@@ -341,6 +365,64 @@ class OverlayCap:
 
     def violation(self, w: np.ndarray, data: SolveData) -> float:
         return max(0.0, 0.5 * float(np.abs(w - data.w_base).sum()) - self.overlay_cap)
+
+
+class MarginBuffer:
+    r"""Initial margin within a buffer: :math:`\sum_i |w_i| / \ell \le 1 - b`.
+
+    With every position opened at leverage :math:`\ell` (``margin_leverage``), a notional of
+    :math:`|w_i|` times equity needs :math:`|w_i|/\ell` of equity as initial margin; keeping the
+    book's initial margin at most :math:`(1-b)` of equity leaves the fraction :math:`b`
+    (``margin_buffer``) free to absorb losses and funding before maintenance margin is touched.
+    """
+
+    def __init__(self, leverage: float, buffer: float) -> None:
+        self.leverage, self.buffer = leverage, buffer
+
+    def __repr__(self) -> str:
+        return f"MarginBuffer(leverage={self.leverage}, buffer={self.buffer})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        return [cp.norm1(w) / self.leverage <= (1.0 - self.buffer) * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        pass
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, float(np.abs(w).sum()) / self.leverage - (1.0 - self.buffer))
+
+
+def scenario_shocks(cov: np.ndarray, shock: float) -> np.ndarray:
+    r"""Instant returns of two scenarios (rows): the reference asset (index 0, BTC by default)
+    moves by ``shock`` and asset i by :math:`\beta_i \cdot` shock,
+    :math:`\beta_i = \Sigma_{i0}/\Sigma_{00}`; and every asset moves by ``shock``."""
+    beta = cov[:, 0] / cov[0, 0]
+    return np.vstack([beta * shock, np.full(len(beta), shock)])
+
+
+class StressLoss:
+    r"""Worst instant stress loss bounded: :math:`\max_s\, -(\mathrm{shock}_s^\top w) \le L_{max}`
+    over the scenarios of :func:`scenario_shocks` (``stress_shock``, e.g. -0.10), as a fraction of
+    equity. Linear in w: one row per scenario."""
+
+    def __init__(self, max_loss: float, shock: float) -> None:
+        self.max_loss, self.shock = max_loss, shock
+
+    def __repr__(self) -> str:
+        return f"StressLoss(max_loss={self.max_loss}, shock={self.shock})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.shocks = cp.Parameter((2, w.size), name="stress_shocks")
+        return [-(self.shocks @ w) <= self.max_loss * kappa]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.shocks.value = scenario_shocks(data.cov, self.shock)
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, float(np.max(-(scenario_shocks(data.cov, self.shock) @ w))) - self.max_loss)
+
+    def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return -scenario_shocks(data.cov, self.shock), np.full(2, -np.inf), np.full(2, self.max_loss)
 
 
 class SharpeNormalization:

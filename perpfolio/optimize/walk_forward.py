@@ -29,8 +29,8 @@ import polars as pl
 
 from perpfolio.errors import ConfigError, DataError, SolverError
 from perpfolio.optimize.config import Constraints, Parameters, StrategySpec, validate_for_universe
-from perpfolio.optimize.problem import TOLERANCE, PortfolioProblem, min_variance_fallback
-from perpfolio.optimize.terms import Bounds, Budget, GrossLeverage, SolveData
+from perpfolio.optimize.problem import TOLERANCE, PortfolioProblem, base_constraints, min_variance_fallback
+from perpfolio.optimize.terms import MaxRebalance, SolveData, StressLoss
 
 WEIGHTS_SCHEMA = {
     "as_of": pl.Datetime("us", "UTC"),
@@ -109,9 +109,8 @@ def decide(
     else:
         reason = estimate_status
     c = spec.constraints
-    basic = [Budget(c.budget), Bounds(c.min_weight, c.max_weight)]
-    if c.max_leverage is not None:
-        basic.append(GrossLeverage(c.max_leverage))
+    # data-independent constraints; a rebalance limit or a stress bound may not hold for a fallback
+    basic = [t for t in base_constraints(spec) if not isinstance(t, MaxRebalance | StressLoss)]
     if data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
         return done(data.w_prev, f"fallback:previous:{reason}", "none")
     equal = np.clip(np.full(cache.n_assets, c.budget / cache.n_assets), c.min_weight, c.max_weight)
