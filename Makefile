@@ -26,6 +26,7 @@ backfill: $(STAMP)  ## make backfill START=YYYY-MM-DD END=YYYY-MM-DD
 	$(PY) -m pipelines.run --start $(START) --end $(END)
 
 bench: $(STAMP)  ## benchmarks (not part of make test); see BENCHMARKS.md
+	$(PY) -m pip install --quiet -e ".[test,bench]"
 	for b in benchmarks/bench_*.py; do $(PY) $$b; done
 
 clean:

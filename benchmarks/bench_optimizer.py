@@ -10,7 +10,13 @@ Methods (wall time of all 179 solves, setup/compilation included, best of --repe
   problem, square-root factor, rescaling, verification, fallback chain, polars output);
 - rebuild: a new ``cp.Problem(quad_form)`` per window solved by CLARABEL (the popular-library
   pattern); also on hourly-scale Σ (no rescaling) to show the silent accuracy loss;
-- hand OSQP: ``osqp.OSQP`` set up once, ``update(Px=...)`` per window, warm-started.
+- hand OSQP: ``osqp.OSQP`` set up once, ``update(Px=...)`` per window, warm-started;
+- PyPortfolioOpt: ``EfficientFrontier(None, Σ, weight_bounds=(0, max_weight)).min_volatility()``
+  per window (given the same Σ);
+- skfolio: ``MeanRisk(min_weights=0, max_weights=max_weight)`` (minimize variance) fitted per
+  window on the window's returns scaled by sqrt(8760), so its empirical prior covariance (ddof 1)
+  is the same annualized Σ.
+The last two run only when installed (``pip install -e ".[bench]"``, which ``make bench`` does).
 
 Accuracy: every solve's objective w'Σw against a reference (CLARABEL, tolerances 1e-12, rebuilt
 per window), relative; and the max violation of budget/bounds. Run:
@@ -102,6 +108,35 @@ def project(covs: list[np.ndarray], max_weight: float, solver: str) -> list[np.n
     return list(df["weight"].to_numpy().reshape(len(covs), n))
 
 
+def pyportfolioopt(covs: list[np.ndarray], max_weight: float) -> list[np.ndarray]:
+    from pypfopt import EfficientFrontier
+
+    out = []
+    for cov in covs:
+        ef = EfficientFrontier(None, cov, weight_bounds=(0, max_weight))
+        ef.min_volatility()
+        out.append(np.array([ef.weights[i] for i in range(cov.shape[0])]))
+    return out
+
+
+def skfolio_mean_risk(windows: list[np.ndarray], max_weight: float) -> list[np.ndarray]:
+    from skfolio.optimization import MeanRisk
+
+    out = []
+    for x in windows:
+        model = MeanRisk(min_weights=0.0, max_weights=max_weight)
+        out.append(np.asarray(model.fit(x * np.sqrt(BARS_PER_YEAR)).weights_))
+    return out
+
+
+def installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def timed(fn, repeat: int) -> tuple[float, list[np.ndarray]]:
     best = np.inf
     for _ in range(repeat):
@@ -121,7 +156,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, max_weight in ((20, 0.5), (100, 0.1)):
-        covs = window_covariances(hourly_returns(n))
+        returns = hourly_returns(n)
+        covs = window_covariances(returns)
+        windows = [returns[e - WINDOW + 1 : e + 1] for e in range(WINDOW - 1, T, STEP)]
         ref = rebuild(covs, max_weight, **REFERENCE)
         ref_obj = np.array([w @ c @ w for w, c in zip(ref, covs)])
         methods = {
@@ -132,6 +169,10 @@ def main() -> None:
                 [c / BARS_PER_YEAR for c in covs], max_weight, solver="CLARABEL"),
             "hand-written OSQP, warm start": lambda: hand_osqp(covs, max_weight),
         }
+        if installed("pypfopt"):
+            methods["PyPortfolioOpt EfficientFrontier per window"] = lambda: pyportfolioopt(covs, max_weight)
+        if installed("skfolio"):
+            methods["skfolio MeanRisk per window"] = lambda: skfolio_mean_risk(windows, max_weight)
         results = {name: timed(fn, args.repeat) for name, fn in methods.items()}
         base = results["rebuild cp.Problem per window (CLARABEL)"][0]
         for name, (seconds, ws) in results.items():

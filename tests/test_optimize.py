@@ -329,6 +329,19 @@ class TestDirectOSQP:
         indefinite = {**m, "cov": cov}
         assert PortfolioProblem(self.spec("min_variance"), 4).solve(SolveData(**indefinite)).status == "not_psd"
 
+    def test_without_a_successful_polish_it_resolves_tight(self, monkeypatch):
+        """Polish off (status_polish != 1): the 1e-6 stop alone would be loose; the re-solve at
+        1e-9 must still meet the reference objective to 1e-7."""
+        from perpfolio.optimize import direct
+
+        monkeypatch.setitem(direct.OSQP_SETTINGS, "polish", False)
+        m = market(12, 6)
+        problem = PortfolioProblem(self.spec("min_variance"), 6)
+        result = problem.solve(SolveData(**m))
+        assert result.status == "optimal"
+        assert problem.objective_value(result.weights, SolveData(**m)) == pytest.approx(
+            reference("min_variance", m), rel=1e-7)
+
     def test_hourly_scale_inputs_give_the_annualized_weights(self):
         m = market(8, 5)
         hourly = {k: v / 8760 for k, v in m.items()}
