@@ -408,6 +408,71 @@ class TestRiskTerms:
             self.spec("CLARABEL", **constraints)
 
 
+class TestTailAndRobustTerms:
+    """CVaR limit against the empirical CVaR and an independent Rockafellar-Uryasev problem;
+    robust mean against its closed-form worst case."""
+
+    def scenarios(self, seed: int, n: int, t: int = 200) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return rng.standard_t(3, size=(t, 1)) * 0.01 * rng.uniform(0.5, 1.5, n) + rng.normal(0, 0.004, (t, n))
+
+    def test_empirical_cvar_by_hand(self):
+        from perpfolio.optimize.terms import empirical_cvar
+
+        losses = np.arange(1.0, 21.0)  # 20 samples; worst 10% = {20, 19}
+        assert empirical_cvar(losses, 0.90) == pytest.approx(19.5)
+        # worst 15% = 3 samples: {20, 19, 18}
+        assert empirical_cvar(losses, 0.85) == pytest.approx(19.0)
+        # worst 12.5% = 2.5 samples: 20 + 19 + half of 18, over 2.5
+        assert empirical_cvar(losses, 0.875) == pytest.approx((20 + 19 + 9) / 2.5)
+
+    def test_cvar_limit_holds_and_matches_an_independent_problem(self):
+        m, r = market(14, 4), self.scenarios(1, 4)
+        spec = parse_strategies([{"name": "s", "objective": "min_variance", "constraints": {
+            **BOUNDS, "cvar_limit": 0.027, "cvar_alpha": 0.95, "cvar_scenarios": 300}}])[0]
+        problem = PortfolioProblem(spec, 4)
+        result = problem.solve(SolveData(**m, scenarios=r))  # 200 rows < 300: padded with zero probability
+        from perpfolio.optimize.terms import empirical_cvar
+
+        assert result.status == "optimal"
+        assert empirical_cvar(-(r @ result.weights), 0.95) <= 0.027 + 1e-6
+        w, t, u = cp.Variable(4), cp.Variable(), cp.Variable(200, nonneg=True)
+        cp.Problem(cp.Minimize(cp.quad_form(w, cp.psd_wrap(m["cov"]))), [
+            cp.sum(w) == 1, w >= 0, w <= 0.5, u >= -(r @ w) - t, t + cp.sum(u) / (200 * 0.05) <= 0.027,
+        ]).solve(**OSQP_REF)
+        np.testing.assert_allclose(result.weights, w.value, atol=1e-5)
+        unconstrained = PortfolioProblem(spec_of("min_variance")[0], 4).solve(SolveData(**m)).weights
+        assert empirical_cvar(-(r @ unconstrained), 0.95) > 0.027  # the limit binds
+
+    def test_missing_scenarios_take_the_fallback_with_a_clear_reason(self):
+        m = market(15, 5)
+        specs = parse_strategies([{"name": "s", "objective": "min_variance",
+                                   "constraints": {**BOUNDS, "cvar_limit": 0.02}}])
+        df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, m)])
+        assert status_of(df, "s") == "fallback:equal:missing_input"
+
+    def test_robust_mean_is_the_worst_case_over_the_ellipsoid(self):
+        m = {**market(16, 4, mu_floor=0.3), "vrp": np.zeros(4)}
+        params = {"beta": 0.0, "risk_aversion": 5.0, "robust_kappa": 2.0}
+        spec = spec_of("vrp_tilt", params)[-1]
+        problem = PortfolioProblem(spec, 4)
+        data = SolveData(**m, window_years=720 / 8760)
+        w = problem.solve(data).weights
+        sigma_mu = m["cov"] / (720 / 8760)
+        x = cp.Variable(4)
+        worst = m["mu"] @ x - 2.0 * cp.norm2(psd_factor_ref(sigma_mu) @ x)
+        ref = cp.Problem(cp.Maximize(worst - 2.5 * cp.quad_form(x, cp.psd_wrap(m["cov"]))),
+                         [cp.sum(x) == 1, x >= 0, x <= 0.5])
+        ref.solve(solver="CLARABEL")
+        assert -problem.objective_value(w, data) == pytest.approx(ref.value, rel=1e-6)
+        naive = PortfolioProblem(spec_of("vrp_tilt", {**params, "robust_kappa": 0.0})[-1], 4).solve(data).weights
+        assert w @ m["cov"] @ w < naive @ m["cov"] @ naive  # mean uncertainty pushes toward lower risk
+
+
+def psd_factor_ref(matrix: np.ndarray) -> np.ndarray:
+    return np.linalg.cholesky(matrix).T
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

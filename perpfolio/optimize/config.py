@@ -20,6 +20,9 @@ A strategy is one objective, its parameters and a set of constraints::
     # margin_buffer = 0.2
     # max_stress_loss = 0.08          # loss of an instant stress_shock (reference by beta, and all assets) <= 8%
     # stress_shock = -0.10
+    # cvar_limit = 0.02               # CVaR at cvar_alpha of the per-bar loss over the last cvar_scenarios bars <= 2%
+    # cvar_alpha = 0.95
+    # cvar_scenarios = 720
 
 All return-like parameters (``target_return``) are ANNUALIZED decimals (0.20 = 20% a year), like
 the annualized moments the optimizer receives. Unknown keys, unknown objectives, wrong types and
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -54,13 +57,14 @@ OBJECTIVE_PARAMETERS: dict[str, dict[str, object]] = {
     "max_sharpe": {},
     "downside": {"alpha": 0.5},
     "semivariance": {"target_return": None},
-    "vrp_tilt": {"beta": 1.0, "risk_aversion": 5.0},
+    "vrp_tilt": {"beta": 1.0, "risk_aversion": 5.0, "robust_kappa": 0.0},
     "hybrid": {
         "baseline": "min_variance",
         "overlay_cap": 0.20,
         "alpha": 0.5,
         "beta": 1.0,
         "risk_aversion": 5.0,
+        "robust_kappa": 0.0,
     },
 }
 
@@ -75,6 +79,7 @@ class Parameters:
     - ``risk_aversion`` > 0: gamma of the utility ``mu'w - gamma/2 * risk(w)``.
     - ``baseline``: name of the (non-hybrid) strategy whose weights anchor a hybrid.
     - ``overlay_cap`` >= 0: ``1/2 ||w - w_base||_1 <= overlay_cap``.
+    - ``robust_kappa`` >= 0: use the worst case of mu within kappa standard errors (0 = off).
     """
 
     target_return: float | None = None
@@ -83,6 +88,7 @@ class Parameters:
     risk_aversion: float | None = None
     baseline: str | None = None
     overlay_cap: float | None = None
+    robust_kappa: float | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class Constraints:
     margin_buffer: float = 0.0
     max_stress_loss: float | None = None
     stress_shock: float = -0.10
+    cvar_limit: float | None = None
+    cvar_alpha: float = 0.95
+    cvar_scenarios: int = 720
 
 
 @dataclass(frozen=True)
@@ -230,6 +239,8 @@ def _parse_parameters(name: str, objective: str, raw: object) -> Parameters:
         raise ConfigError(f"strategy {name!r}: parameters.alpha={p.alpha} must be in [0, 1]")
     if p.risk_aversion is not None and p.risk_aversion <= 0:
         raise ConfigError(f"strategy {name!r}: parameters.risk_aversion={p.risk_aversion} must be > 0")
+    if p.robust_kappa is not None and p.robust_kappa < 0:
+        raise ConfigError(f"strategy {name!r}: parameters.robust_kappa={p.robust_kappa} must be >= 0")
     if p.overlay_cap is not None and p.overlay_cap < 0:
         raise ConfigError(f"strategy {name!r}: parameters.overlay_cap={p.overlay_cap} must be >= 0")
     return p
@@ -245,6 +256,13 @@ def _parse_constraints(name: str, raw: object) -> Constraints:
             f"strategy {name!r}: unknown constraint(s) {sorted(unknown)} (allowed: {sorted(allowed)})"
         )
     c = Constraints(**{k: _number(name, f"constraints.{k}", v) for k, v in raw.items()})
+    if c.cvar_scenarios != int(c.cvar_scenarios) or c.cvar_scenarios < 2:
+        raise ConfigError(f"strategy {name!r}: constraints.cvar_scenarios={c.cvar_scenarios} must be a whole number >= 2")
+    c = replace(c, cvar_scenarios=int(c.cvar_scenarios))
+    if not 0.5 <= c.cvar_alpha < 1.0:
+        raise ConfigError(f"strategy {name!r}: constraints.cvar_alpha={c.cvar_alpha} must be in [0.5, 1)")
+    if c.cvar_limit is not None and c.cvar_limit <= 0:
+        raise ConfigError(f"strategy {name!r}: constraints.cvar_limit={c.cvar_limit} must be > 0")
     for key in ("max_leverage", "max_rebalance"):
         value = getattr(c, key)
         if value is not None and value <= 0:

@@ -35,6 +35,7 @@ from perpfolio.optimize.direct import DirectQP
 from perpfolio.optimize.terms import (
     Bounds,
     Budget,
+    CVaRLimit,
     ExpectedReturn,
     GrossLeverage,
     L2Regularization,
@@ -43,11 +44,13 @@ from perpfolio.optimize.terms import (
     MaxRebalance,
     OverlayCap,
     QuadraticRisk,
+    RobustMean,
     SharpeNormalization,
     SolveData,
     StressLoss,
     TargetReturn,
     TransactionCost,
+    NotPSDError,
     constraint_violations,
     psd_factor,
 )
@@ -68,7 +71,7 @@ _FAILED_STATUS = {
 @dataclass(frozen=True)
 class SolveResult:
     """Outcome of one solve: ``status`` is "optimal" or the failure reason
-    ("nonfinite_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
+    ("nonfinite_input", "missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
     "nonfinite_solution", "verification_failed"); ``weights`` is None unless optimal.
     ``solver`` gets the suffix ":optimal_inaccurate" when such a solution passed verification."""
 
@@ -90,6 +93,8 @@ def base_constraints(spec: StrategySpec) -> list:
         terms.append(MarginBuffer(c.margin_leverage, c.margin_buffer))
     if c.max_stress_loss is not None:
         terms.append(StressLoss(c.max_stress_loss, c.stress_shock))
+    if c.cvar_limit is not None:
+        terms.append(CVaRLimit(c.cvar_alpha, c.cvar_limit, c.cvar_scenarios))
     return terms
 
 
@@ -119,6 +124,8 @@ def build_terms(spec: StrategySpec) -> tuple[list, list]:
         objective.append(TransactionCost(spec.constraints.cost_bps))
     if spec.constraints.l2_gamma > 0:
         objective.append(L2Regularization(spec.constraints.l2_gamma))
+    if p.robust_kappa:
+        objective.append(RobustMean(p.robust_kappa))
     return objective, constraints
 
 
@@ -198,7 +205,7 @@ class PortfolioProblem:
         if self.direct is not None:
             try:
                 psd_factor(risk, name=self.risk_matrix)
-            except DataError:
+            except NotPSDError:
                 return SolveResult(None, "not_psd", solver)
             w, status = self.direct.solve(data, scale)
             if w is None:
@@ -220,8 +227,10 @@ class PortfolioProblem:
         try:
             for term in self.terms:
                 term.update(data, scale)
-        except DataError:
+        except NotPSDError:
             return None, "not_psd"
+        except DataError:
+            return None, "missing_input"  # a term's data (scenarios, window length) is absent or not finite
         try:
             with warnings.catch_warnings():  # cvxpy itself reads the sparse factor's .value
                 warnings.filterwarnings("ignore", "Reading from a sparse CVXPY", RuntimeWarning)

@@ -37,6 +37,8 @@ class SolveData:
     ``vrp`` may hold NaN (unknown: no tilt). ``w_prev`` is None when there is no previous
     portfolio (then max-rebalance is skipped and costs are charged from cash). ``w_base`` is the
     hybrid's baseline. ``target_return`` overrides the strategy's target (frontier sweeps).
+    ``scenarios`` (T x N) are the estimation window's per-bar net returns (for CVaR) and
+    ``window_years`` its length in years (for the standard error of the mean).
     """
 
     mu: np.ndarray
@@ -47,6 +49,12 @@ class SolveData:
     w_prev: np.ndarray | None = None
     w_base: np.ndarray | None = None
     target_return: float | None = None
+    scenarios: np.ndarray | None = None
+    window_years: float | None = None
+
+
+class NotPSDError(DataError):
+    """A risk matrix is not symmetric positive semidefinite (solve status "not_psd")."""
 
 
 def psd_factor(matrix: np.ndarray, *, name: str) -> np.ndarray:
@@ -61,14 +69,14 @@ def psd_factor(matrix: np.ndarray, *, name: str) -> np.ndarray:
     """
     size = float(np.max(np.abs(matrix))) if matrix.size else 0.0
     if np.max(np.abs(matrix - matrix.T), initial=0.0) > 1e-10 * size:
-        raise DataError(f"{name}: matrix is not symmetric")
+        raise NotPSDError(f"{name}: matrix is not symmetric")
     matrix = (matrix + matrix.T) / 2
     try:
         return np.linalg.cholesky(matrix).T
     except np.linalg.LinAlgError:
         eigval, eigvec = np.linalg.eigh(matrix)
     if eigval[0] < -1e-10 * max(eigval[-1], 0.0):
-        raise DataError(f"{name}: matrix is not positive semidefinite (min eigenvalue {eigval[0]:.3g})")
+        raise NotPSDError(f"{name}: matrix is not positive semidefinite (min eigenvalue {eigval[0]:.3g})")
     return np.linalg.qr(np.sqrt(np.clip(eigval, 0.0, None))[:, None] * eigvec.T, mode="r")
 
 
@@ -213,6 +221,36 @@ class L2Regularization:
         return 2.0 * scale * self.gamma * np.eye(len(data.mu)), None
 
 
+class RobustMean:
+    r"""Worst case of the expected return over the ellipsoid of its estimation error:
+    :math:`\min_{\mu \in U} \mu^\top w = \hat\mu^\top w - \kappa \sqrt{w^\top \Sigma_\mu w}`,
+    :math:`\Sigma_\mu = \Sigma / Y` the covariance of an annualized sample mean over a window of
+    Y years (``window_years``). Added to the objective as :math:`+\kappa \|G w\|_2`,
+    :math:`G^\top G = \Sigma_\mu`; ``kappa`` (``robust_kappa``) is the ellipsoid's radius in
+    standard errors."""
+
+    def __init__(self, kappa: float) -> None:
+        self.kappa = kappa
+
+    def __repr__(self) -> str:
+        return f"RobustMean(kappa={self.kappa})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.factor = cp.Parameter((w.size, w.size), name="mean_error_factor")
+        return self.kappa * cp.norm2(self.factor @ w), []
+
+    def _years(self, data: SolveData) -> float:
+        if data.window_years is None or not data.window_years > 0:
+            raise DataError(f"robust_kappa needs window_years > 0 (the estimation window), got {data.window_years}")
+        return data.window_years
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.factor.value = scale * psd_factor(data.cov / self._years(data), name="cov")
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return self.kappa * float(np.sqrt(max(w @ data.cov @ w, 0.0) / self._years(data)))
+
+
 # --------------------------------------------------------------------------- constraint terms
 
 
@@ -289,6 +327,8 @@ class MaxRebalance:
     Skipped when there is no previous portfolio: then :math:`w^{prev} = 0` and the limit is
     relaxed to ``relaxed`` = max(|w_min|, |w_max|), which the bounds already imply.
     """
+
+    depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
 
     def __init__(self, max_rebalance: float, *, relaxed: float) -> None:
         self.max_rebalance = max_rebalance
@@ -405,6 +445,8 @@ class StressLoss:
     over the scenarios of :func:`scenario_shocks` (``stress_shock``, e.g. -0.10), as a fraction of
     equity. Linear in w: one row per scenario."""
 
+    depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
+
     def __init__(self, max_loss: float, shock: float) -> None:
         self.max_loss, self.shock = max_loss, shock
 
@@ -423,6 +465,57 @@ class StressLoss:
 
     def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return -scenario_shocks(data.cov, self.shock), np.full(2, -np.inf), np.full(2, self.max_loss)
+
+
+class CVaRLimit:
+    r"""Tail risk: the CVaR at level α of the per-bar portfolio loss :math:`-r_s^\top w` over the
+    last ``n_scenarios`` bars of the estimation window is at most ``limit`` (per-bar decimal, e.g.
+    0.02 = 2% in one bar). Rockafellar-Uryasev form, exact for the empirical distribution:
+    :math:`t + \frac{1}{1-\alpha} \sum_s p_s u_s \le L`, :math:`u_s \ge -r_s^\top w - t`,
+    :math:`u_s \ge 0`, :math:`p_s = 1/T` (0 on padding rows when the window is shorter)."""
+
+    depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
+
+    def __init__(self, alpha: float, limit: float, n_scenarios: int) -> None:
+        self.alpha, self.limit, self.n_scenarios = alpha, limit, n_scenarios
+
+    def __repr__(self) -> str:
+        return f"CVaRLimit(alpha={self.alpha}, limit={self.limit}, n_scenarios={self.n_scenarios})"
+
+    def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
+        self.returns = cp.Parameter((self.n_scenarios, w.size), name="scenario_returns")
+        self.prob = cp.Parameter(self.n_scenarios, nonneg=True, name="scenario_probabilities")
+        t = cp.Variable(name="var_level")
+        u = cp.Variable(self.n_scenarios, nonneg=True, name="excess_loss")
+        return [u >= -(self.returns @ w) - t, t + self.prob @ u / (1.0 - self.alpha) <= self.limit * kappa]
+
+    def _window(self, data: SolveData) -> np.ndarray:
+        if data.scenarios is None or len(data.scenarios) == 0:
+            raise DataError("cvar_limit needs the window's return scenarios, got none")
+        window = np.asarray(data.scenarios, dtype=float)[-self.n_scenarios:]
+        if not np.isfinite(window).all():
+            raise DataError("cvar_limit: the return scenarios contain NaN or inf")
+        return window
+
+    def update(self, data: SolveData, scale: float) -> None:
+        window = self._window(data)
+        padded, prob = np.zeros((self.n_scenarios, window.shape[1])), np.zeros(self.n_scenarios)
+        padded[: len(window)], prob[: len(window)] = window, 1.0 / len(window)
+        self.returns.value, self.prob.value = padded, prob
+
+    def violation(self, w: np.ndarray, data: SolveData) -> float:
+        return max(0.0, empirical_cvar(-(self._window(data) @ w), self.alpha) - self.limit)
+
+
+def empirical_cvar(losses: np.ndarray, alpha: float) -> float:
+    r"""CVaR of an empirical loss sample: :math:`\min_t\; t + \mathbb{E}[(L - t)^+]/(1-\alpha)`,
+    attained at the α-quantile; equals the mean of the worst (1-α) tail with the boundary sample
+    weighted fractionally."""
+    ordered = np.sort(losses)[::-1]
+    tail = (1.0 - alpha) * len(ordered)
+    whole = int(np.floor(tail))
+    total = ordered[:whole].sum() + (tail - whole) * (ordered[whole] if whole < len(ordered) else 0.0)
+    return float(total / tail)
 
 
 class SharpeNormalization:

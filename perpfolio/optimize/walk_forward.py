@@ -12,7 +12,7 @@ Per asof and strategy the decision is the first of:
 ``status`` is "optimal" or ``"fallback:<which>:<reason>"`` where ``which`` is
 min_variance | previous | equal and ``reason`` is why the strategy was not used: the estimate
 status ("insufficient_history", "missing_data", "degenerate") or the solve failure
-("nonfinite_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
+("nonfinite_input", "missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
 "nonfinite_solution", "verification_failed"). Weights are never NaN.
 """
 
@@ -30,7 +30,7 @@ import polars as pl
 from perpfolio.errors import ConfigError, DataError, SolverError
 from perpfolio.optimize.config import Constraints, Parameters, StrategySpec, validate_for_universe
 from perpfolio.optimize.problem import TOLERANCE, PortfolioProblem, base_constraints, min_variance_fallback
-from perpfolio.optimize.terms import MaxRebalance, SolveData, StressLoss
+from perpfolio.optimize.terms import SolveData
 
 WEIGHTS_SCHEMA = {
     "as_of": pl.Datetime("us", "UTC"),
@@ -50,6 +50,8 @@ class AsofInputs:
 
     ``mu``, ``downside`` (N); ``cov``, ``semicov`` (N x N); ``vrp`` (N, annualized variance,
     NaN = unknown, no tilt); ``status`` is the estimate status ("ok" or why the arrays are NaN).
+    ``scenarios`` (T x N per-bar net returns of the window) feed a CVaR limit and
+    ``window_years`` a robust mean; both may be None when no strategy uses them.
     A naive ``asof`` is taken as UTC.
     """
 
@@ -60,6 +62,8 @@ class AsofInputs:
     semicov: np.ndarray
     vrp: np.ndarray
     status: str
+    scenarios: np.ndarray | None = None
+    window_years: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,8 @@ def decide(
     else:
         reason = estimate_status
     c = spec.constraints
-    # data-independent constraints; a rebalance limit or a stress bound may not hold for a fallback
-    basic = [t for t in base_constraints(spec) if not isinstance(t, MaxRebalance | StressLoss)]
+    # the fallbacks must meet the data-independent constraints (budget, bounds, leverage, margin)
+    basic = [t for t in base_constraints(spec) if not getattr(t, "depends_on_data", False)]
     if data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
         return done(data.w_prev, f"fallback:previous:{reason}", "none")
     equal = np.clip(np.full(cache.n_assets, c.budget / cache.n_assets), c.min_weight, c.max_weight)
@@ -166,6 +170,7 @@ def optimize_walk_forward(
             data = SolveData(
                 mu=item.mu, cov=item.cov, downside=item.downside, semicov=item.semicov,
                 vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
+                scenarios=item.scenarios, window_years=item.window_years,
             )
             decided[spec.name] = decide(spec, data, estimate_status=item.status, cache=cache)
             prev[spec.name] = decided[spec.name].weights
