@@ -473,6 +473,41 @@ def psd_factor_ref(matrix: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(matrix).T
 
 
+class TestRegimeAndShrunkFallback:
+    def specs(self, turbulence: bool):
+        return parse_strategies([{"name": "t", "objective": "target_return", "fallback_in_turbulence": turbulence,
+                                  "parameters": {"target_return": 0.2}, "constraints": BOUNDS}])
+
+    def test_turbulent_regime_reverts_to_min_variance_only_when_configured(self):
+        m = market(21, 5, mu_floor=0.3)
+        turbulent = dataclasses.replace(inputs_at(0, m), regime="turbulent")
+        calm = dataclasses.replace(inputs_at(1, m), regime="calm")
+        df = optimize_walk_forward(self.specs(True), SYMBOLS, [turbulent, calm])
+        assert status_of(df, "t", 0) == "fallback:min_variance:turbulent_regime"
+        assert status_of(df, "t", 1) == "optimal"
+        x = cp.Variable(5)
+        cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(m["cov"]))), [cp.sum(x) == 1, x >= 0, x <= 0.5]).solve(**OSQP_REF)
+        np.testing.assert_allclose(weights_of(df, "t", 0), x.value, atol=1e-5)
+        plain = optimize_walk_forward(self.specs(False), SYMBOLS, [turbulent])
+        assert status_of(plain, "t", 0) == "optimal"
+
+    def test_min_variance_fallback_solves_on_the_shrunk_covariance(self):
+        m = market(22, 5)  # no asset reaches 50%/yr: the target is infeasible
+        shrunk = 0.5 * m["cov"] + 0.5 * np.diag(np.diag(m["cov"]))
+        item = dataclasses.replace(inputs_at(0, m), fallback_cov=shrunk)
+        specs = parse_strategies([{"name": "t", "objective": "target_return",
+                                   "parameters": {"target_return": 5.0}, "constraints": BOUNDS}])
+        df = optimize_walk_forward(specs, SYMBOLS, [item])
+        assert status_of(df, "t") == "fallback:min_variance:infeasible"
+        x = cp.Variable(5)
+        cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(shrunk))), [cp.sum(x) == 1, x >= 0, x <= 0.5]).solve(**OSQP_REF)
+        np.testing.assert_allclose(weights_of(df, "t"), x.value, atol=1e-5)
+
+    def test_fallback_flag_must_be_boolean(self):
+        with pytest.raises(ConfigError, match="fallback_in_turbulence='yes' must be true or false"):
+            parse_strategies([{"name": "t", "objective": "min_variance", "fallback_in_turbulence": "yes"}])
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

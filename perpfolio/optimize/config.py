@@ -6,6 +6,7 @@ A strategy is one objective, its parameters and a set of constraints::
     name = "downside"                 # unique; the ``strategy`` column of portfolio.weights
     objective = "downside"            # one of OBJECTIVES
     solver = "CLARABEL"               # optional: "CLARABEL" (default) | "OSQP" (warm-started)
+    fallback_in_turbulence = false    # optional: in a turbulent regime use min-variance instead
     [strategy.parameters]
     alpha = 0.5
     [strategy.constraints]
@@ -120,6 +121,7 @@ class StrategySpec:
     parameters: Parameters = field(default_factory=Parameters)
     constraints: Constraints = field(default_factory=Constraints)
     solver: Solver = "CLARABEL"
+    fallback_in_turbulence: bool = False
 
 
 def load_strategies(path: str | Path, *, n_assets: int | None = None) -> list[StrategySpec]:
@@ -193,7 +195,7 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"strategy #{index}: 'name' must be a non-empty string, got {name!r}")
-    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver"}
+    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence"}
     if unknown:
         raise ConfigError(f"strategy {name!r}: unknown key(s) {sorted(unknown)}")
     objective = table.get("objective")
@@ -202,8 +204,12 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
     solver = table.get("solver", "CLARABEL")
     if solver not in SOLVERS:
         raise ConfigError(f"strategy {name!r}: solver={solver!r} is not one of {SOLVERS}")
+    turbulence = table.get("fallback_in_turbulence", False)
+    if not isinstance(turbulence, bool):
+        raise ConfigError(f"strategy {name!r}: fallback_in_turbulence={turbulence!r} must be true or false")
     spec = StrategySpec(
         name=name,
+        fallback_in_turbulence=turbulence,
         objective=objective,
         parameters=_parse_parameters(name, objective, table.get("parameters", {})),
         constraints=_parse_constraints(name, table.get("constraints", {})),

@@ -3,8 +3,10 @@
 Per asof and strategy the decision is the first of:
 
 1. the strategy itself (only when the estimate status is "ok"),
-2. classical min-variance on the same covariance and budget/bounds/leverage/rebalance terms
-   (only when the estimate status is "ok" and the covariance is finite),
+2. classical min-variance under the strategy's constraints on ``fallback_cov`` (e.g. Ledoit-Wolf)
+   when given, else on the strategy's covariance (only when the estimate status is "ok"); a
+   strategy with ``fallback_in_turbulence = true`` goes here directly in a turbulent regime
+   (reason "turbulent_regime"), the article's market-stress fallback,
 3. the previous weights of the strategy, if they satisfy budget, bounds and leverage,
 4. equal weights ``budget / n`` clipped to the bounds, if they satisfy budget, bounds and leverage
    (always true for strategies that passed :func:`validate_for_universe`).
@@ -51,7 +53,9 @@ class AsofInputs:
     ``mu``, ``downside`` (N); ``cov``, ``semicov`` (N x N); ``vrp`` (N, annualized variance,
     NaN = unknown, no tilt); ``status`` is the estimate status ("ok" or why the arrays are NaN).
     ``scenarios`` (T x N per-bar net returns of the window) feed a CVaR limit and
-    ``window_years`` a robust mean; both may be None when no strategy uses them.
+    ``window_years`` a robust mean; both may be None when no strategy uses them. ``regime``
+    ("calm"/"turbulent") drives ``fallback_in_turbulence``; ``fallback_cov`` (a shrunk covariance,
+    e.g. Ledoit-Wolf) is what the min-variance fallback solves on.
     A naive ``asof`` is taken as UTC.
     """
 
@@ -64,6 +68,8 @@ class AsofInputs:
     status: str
     scenarios: np.ndarray | None = None
     window_years: float | None = None
+    regime: str | None = None
+    fallback_cov: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,15 @@ class ProblemCache:
 
 
 def decide(
-    spec: StrategySpec, data: SolveData, *, estimate_status: str, cache: ProblemCache
+    spec: StrategySpec, data: SolveData, *, estimate_status: str, cache: ProblemCache,
+    regime: str | None = None, fallback_cov: np.ndarray | None = None,
 ) -> Decision:
-    """Run the fallback chain of the module docstring for one strategy at one asof."""
+    """Run the fallback chain of the module docstring for one strategy at one asof.
+
+    ``regime`` "turbulent" sends a strategy with ``fallback_in_turbulence`` straight to the
+    min-variance step; ``fallback_cov`` (e.g. Ledoit-Wolf) is the covariance of that step when it is
+    finite, else the strategy's own covariance is used.
+    """
     start = time.perf_counter()
     primary = cache.get(spec)
 
@@ -101,17 +113,20 @@ def decide(
         ms = (time.perf_counter() - start) * 1e3
         return Decision(np.array(w, dtype=float), status, solver, primary.objective_value(w, data), ms)
 
+    reason = estimate_status
     if estimate_status == "ok":
-        result = primary.solve(data)
-        if result.status == "optimal":
-            return done(result.weights, "optimal", result.solver)
-        reason = result.status
-        if np.isfinite(data.cov).all():
-            result = cache.get(min_variance_fallback(spec)).solve(data)
+        if spec.fallback_in_turbulence and regime == "turbulent":
+            reason = "turbulent_regime"
+        else:
+            result = primary.solve(data)
+            if result.status == "optimal":
+                return done(result.weights, "optimal", result.solver)
+            reason = result.status
+        cov = fallback_cov if fallback_cov is not None and np.isfinite(fallback_cov).all() else data.cov
+        if np.isfinite(cov).all():
+            result = cache.get(min_variance_fallback(spec)).solve(dataclasses.replace(data, cov=cov))
             if result.status == "optimal":
                 return done(result.weights, f"fallback:min_variance:{reason}", result.solver)
-    else:
-        reason = estimate_status
     c = spec.constraints
     # the fallbacks must meet the data-independent constraints (budget, bounds, leverage, margin)
     basic = [t for t in base_constraints(spec) if not getattr(t, "depends_on_data", False)]
@@ -172,7 +187,10 @@ def optimize_walk_forward(
                 vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
                 scenarios=item.scenarios, window_years=item.window_years,
             )
-            decided[spec.name] = decide(spec, data, estimate_status=item.status, cache=cache)
+            decided[spec.name] = decide(
+                spec, data, estimate_status=item.status, cache=cache,
+                regime=item.regime, fallback_cov=item.fallback_cov,
+            )
             prev[spec.name] = decided[spec.name].weights
         for spec in specs:
             d = decided[spec.name]
