@@ -508,6 +508,39 @@ class TestRegimeAndShrunkFallback:
             parse_strategies([{"name": "t", "objective": "min_variance", "fallback_in_turbulence": "yes"}])
 
 
+class TestLiquidUniverse:
+    def test_trailing_volume_and_mask_by_hand(self):
+        from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
+
+        v = np.array([[1.0, 10.0, 5.0], [3.0, np.nan, 5.0], [5.0, 30.0, 5.0], [7.0, 40.0, 5.0]])
+        got = trailing_quote_volume(v, np.array([1, 3]), window=2)
+        np.testing.assert_allclose(got, [[2.0, 10.0, 5.0], [6.0, 35.0, 5.0]])
+        mask = liquid_universe(got, min_quote_volume=4.0, top_k=2)
+        np.testing.assert_array_equal(mask, [[False, True, True], [True, True, False]])
+        ties = liquid_universe(np.array([[5.0, 5.0, 5.0]]), top_k=2)  # ties: column order decides
+        np.testing.assert_array_equal(ties, [[True, True, False]])
+
+    @pytest.mark.parametrize("solver", ["CLARABEL", "OSQP"])
+    def test_untradable_assets_are_held_at_zero_and_the_rest_is_optimal(self, solver):
+        m = market(31, 5)
+        tradable = np.array([True, False, True, True, False])
+        spec = dataclasses.replace(spec_of("min_variance")[0], solver=solver)
+        result = PortfolioProblem(spec, 5).solve(SolveData(**m, tradable=tradable))
+        assert result.status == "optimal"
+        np.testing.assert_allclose(result.weights[~tradable], 0.0, atol=1e-8)
+        sub = m["cov"][np.ix_(tradable, tradable)]
+        x = cp.Variable(3)
+        cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(sub))), [cp.sum(x) == 1, x >= 0, x <= 0.5]).solve(**OSQP_REF)
+        np.testing.assert_allclose(result.weights[tradable], x.value, atol=1e-5)
+
+    def test_too_few_liquid_assets_lift_the_filter_and_say_so(self):
+        m = market(32, 5)
+        item = dataclasses.replace(inputs_at(0, m), tradable=np.array([True, False, False, False, False]))
+        df = optimize_walk_forward(spec_of("min_variance"), SYMBOLS, [item])  # one asset cannot hold 100% at max 50%
+        assert status_of(df, "min_variance") == "fallback:min_variance:too_few_liquid"
+        assert weights_of(df, "min_variance").sum() == pytest.approx(1.0, abs=1e-6)
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

@@ -38,7 +38,8 @@ class SolveData:
     portfolio (then max-rebalance is skipped and costs are charged from cash). ``w_base`` is the
     hybrid's baseline. ``target_return`` overrides the strategy's target (frontier sweeps).
     ``scenarios`` (T x N) are the estimation window's per-bar net returns (for CVaR) and
-    ``window_years`` its length in years (for the standard error of the mean).
+    ``window_years`` its length in years (for the standard error of the mean). ``tradable``
+    (N bools, None = all) is the liquid universe; other assets are held at 0.
     """
 
     mu: np.ndarray
@@ -51,6 +52,7 @@ class SolveData:
     target_return: float | None = None
     scenarios: np.ndarray | None = None
     window_years: float | None = None
+    tradable: np.ndarray | None = None
 
 
 class NotPSDError(DataError):
@@ -278,7 +280,9 @@ class Budget:
 
 
 class Bounds:
-    r"""Per-asset bounds :math:`w_{min} \le w_i \le w_{max}` (long-only: :math:`w_{min} = 0`)."""
+    r"""Per-asset bounds :math:`w_{min} \le w_i \le w_{max}` (long-only: :math:`w_{min} = 0`);
+    an asset outside the tradable universe (``data.tradable`` False, see
+    :func:`perpfolio.optimize.universe.liquid_universe`) is held at :math:`w_i = 0`."""
 
     qp_pattern = "identity"  # its QP rows are the identity matrix (see perpfolio.optimize.direct)
 
@@ -289,17 +293,25 @@ class Bounds:
     def __repr__(self) -> str:
         return f"Bounds({self.min_weight}, {self.max_weight})"
 
+    def limits(self, data: SolveData, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) per asset: the bounds, or 0 for an untradable asset."""
+        tradable = np.ones(n, dtype=bool) if data.tradable is None else np.asarray(data.tradable, dtype=bool)
+        return np.where(tradable, self.min_weight, 0.0), np.where(tradable, self.max_weight, 0.0)
+
     def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
-        return [w >= self.min_weight * kappa, w <= self.max_weight * kappa]
+        self.lower = cp.Parameter(w.size, name="lower_bounds")
+        self.upper = cp.Parameter(w.size, name="upper_bounds")
+        return [w >= cp.multiply(self.lower, kappa), w <= cp.multiply(self.upper, kappa)]
 
     def update(self, data: SolveData, scale: float) -> None:
-        pass
+        self.lower.value, self.upper.value = self.limits(data, self.lower.size)
 
     def violation(self, w: np.ndarray, data: SolveData) -> float:
-        return max(0.0, float(np.max(self.min_weight - w)), float(np.max(w - self.max_weight)))
+        lower, upper = self.limits(data, len(w))
+        return max(0.0, float(np.max(lower - w)), float(np.max(w - upper)))
 
     def qp_rows(self, data: SolveData, scale: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.eye(n), np.full(n, self.min_weight), np.full(n, self.max_weight)
+        return np.eye(n), *self.limits(data, n)
 
 
 class GrossLeverage:

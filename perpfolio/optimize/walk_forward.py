@@ -55,7 +55,8 @@ class AsofInputs:
     ``scenarios`` (T x N per-bar net returns of the window) feed a CVaR limit and
     ``window_years`` a robust mean; both may be None when no strategy uses them. ``regime``
     ("calm"/"turbulent") drives ``fallback_in_turbulence``; ``fallback_cov`` (a shrunk covariance,
-    e.g. Ledoit-Wolf) is what the min-variance fallback solves on.
+    e.g. Ledoit-Wolf) is what the min-variance fallback solves on; ``tradable`` (N bools) is the
+    liquid universe of :func:`perpfolio.optimize.universe.liquid_universe`.
     A naive ``asof`` is taken as UTC.
     """
 
@@ -70,6 +71,7 @@ class AsofInputs:
     window_years: float | None = None
     regime: str | None = None
     fallback_cov: np.ndarray | None = None
+    tradable: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,13 @@ def decide(
         return Decision(np.array(w, dtype=float), status, solver, primary.objective_value(w, data), ms)
 
     reason = estimate_status
-    if estimate_status == "ok":
+    c = spec.constraints
+    if data.tradable is not None and not (
+        int(np.sum(data.tradable)) * c.min_weight <= c.budget <= int(np.sum(data.tradable)) * c.max_weight
+    ):  # too few liquid assets to place the budget within the bounds: the filter is lifted, and said so
+        data = dataclasses.replace(data, tradable=None)
+        reason = estimate_status if estimate_status != "ok" else "too_few_liquid"
+    if reason == "ok":
         if spec.fallback_in_turbulence and regime == "turbulent":
             reason = "turbulent_regime"
         else:
@@ -122,17 +130,18 @@ def decide(
             if result.status == "optimal":
                 return done(result.weights, "optimal", result.solver)
             reason = result.status
+    if estimate_status == "ok":
         cov = fallback_cov if fallback_cov is not None and np.isfinite(fallback_cov).all() else data.cov
         if np.isfinite(cov).all():
             result = cache.get(min_variance_fallback(spec)).solve(dataclasses.replace(data, cov=cov))
             if result.status == "optimal":
                 return done(result.weights, f"fallback:min_variance:{reason}", result.solver)
-    c = spec.constraints
     # the fallbacks must meet the data-independent constraints (budget, bounds, leverage, margin)
     basic = [t for t in base_constraints(spec) if not getattr(t, "depends_on_data", False)]
     if data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
         return done(data.w_prev, f"fallback:previous:{reason}", "none")
-    equal = np.clip(np.full(cache.n_assets, c.budget / cache.n_assets), c.min_weight, c.max_weight)
+    tradable = np.ones(cache.n_assets, dtype=bool) if data.tradable is None else np.asarray(data.tradable, dtype=bool)
+    equal = np.where(tradable, c.budget / max(int(tradable.sum()), 1), 0.0)
     if max(t.violation(equal, data) for t in basic) <= TOLERANCE:
         return done(equal, f"fallback:equal:{reason}", "none")
     raise SolverError(
@@ -185,7 +194,7 @@ def optimize_walk_forward(
             data = SolveData(
                 mu=item.mu, cov=item.cov, downside=item.downside, semicov=item.semicov,
                 vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
-                scenarios=item.scenarios, window_years=item.window_years,
+                scenarios=item.scenarios, window_years=item.window_years, tradable=item.tradable,
             )
             decided[spec.name] = decide(
                 spec, data, estimate_status=item.status, cache=cache,
