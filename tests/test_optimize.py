@@ -541,6 +541,29 @@ class TestLiquidUniverse:
         assert weights_of(df, "min_variance").sum() == pytest.approx(1.0, abs=1e-6)
 
 
+class TestSizing:
+    def test_vol_target_leverage_by_hand(self):
+        from perpfolio.optimize.sizing import vol_target_leverage
+
+        cov = np.array([[0.04, 0.0], [0.0, 0.16]])  # 20% and 40% vol, uncorrelated
+        w = np.array([0.5, 0.5])  # book vol = sqrt(0.25*0.04 + 0.25*0.16) = sqrt(0.05)
+        assert vol_target_leverage(w, cov, target_vol=0.10, max_leverage=3.0) == pytest.approx(0.10 / np.sqrt(0.05))
+        assert vol_target_leverage(w, cov, target_vol=1.0, max_leverage=3.0) == 3.0  # capped
+        assert vol_target_leverage(w, np.zeros((2, 2)), target_vol=0.1, max_leverage=2.0) == 2.0
+        with pytest.raises(DataError, match="not finite"):
+            vol_target_leverage(w, np.full((2, 2), np.nan), target_vol=0.1, max_leverage=2.0)
+
+    def test_drawdown_cash_buffer_by_hand(self):
+        from perpfolio.optimize.sizing import drawdown_cash_buffer
+
+        assert drawdown_cash_buffer(0.0, 0.2, target_vol=0.2, base=0.05) == pytest.approx(0.05)
+        # 10% drawdown and predicted vol 50% above target: 0.05 + 1.0*0.10 + 0.5*0.5
+        assert drawdown_cash_buffer(-0.10, 0.3, target_vol=0.2, base=0.05) == pytest.approx(0.40)
+        assert drawdown_cash_buffer(-0.60, 0.3, target_vol=0.2) == 0.5  # capped at max_cash
+        with pytest.raises(ConfigError, match="max_cash"):
+            drawdown_cash_buffer(0.0, 0.2, target_vol=0.2, base=0.6)
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:
