@@ -111,12 +111,15 @@ class Estimates(Table):
     """features.estimates: rolling moments in long form, ANNUALIZED; null values when status != ok."""
 
     as_of: DateTime = _ts("open time of the last bar in the window, UTC")
-    estimator: str = pa.Field(description="estimator name, e.g. sample")
+    estimator: str = pa.Field(
+        description="estimator name: sample | ewma | ledoit_wolf | oas | factor | shrinkage, and sample_reset / "
+        "ledoit_wolf_reset (window shortened after a regime change, see window_bars)"
+    )
     quantity: str = pa.Field(isin=["mean", "cov", "downside", "semicov"], description="which moment")
     symbol: str = pa.Field(description="row symbol")
     symbol_j: str = pa.Field(nullable=True, description="column symbol for matrices, null for vectors")
     value: float = pa.Field(nullable=True, description="annualized value (x periods per year)")
-    window_bars: int = pa.Field(gt=0, description="bars in the estimation window")
+    window_bars: int = pa.Field(gt=0, description="bars in the estimation window (shorter after a regime change for *_reset)")
     n_obs: int = pa.Field(ge=0, description="bars actually available in the window")
     status: str = pa.Field(description="ok | insufficient_history | missing_data | degenerate")
 
@@ -138,6 +141,21 @@ class Signals(Table):
     realized_var: float = pa.Field(nullable=True, ge=0, description="realized variance over the window, annualized")
     vrp: float = pa.Field(nullable=True, description="implied_var - realized_var")
     iv_source: str = pa.Field(description="index | proxy:<reference> | unavailable")
+    vrp_z: float = pa.Field(nullable=True, description="z-score of vrp against its trailing daily values (PERPFOLIO_VRP_Z_DAYS), unitless")
+    funding_forecast_1h: float = pa.Field(
+        nullable=True, description="AR(1) forecast of the next 24 h average funding rate, decimal per hour (+ = longs pay)"
+    )
+    funding_adj_vrp: float = pa.Field(nullable=True, description="vrp + 8760 * funding_forecast_1h (annualized decimals)")
+    momentum: float = pa.Field(nullable=True, description="sum of per-bar net returns over PERPFOLIO_MOMENTUM_BARS, not annualized")
+    predicted_vol_ewma: float = pa.Field(nullable=True, ge=0, description="EWMA volatility forecast, annualized decimal")
+    predicted_vol_garch: float = pa.Field(
+        nullable=True, ge=0, description="GARCH(1,1) forecast of the next day's volatility, annualized decimal; null if the fit failed"
+    )
+    vol_ratio: float = pa.Field(nullable=True, ge=0, description="short/long realized vol of the equal-weight market, unitless")
+    regime: str = pa.Field(isin=["calm", "turbulent"], description="market regime from vol_ratio with hysteresis")
+    regime_since: DateTime = pa.Field(
+        dtype_kwargs=UTC_US, nullable=True, description="bar of the latest regime breakpoint, UTC; null if none in memory"
+    )
 
     @pa.dataframe_check(error="duplicate (as_of, symbol)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -180,6 +198,7 @@ class Equity(Table):
     turnover: float = pa.Field(ge=0, description="traded notional / equity")
     gross_leverage: float = pa.Field(ge=0, description="sum |position| / equity")
     drawdown: float = pa.Field(le=0, description="equity / running max - 1")
+    stops: int = pa.Field(ge=0, description="positions closed by the stop-loss in the bar (0 when it is off)")
 
     @pa.dataframe_check(error="duplicate (ts, strategy)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -187,20 +206,33 @@ class Equity(Table):
 
 
 class Metrics(Table):
-    """backtest.metrics: one row of performance figures per strategy (annualized with 8760/bar_hours)."""
+    """backtest.metrics: one row of performance figures per strategy or baseline over the whole run
+    (annualized with 8760/bar_hours; losses are POSITIVE numbers; PnL totals in equity units, start 1.0)."""
 
-    strategy: str = pa.Field(unique=True, description="strategy name")
+    strategy: str = pa.Field(unique=True, description="strategy name, or baseline:<equal_weight|btc_only|static>")
+    total_return: float = pa.Field(gt=-1, description="final / initial equity - 1")
     sharpe: float = pa.Field(description="mean / std of bar returns x sqrt(periods per year), rf = 0")
     sortino: float = pa.Field(description="mean / downside deviation x sqrt(periods per year)")
     ann_return: float = pa.Field(description="compounded annual return")
     ann_vol: float = pa.Field(ge=0, description="annualized volatility of bar returns")
     max_drawdown: float = pa.Field(ge=0, description="largest peak-to-trough loss, fraction")
-    max_loss: float = pa.Field(description="worst single-bar return")
+    max_drawdown_duration_h: float = pa.Field(ge=0, description="longest time under a previous peak, hours")
+    max_loss: float = pa.Field(description="worst single-bar (hourly) return, as a positive loss")
+    max_loss_day: float = pa.Field(description="worst UTC-day return, as a positive loss")
     turnover: float = pa.Field(ge=0, description="traded notional / mean equity, annualized")
     cvar_95: float = pa.Field(description="mean loss of the worst 5% of bars")
+    cvar_99: float = pa.Field(description="mean loss of the worst 1% of bars")
     funding_pnl: float = pa.Field(description="total funding PnL, equity units")
+    fees: float = pa.Field(ge=0, description="total taker fees, equity units")
+    slippage: float = pa.Field(ge=0, description="total slippage, equity units")
     costs: float = pa.Field(ge=0, description="total fees + slippage, equity units")
-    fallbacks: int = pa.Field(ge=0, description="rebalances whose weights came from a fallback")
+    avg_gross_leverage: float = pa.Field(ge=0, description="mean of sum |position| / equity over the bars")
+    max_gross_leverage: float = pa.Field(ge=0, description="max of sum |position| / equity over the bars")
+    ret_price: float = pa.Field(description="attribution: price PnL / initial equity")
+    ret_funding: float = pa.Field(description="attribution: funding PnL / initial equity")
+    ret_costs: float = pa.Field(le=0, description="attribution: -(fees + slippage) / initial equity; the three add up to total_return")
+    stops: int = pa.Field(ge=0, description="positions closed by the stop-loss")
+    fallbacks: int = pa.Field(ge=0, description="rebalances whose weights came from a fallback (0 for baselines)")
 
 
 class Stress(Table):
@@ -210,12 +242,96 @@ class Stress(Table):
     strategy: str = pa.Field(description="strategy name")
     scenario: str = pa.Field(description="scenario name")
     leverage: float = pa.Field(gt=0, description="gross notional / equity of the shocked book")
-    shock: float = pa.Field(description="return applied to the reference symbol")
+    kind: str = pa.Field(isin=["price", "funding", "volatility", "replay"], description="scenario kind (config/scenarios.toml)")
+    margin_mode: str = pa.Field(isin=["cross", "isolated"], description="one margin pool, or a margin per position")
+    shock: float = pa.Field(description="price return of the reference (price), funding rate per 8h (funding), "
+                            "adverse move in per-bar sigmas (volatility), or the worst replayed return (replay)")
     pnl: float = pa.Field(description="PnL of the shock as a fraction of equity")
     equity_after: float = pa.Field(description="equity after the shock, fraction of equity before")
-    margin_ratio: float = pa.Field(nullable=True, ge=0, description="maintenance margin / equity after; null when no equity is left")
-    liquidated: bool = pa.Field(description="equity after <= maintenance margin")
-    capital_sufficient: bool = pa.Field(description="equity after >= maintenance margin + buffer")
+    margin_ratio: float = pa.Field(nullable=True, ge=0, description="maintenance margin / equity after (isolated: of the "
+                                   "position closest to liquidation); null when no equity is left")
+    liquidated: bool = pa.Field(description="cross: equity after <= maintenance margin; isolated: any position liquidated")
+    positions_liquidated: int = pa.Field(ge=0, description="positions closed by liquidation")
+    capital_sufficient: bool = pa.Field(description="not liquidated and equity after >= maintenance margin + buffer")
+
+    @pa.dataframe_check(error="duplicate (as_of, strategy, scenario, leverage, margin_mode)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "strategy", "scenario", "leverage", "margin_mode"])
+
+
+class Monthly(Table):
+    """backtest.monthly: per strategy and UTC calendar month; returns relative to the month's opening equity."""
+
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    month: pl.Date = pa.Field(description="first day of the month (UTC)")
+    total_return: float = pa.Field(gt=-1, description="month-end / month-open equity - 1")
+    ret_price: float = pa.Field(description="price PnL / month-open equity")
+    ret_funding: float = pa.Field(description="funding PnL / month-open equity")
+    ret_costs: float = pa.Field(le=0, description="-(fees + slippage) / month-open equity")
+    max_drawdown: float = pa.Field(ge=0, description="largest peak-to-trough loss within the month")
+    max_loss: float = pa.Field(description="worst bar return of the month, as a positive loss")
+
+    @pa.dataframe_check(error="duplicate (strategy, month)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["strategy", "month"])
+
+
+class Comparison(Table):
+    """backtest.comparison: which book served better and would it have survived: headline backtest
+    figures beside the worst stress outcome over every rebalance, one row per strategy or baseline."""
+
+    strategy: str = pa.Field(unique=True, description="strategy name, or baseline:<name>")
+    kind: str = pa.Field(isin=["strategy", "baseline"], description="optimized strategy or baseline")
+    rank: int = pa.Field(ge=1, description="rank by Sharpe (1 = best)")
+    total_return: float = pa.Field(gt=-1, description="final / initial equity - 1")
+    excess_vs_equal_weight: float = pa.Field(nullable=True, description="total_return - that of baseline:equal_weight (null without it)")
+    sharpe: float = pa.Field(description="annualized Sharpe ratio")
+    max_drawdown: float = pa.Field(ge=0, description="largest peak-to-trough loss")
+    max_loss_day: float = pa.Field(description="worst UTC-day return, as a positive loss")
+    cvar_99: float = pa.Field(description="mean loss of the worst 1% of bars")
+    worst_scenario: str = pa.Field(description="scenario with the lowest equity after, at the lowest stress leverage, cross margin")
+    worst_equity_after: float = pa.Field(description="its equity after, fraction of equity before (minimum over rebalances)")
+    liquidations: int = pa.Field(ge=0, description="stress rows (rebalance x scenario x leverage x margin mode) that liquidate")
+    max_safe_leverage: float = pa.Field(ge=0, description="highest stress leverage with capital sufficient in every scenario, "
+                                        "rebalance and margin mode (0: none)")
+
+
+class Liquidation(Table):
+    """risk.liquidation: liquidation price of every held position of each strategy's LATEST weights,
+    moving that symbol alone, per stress leverage and margin mode."""
+
+    as_of: DateTime = _ts("rebalance whose weights are examined (the latest)")
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    leverage: float = pa.Field(gt=0, description="gross notional / equity of the book")
+    margin_mode: str = pa.Field(isin=["cross", "isolated"], description="margin mode")
+    symbol: str = pa.Field(description="exchange symbol")
+    weight: float = pa.Field(description="target weight, fraction of equity")
+    liquidation_price_ratio: float = pa.Field(nullable=True, gt=0, description="liquidation price / current price; "
+                                              "null when no positive price liquidates")
+    distance: float = pa.Field(nullable=True, ge=0, description="adverse price move to liquidation, fraction")
+
+    @pa.dataframe_check(error="duplicate (as_of, strategy, leverage, margin_mode, symbol)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "strategy", "leverage", "margin_mode", "symbol"])
+
+
+class DataQuality(Table):
+    """raw.data_quality: one row per data-quality issue of the raw layer, symbol and UTC day (a gap
+    crossing midnight is two rows). No row means the day was read clean. Gaps are reported, never filled."""
+
+    symbol: str = pa.Field(description="exchange symbol")
+    dataset: str = pa.Field(isin=["candles", "funding"], description="which raw table the issue is in")
+    issue: str = pa.Field(isin=["gap", "duplicates", "out_of_order"], description="gap: hourly bars missing; duplicates: "
+                          "repeated (ts, symbol) rows dropped, first kept; out_of_order: rows earlier than the row before them, sorted")
+    from_ts: DateTime = _ts("first affected hour (gap: first missing bar open), UTC")
+    to_ts: DateTime = _ts("last affected hour (gap: last missing bar open, inclusive), UTC")
+    bars_missing: int = pa.Field(ge=0, description="hourly bars missing in [from_ts, to_ts] (gap rows; 0 otherwise)")
+    duplicates_dropped: int = pa.Field(ge=0, description="rows dropped as duplicates (duplicates rows; 0 otherwise)")
+    out_of_order: int = pa.Field(ge=0, description="rows found out of order and sorted (out_of_order rows; 0 otherwise)")
+
+    @pa.dataframe_check(error="duplicate (symbol, dataset, issue, from_ts)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["symbol", "dataset", "issue", "from_ts"])
 
 
 def conform(frame: pl.DataFrame, model: type[pa.DataFrameModel]) -> pl.DataFrame:

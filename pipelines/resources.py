@@ -7,26 +7,59 @@ column name; an empty frame still creates the table so downstream reads never hi
 table.
 """
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
+import duckdb
 import polars as pl
 from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, TableSlice
 from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
+from perpfolio.errors import ConfigError
+from perpfolio.sources.archive import gap_report, read_archive, empty_data
+from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
 
 
+LOCK_WAIT_SECONDS = 600.0  # how long a writer waits for another process's DuckDB file lock
+
+
+def connect_waiting(database: str, config: dict, *, read_only: bool = False, wait_s: float = LOCK_WAIT_SECONDS):
+    """`duckdb.connect`, waiting (capped exponential backoff, 0.05 s to 1 s) while another process
+    holds the file lock, for up to `wait_s` seconds; any other error is raised at once.
+
+    The warehouse pool (dagster.yaml) already runs one writer step at a time across runs of one
+    DAGSTER_HOME; this covers what the pool does not see: readers and writers outside Dagster
+    (the `duckdb` CLI, `make run`'s summary) or runs of another DAGSTER_HOME.
+    """
+    deadline, delay = time.monotonic() + wait_s, 0.05
+    while True:
+        try:
+            return duckdb.connect(database, read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            if "could not set lock" not in str(exc).lower() or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(1.0, delay * 2)
+
+
 class _TransactionalClient(DuckDbClient):
-    """DuckDB client whose connection scope is one transaction: all of a write, or none of it."""
+    """DuckDB client whose connection scope is one transaction: all of a write, or none of it.
+
+    The stock client closes its connection only on success, so a failed write left the file open
+    (and locked against other processes) until garbage collection; this one always closes it.
+    """
 
     @staticmethod
     @contextmanager
     def connect(context, table_slice: TableSlice) -> Iterator:
-        with DuckDbClient.connect(context, table_slice) as conn:
+        config = {"custom_user_agent": "dagster", **context.resource_config["connection_config"]}
+        conn = connect_waiting(context.resource_config["database"], config)
+        try:
             conn.execute("BEGIN TRANSACTION")
             try:
                 yield conn
@@ -34,6 +67,8 @@ class _TransactionalClient(DuckDbClient):
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        finally:
+            conn.close()
 
 
 class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
@@ -46,6 +81,12 @@ class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
         return {"row_count": obj.height}
 
     def load_input(self, context: dg.InputContext, table_slice: TableSlice, connection) -> pl.DataFrame:
+        # an input declared with metadata allow_missing_table (a self-dependency on the previous
+        # partition) reads as an empty frame before the table's first write, instead of failing
+        if (context.definition_metadata or {}).get("allow_missing_table") and not connection.execute(
+            "SELECT 1 FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?", [table_slice.schema, table_slice.table]
+        ).fetchall():
+            return pl.DataFrame()
         return as_utc(super().load_input(context, table_slice, connection))
 
 
@@ -79,17 +120,25 @@ class RawMarket(dg.ConfigurableResource):
     `fetch(start, end)` returns bars with ts in [start, end), funding events whose bar_ts is in
     [start, end) and implied-vol observations with ts in [start, end), for `symbols`. Nothing
     after the last closed hour is returned, so a day in progress holds only the bars that exist.
+    `fetch_with_quality` adds the data-quality rows (gaps, duplicates dropped, rows out of order).
+
+    source "synthetic": the built-in market (`origin`, `seed`). source "archive": Binance archive
+    files under `archive_dir` (perpfolio.sources.archive) and implied vol from the `iv_csv` files
+    (perpfolio.sources.implied_vol); an underlying without a file gets the labelled proxy downstream.
     """
 
     source: str = "synthetic"
     symbols: list[str]
     origin: str  # ISO datetime of the first bar of the synthetic history (its seed anchor)
     seed: int = 7
+    archive_dir: str = ""  # source "archive": root of the futures/um/... layout
+    iv_csv: list[str] = []  # source "archive": DVOL or ts,underlying,iv CSV files
 
     def fetch(self, start: datetime, end: datetime) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        if self.source == "archive":
+            return self.fetch_with_quality(start, end)[:3]
         origin = datetime.fromisoformat(self.origin)
-        # bars opened before the current hour have closed; nothing later exists yet
-        end = min(end, datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0))
+        end = _closed(end)
         market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed)
         in_window = lambda col: pl.col(col).is_between(start, end, closed="left")  # noqa: E731
         return (
@@ -97,3 +146,26 @@ class RawMarket(dg.ConfigurableResource):
             market.funding.filter(in_window("bar_ts")),
             market.implied_vol.filter(in_window("ts")),
         )
+
+    def fetch_with_quality(
+        self, start: datetime, end: datetime
+    ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        """`fetch` plus the data-quality frame (perpfolio.sources.archive.QUALITY_SCHEMA) of [start, end)."""
+        end = _closed(end)
+        if self.source == "archive":
+            if end <= start:
+                empty = empty_data()
+                return empty.candles, empty.funding, read_implied_vol([]), empty.quality
+            data = read_archive(self.archive_dir, self.symbols, start, end)
+            iv = read_implied_vol(self.iv_csv, start, end)
+            return data.candles, data.funding, iv, data.quality
+        if self.source != "synthetic":
+            raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose 'synthetic' or 'archive'")
+        candles, funding, iv = self.fetch(start, end)
+        quality = gap_report(candles, self.symbols, start, end) if end > start else empty_data().quality
+        return candles, funding, iv, quality
+
+
+def _closed(end: datetime) -> datetime:
+    """Bars opened before the current hour have closed; nothing later exists yet."""
+    return min(end, datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0))

@@ -27,6 +27,17 @@ def normalize_symbol(raw: str) -> str:
     return base if base.endswith("USDT") else base + "USDT"
 
 
+def _parse_static_weights(raw: str) -> tuple[tuple[str, float], ...]:
+    """'BTC=0.5,ETH=0.3,SOL=0.2' -> (('BTCUSDT', 0.5), ...) for the static-weight baseline."""
+    pairs = []
+    for item in (x for x in raw.split(",") if x.strip()):
+        symbol, sep, weight = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected SYMBOL=WEIGHT, got {item!r}")
+        pairs.append((normalize_symbol(symbol), float(weight)))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Settings:
     """One deployment's settings. Dates are UTC days; `end` is the last day materialized (inclusive),
@@ -36,17 +47,36 @@ class Settings:
     start: date = date(2025, 1, 1)
     end: date | None = date(2025, 7, 29)
     seed: int = 1
-    source: Literal["synthetic"] = "synthetic"
+    source: Literal["synthetic", "archive"] = "synthetic"
+    archive_dir: Path | None = None  # root of a Binance archive layout (futures/um/...) when source = "archive"
+    iv_csv: tuple[Path, ...] = ()  # implied-vol CSVs (Deribit DVOL or ts,underlying,iv) for source = "archive"
     warehouse: Path = PROJECT_ROOT / "warehouse" / "perpfolio.duckdb"
     reports_dir: Path = PROJECT_ROOT / "warehouse" / "reports"
     strategies_file: Path = PROJECT_ROOT / "config" / "strategies.toml"
     bar_hours: int = 1
     return_kind: Literal["simple", "log"] = "simple"
     window_bars: int = 720
+    ewma_half_life_bars: float = 168.0  # EWMA mean/cov and EWMA predicted vol (issue 5)
+    reset_window_bars: int = 168  # shortest window after a regime change (estimators "*_reset")
+    n_factors: int = 1  # principal components beside the market factor in the "factor" estimator
+    downside_tau: float = 0.0  # downside threshold per bar for D_i and the semicovariance
+    momentum_bars: int = 720
+    vrp_z_days: int = 30  # trailing daily asofs of the VRP z-score
+    regime_short_bars: int = 48
+    regime_long_bars: int = 720
+    regime_enter: float = 2.0  # short/long realized-vol ratio that enters the turbulent regime
+    regime_exit: float = 1.2  # ratio at or below which it returns to calm
     fee_bps: float = 5.0
     slippage_bps: float = 2.0
     stress_leverages: tuple[float, ...] = (1.0, 3.0, 5.0, 10.0)
     margin_buffer: float = 0.05
+    executor: Literal["in_process", "multiprocess"] = "in_process"  # Dagster executor of the jobs (scale-out)
+    max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
+    rebalance: Literal["hourly", "daily", "weekly"] = "daily"
+    stop_loss: float | None = None
+    baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
+    static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
+    scenarios_file: Path = PROJECT_ROOT / "config" / "scenarios.toml"
 
     def __post_init__(self) -> None:
         if self.end is not None and self.end < self.start:
@@ -57,10 +87,38 @@ class Settings:
             raise ConfigError(f"PERPFOLIO_RETURN_KIND must be 'simple' or 'log', got {self.return_kind!r}")
         if self.window_bars < 2:
             raise ConfigError(f"PERPFOLIO_WINDOW_BARS must be at least 2, got {self.window_bars}")
+        if not (self.ewma_half_life_bars > 0 and self.reset_window_bars >= 2 and self.momentum_bars >= 1
+                and self.vrp_z_days >= 3 and self.n_factors >= 0 and math.isfinite(self.downside_tau)):
+            raise ConfigError(
+                "PERPFOLIO_EWMA_HALF_LIFE_BARS > 0, PERPFOLIO_RESET_WINDOW_BARS >= 2, PERPFOLIO_MOMENTUM_BARS >= 1, "
+                "PERPFOLIO_VRP_Z_DAYS >= 3, PERPFOLIO_N_FACTORS >= 0 and a finite PERPFOLIO_DOWNSIDE_TAU are required, got "
+                f"{self.ewma_half_life_bars}, {self.reset_window_bars}, {self.momentum_bars}, {self.vrp_z_days}, "
+                f"{self.n_factors}, {self.downside_tau}"
+            )
+        if not (1 <= self.regime_short_bars < self.regime_long_bars and 0 < self.regime_exit < self.regime_enter):
+            raise ConfigError(
+                "PERPFOLIO_REGIME_SHORT_BARS < PERPFOLIO_REGIME_LONG_BARS and 0 < PERPFOLIO_REGIME_EXIT < "
+                f"PERPFOLIO_REGIME_ENTER are required, got {self.regime_short_bars}, {self.regime_long_bars}, "
+                f"{self.regime_exit}, {self.regime_enter}"
+            )
         if len(set(self.symbols)) != len(self.symbols) or not self.symbols:
             raise ConfigError(f"PERPFOLIO_SYMBOLS must list distinct symbols, got {self.symbols}")
-        if self.source != "synthetic":
-            raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; the built-in source is 'synthetic'")
+        if self.rebalance not in ("hourly", "daily", "weekly"):
+            raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily or weekly, got {self.rebalance!r}")
+        if self.stop_loss is not None and not 0 < self.stop_loss < 1:
+            raise ConfigError(f"PERPFOLIO_STOP_LOSS must be in (0, 1) or 'off', got {self.stop_loss}")
+        unknown = set(self.baselines) - {"equal_weight", "btc_only", "static"}
+        if unknown:
+            raise ConfigError(f"PERPFOLIO_BASELINES: unknown {sorted(unknown)}; choose from equal_weight, btc_only, static")
+        if self.executor not in ("in_process", "multiprocess"):
+            raise ConfigError(f"PERPFOLIO_EXECUTOR must be 'in_process' or 'multiprocess', got {self.executor!r}")
+        if self.source not in ("synthetic", "archive"):
+            raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; choose 'synthetic' or 'archive'")
+        if self.source == "archive" and (self.archive_dir is None or not Path(self.archive_dir).is_dir()):
+            raise ConfigError(f"PERPFOLIO_SOURCE=archive needs PERPFOLIO_ARCHIVE_DIR to name a folder, got {self.archive_dir}")
+        missing_iv = [str(p) for p in self.iv_csv if not Path(p).is_file()]
+        if missing_iv:
+            raise ConfigError(f"PERPFOLIO_IV_CSV: no such file(s) {missing_iv}")
 
     @property
     def origin(self) -> datetime:
@@ -94,16 +152,35 @@ class Settings:
             "end": lambda v: None if v.lower() == "open" else date.fromisoformat(v),
             "seed": int,
             "source": str,
+            "archive_dir": Path,
+            "iv_csv": lambda v: tuple(Path(x.strip()) for x in v.split(",") if x.strip()),
             "warehouse": Path,
             "reports_dir": Path,
             "strategies_file": Path,
             "bar_hours": int,
             "return_kind": str,
             "window_bars": int,
+            "ewma_half_life_bars": float,
+            "reset_window_bars": int,
+            "n_factors": int,
+            "downside_tau": float,
+            "momentum_bars": int,
+            "vrp_z_days": int,
+            "regime_short_bars": int,
+            "regime_long_bars": int,
+            "regime_enter": float,
+            "regime_exit": float,
             "fee_bps": float,
             "slippage_bps": float,
             "stress_leverages": lambda v: tuple(float(x) for x in v.split(",") if x.strip()),
             "margin_buffer": float,
+            "executor": str,
+            "max_staleness_hours": float,
+            "rebalance": str,
+            "stop_loss": lambda v: None if v.lower() in ("off", "none", "0") else float(v),
+            "baselines": lambda v: tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"),
+            "static_weights": _parse_static_weights,
+            "scenarios_file": Path,
         }
         values = {}
         for f in fields(cls):
