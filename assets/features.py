@@ -1,5 +1,7 @@
 """features.net_returns and features.estimates: funding-netted returns and rolling moments."""
 
+import math
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -7,7 +9,7 @@ import polars as pl
 from assets import schemas
 from assets.checks import table_asset, validated
 from assets.raw import CANDLES, FUNDING, time_range
-from perpfolio import estimators, returns
+from perpfolio import estimators, returns, signals as signal_lib
 from pipelines.partitions import lookback, rebalance_asofs
 from pipelines.settings import Settings
 
@@ -31,6 +33,72 @@ def window_ends(ts: np.ndarray, asofs: list) -> np.ndarray:
     return np.searchsorted(ts, stamps, side="right") - 1
 
 
+RESET_ESTIMATORS = ("sample", "ledoit_wolf")
+
+
+def regime_lookback_days(settings: Settings) -> int:
+    """Days of history that make the regime of every bar a breakpoint can matter for exact: the
+    state at a bar needs the long window plus the memory (both regime_long_bars) before it, and
+    breakpoints count back a full estimation window (resets) or the memory (regime_since)."""
+    bars = 2 * settings.regime_long_bars + max(settings.window_bars, settings.regime_long_bars)
+    return math.ceil(bars * settings.bar_hours / 24) + 1
+
+
+def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matrix: np.ndarray, asofs: list) -> tuple[pl.DataFrame, dict]:
+    """Long features.estimates rows of every named estimator (fixed window) and of the regime-reset
+    variants ``<name>_reset`` (window from ``reset_windows``), annualized, with metadata."""
+    ppy = returns.periods_per_year(settings.bar_hours)
+    ends = window_ends(ts, asofs)
+    common = dict(ddof=1, tau=settings.downside_tau, half_life=settings.ewma_half_life_bars,
+                  n_factors=min(settings.n_factors, max(len(symbols) - 1, 0)))
+    fixed = estimators.rolling_estimates(matrix, ends, window=settings.window_bars, **common)
+    turbulent, _ = signal_lib.regime_states(
+        matrix, short=settings.regime_short_bars, long=settings.regime_long_bars,
+        enter=settings.regime_enter, exit=settings.regime_exit, memory=settings.regime_long_bars,
+    )
+    windows = signal_lib.reset_windows(
+        ends, signal_lib.regime_breakpoints(turbulent), window=settings.window_bars,
+        reset_window=min(settings.reset_window_bars, settings.window_bars),
+    )
+    reset = estimators.rolling_estimates(matrix, ends, window=windows, estimators=RESET_ESTIMATORS, **common)
+    parts = [
+        estimators.moments_to_long(asofs, symbols, estimators.annualize(m, ppy), estimator=name, window_bars=settings.window_bars)
+        for name, m in fixed.items()
+    ] + [
+        estimators.moments_to_long(asofs, symbols, estimators.annualize(m, ppy), estimator=f"{name}_reset", window_bars=windows)
+        for name, m in reset.items()
+    ]
+    statuses = dict(zip(*np.unique(fixed["sample"].status, return_counts=True)))
+    meta_cv = cv_metadata(settings, ts, matrix, ends)
+    meta = {
+        "asofs": len(asofs), "window_bars": settings.window_bars, "estimators": sorted(fixed) + [f"{n}_reset" for n in reset],
+        "reset_asofs": int(np.sum(windows < settings.window_bars)), "min_reset_window": int(windows.min()),
+        **{f"status_{k}": int(v) for k, v in statuses.items()}, **meta_cv,
+    }
+    return pl.concat(parts), meta
+
+
+def cv_metadata(settings: Settings, ts: np.ndarray, matrix: np.ndarray, ends: np.ndarray) -> dict:
+    """Walk-forward CV of the window length and the EWMA half-life on the loaded history: every
+    daily asof whose next day is complete by the partition's last asof (no look-ahead)."""
+    day = max(1, 24 // settings.bar_hours)
+    last = int(ends.max()) if ends.size else -1
+    cv_ends = np.arange(last - day, -1, -day)[::-1]
+    windows = tuple(sorted({w for w in (168, 336, settings.window_bars) if 2 <= w <= settings.window_bars}))
+    cv = estimators.walk_forward_cv(
+        matrix, cv_ends, windows=windows, half_lives=(24.0, 72.0, 168.0, 336.0),
+        ewma_window=settings.window_bars, horizon=day,
+    )
+    lines = ["| parameter | value | score (nats/bar) | days scored | chosen |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {v:g} | {'' if sc is None else f'{sc:.4f}'} | {n} | {'yes' if c else ''} |" for p, v, sc, n, c in cv.iter_rows()]
+    chosen = {p: v for p, v, _, _, c in cv.iter_rows() if c}
+    return {
+        "cv_scores": dg.MetadataValue.md("\n".join(lines)),
+        "cv_chosen_window_bars": int(chosen["window"]) if "window" in chosen else -1,
+        "cv_chosen_half_life_bars": float(chosen["half_life"]) if "half_life" in chosen else -1.0,
+    }
+
+
 def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
@@ -51,10 +119,14 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of",
-        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days))},
+        ins={"net_returns": dg.AssetIn(
+            NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)))
+        )},
         group_name="features", kinds={"duckdb", "numpy"},
-        description=f"Rolling sample mean, covariance (ddof=1), downside D_i and semicovariance over the last "
-        f"{settings.window_bars} bars at each daily asof, annualized x{ppy:g}. Long format.",
+        description=f"Rolling mean, covariance, downside D_i and semicovariance over the last {settings.window_bars} "
+        f"bars at each daily asof, annualized x{ppy:g}, long format, one set per estimator: sample (ddof=1), ewma "
+        f"(half-life {settings.ewma_half_life_bars:g} bars), ledoit_wolf, oas, factor, shrinkage; and sample_reset / "
+        f"ledoit_wolf_reset whose window restarts at a regime breakpoint (at least {settings.reset_window_bars} bars).",
     )
     def estimates(context: dg.AssetExecutionContext, net_returns: pl.DataFrame):
         asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
@@ -62,12 +134,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
             yield from validated(schemas.empty(schemas.Estimates), schemas.Estimates, ESTIMATES, metadata={"asofs": 0})
             return
         ts, matrix = aligned_returns(net_returns, symbols)
-        moments = estimators.rolling_moments(matrix, window_ends(ts, asofs), window=settings.window_bars)
-        frame = estimators.moments_to_long(
-            asofs, symbols, estimators.annualize(moments, ppy), estimator="sample", window_bars=settings.window_bars
-        )
-        statuses = dict(zip(*np.unique(moments.status, return_counts=True)))
-        meta = {"asofs": len(asofs), "window_bars": settings.window_bars, **{f"status_{k}": int(v) for k, v in statuses.items()}}
+        frame, meta = estimate_frame(settings, symbols, ts, matrix, asofs)
         yield from validated(frame, schemas.Estimates, ESTIMATES, metadata=meta)
 
     return [net_returns, estimates]

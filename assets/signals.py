@@ -1,32 +1,40 @@
 """signals.signals: realized and implied variance and the variance risk premium per asof and symbol."""
 
+import math
+
 import dagster as dg
 import polars as pl
 
 from assets import schemas
 from assets.checks import table_asset, validated
-from assets.features import NET_RETURNS, aligned_returns, window_ends
+from assets.features import NET_RETURNS, aligned_returns, regime_lookback_days
 from assets.raw import IMPLIED_VOL
-from perpfolio import returns, signals as signal_lib
+from perpfolio import signals as signal_lib
 from pipelines.partitions import lookback, rebalance_asofs
 from pipelines.settings import Settings
 
 SIGNALS = dg.AssetKey(["signals", "signals"])
 IV_LOOKBACK_DAYS = 2
+FUNDING_FIT_DAYS = 30
 
 
 def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
+    trailing_days = max(settings.vrp_z_days, FUNDING_FIT_DAYS + 1)  # daily grid of the z-score and the AR(1)
+    bars_days = math.ceil(max(settings.window_bars, settings.momentum_bars) * settings.bar_hours / 24)
+    history_days = max(bars_days + trailing_days, regime_lookback_days(settings))
 
     @table_asset(
         SIGNALS, schemas.Signals, partitions=partitions, partition_expr="as_of",
         ins={
-            "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days)),
-            "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS)),
+            "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(history_days)),
+            "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS + trailing_days)),
         },
         group_name="signals", kinds={"duckdb", "numpy"},
         description="VRP = implied variance - realized variance (annualized). Implied variance is iv^2 of the "
-        "underlying's index, or for symbols without one a proxy scaled from BTC's by relative realized variance.",
+        "underlying's index, or for symbols without one a proxy scaled from BTC's by relative realized variance. "
+        "Also: VRP z-score, AR(1) next-day funding forecast (per hour) and funding-adjusted VRP, momentum, EWMA and "
+        "GARCH(1,1) predicted vol, calm/turbulent regime from the short/long vol ratio with its breakpoint.",
     )
     def signals(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, implied_vol: pl.DataFrame):
         asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
@@ -34,13 +42,16 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
             yield from validated(schemas.empty(schemas.Signals), schemas.Signals, SIGNALS, metadata={"asofs": 0})
             return
         ts, matrix = aligned_returns(net_returns, symbols)
-        realized = signal_lib.realized_variance(
-            matrix, window_ends(ts, asofs), window=settings.window_bars,
-            periods_per_year=returns.periods_per_year(settings.bar_hours),
+        _, funding = aligned_returns(net_returns, symbols, column="funding_return")
+        frame, extra = signal_lib.build_signals(
+            ts, matrix, funding, asofs, symbols, implied_vol, window=settings.window_bars, bar_hours=settings.bar_hours,
+            momentum_bars=settings.momentum_bars, ewma_half_life_bars=settings.ewma_half_life_bars,
+            vrp_z_days=settings.vrp_z_days, regime_short_bars=settings.regime_short_bars,
+            regime_long_bars=settings.regime_long_bars, regime_enter=settings.regime_enter,
+            regime_exit=settings.regime_exit, funding_fit_days=FUNDING_FIT_DAYS,
         )
-        frame = signal_lib.vrp_signals(asofs, symbols, realized, implied_vol)
         sources = frame.group_by("iv_source").len().sort("iv_source")
-        meta = {"asofs": len(asofs), **{f"iv_source_{s}": n for s, n in sources.iter_rows()}}
+        meta = {"asofs": len(asofs), **{f"iv_source_{s}": n for s, n in sources.iter_rows()}, **extra}
         yield from validated(frame, schemas.Signals, SIGNALS, metadata=meta)
 
     return [signals]

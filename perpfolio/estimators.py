@@ -1,4 +1,9 @@
-"""Rolling sample moments of per-bar net returns: mean, covariance, downside risk, semicovariance.
+"""Rolling moments of per-bar net returns: mean, covariance, downside risk, semicovariance.
+
+``rolling_moments`` gives the sample estimator; ``rolling_estimates`` gives every named estimator
+of ``ESTIMATORS`` (sample, ewma, ledoit_wolf, oas, factor, shrinkage) in one batched pass, with
+one window length or one per window (regime resets); ``walk_forward_cv`` scores window lengths
+and EWMA half-lives by the out-of-sample Gaussian log-likelihood of the next bars.
 
 Window ``k`` holds the ``window`` bars ending at (and including) row ``ends[k]``, the bar opened
 at ``asof``: only data at or before ``asof`` is ever used. Inputs are per-bar returns (simple or
@@ -128,18 +133,8 @@ def rolling_moments(
         raise ConfigError(f"ddof must be an integer in [0, window), got {ddof!r}")
     if not np.isfinite(tau):
         raise ConfigError(f"tau must be finite, got {tau!r}")
+    starts, n_obs, status = _window_status(returns, ends, np.full(ends.size, window, dtype=np.int64))
     k = ends.size
-    starts = ends - window + 1
-    first = np.maximum(starts, 0)
-    complete = np.concatenate([[0], np.cumsum(~np.isnan(returns).any(axis=1))])
-    n_obs = complete[ends + 1] - complete[first]
-    # changes[j, i]: how often symbol i's return differs from the row before, up to row j
-    changes = np.concatenate([np.zeros((1, n), np.int64), np.cumsum(np.diff(returns, axis=0) != 0, axis=0)])
-    constant = (changes[np.maximum(ends, 0)] == changes[first]).any(axis=1)
-    status = np.full(k, "ok", dtype=_STATUS_DTYPE)
-    status[constant] = "degenerate"
-    status[n_obs < window] = "missing_data"
-    status[starts < 0] = "insufficient_history"
 
     mean = np.full((k, n), np.nan)
     cov = np.full((k, n, n), np.nan)
@@ -156,6 +151,284 @@ def rolling_moments(
         semicov[rows] = _symmetric(z.transpose(0, 2, 1) @ z) / window
     downside = np.diagonal(semicov, axis1=1, axis2=2).copy()
     return Moments(mean=mean, cov=cov, downside=downside, semicov=semicov, n_obs=n_obs.astype(np.int64), status=status)
+
+
+ESTIMATORS: dict[str, tuple[str, str]] = {
+    "sample": ("sample", "sample"),
+    "ewma": ("ewma", "ewma"),
+    "ledoit_wolf": ("sample", "ledoit_wolf"),
+    "oas": ("sample", "oas"),
+    "factor": ("sample", "factor"),
+    "shrinkage": ("shrunk", "ledoit_wolf"),
+}
+"""Named estimators: name -> (mean method, covariance method). A strategy picks one by name."""
+
+MEAN_METHODS = ("sample", "ewma", "shrunk")
+COV_METHODS = ("sample", "ewma", "ledoit_wolf", "oas", "factor")
+
+
+def ewma_weights(window: int, half_life: float) -> np.ndarray:
+    """Normalized EWMA weights of a window, oldest bar first: ``a_s = lam^(window-1-s) / sum(lam^j)``.
+
+    ``lam = 2^(-1/half_life)`` (``half_life`` in bars; the weight halves every ``half_life`` bars
+    into the past). These are the weights of the recursion ``S_t = lam S_{t-1} + (1 - lam) x_t``
+    started at the first bar of the window, renormalized so they sum to 1 exactly.
+    ``half_life = inf`` gives equal weights (the sample estimator).
+    """
+    if not (isinstance(half_life, (int, float, np.floating, np.integer)) and half_life > 0) or np.isnan(half_life):
+        raise ConfigError(f"half_life must be a number > 0 (bars), got {half_life!r}")
+    lam = 2.0 ** (-1.0 / half_life)
+    raw = lam ** np.arange(window - 1, -1, -1, dtype=np.float64)
+    return raw / raw.sum()
+
+
+def rolling_estimates(
+    returns: np.ndarray,
+    ends: np.ndarray,
+    *,
+    window: int | np.ndarray,
+    estimators: tuple[str, ...] | list[str] = tuple(ESTIMATORS),
+    ddof: int = 1,
+    tau: float = 0.0,
+    half_life: float = 168.0,
+    n_factors: int = 1,
+    market_factor: str = "mean",
+) -> dict[str, Moments]:
+    """Every named estimator of ``ESTIMATORS`` over the windows ending at ``ends``. Per-bar units.
+
+    ``window``: one length for all windows, or one per window (``len(ends)`` ints, e.g. shortened
+    after a regime change); windows are grouped by length and each group is batched. One pass per
+    chunk of windows computes the centred Gram matrix ``X^T X`` (``X = W - mean``) and the
+    downside product ``Z^T Z`` (``Z = min(W - tau, 0)``) once and derives every estimator from them.
+    Windows, statuses and the NaN policy are those of ``rolling_moments`` (a non-ok window is
+    all NaN in every estimator).
+
+    Means (per bar): ``sample`` = window mean; ``ewma`` = ``sum_s a_s r_s`` with ``ewma_weights``;
+    ``shrunk`` = ``mbar + (1 - delta)(m - mbar)``, toward the cross-sectional mean ``mbar`` of the
+    sample means with the diagonal Bayes-Stein intensity
+    ``delta = min(1, (N + 2) / (N + 2 + T_w sum_i (m_i - mbar)^2 / s_ii))`` (Jorion 1986 with the
+    covariance replaced by its diagonal; ``s_ii`` the sample variances).
+
+    Covariances (per bar^2):
+
+    - ``sample``: ``X^T X / (T_w - ddof)``.
+    - ``ewma``: ``sum_s a_s (r_s - m_e)(r_s - m_e)^T / (1 - sum_s a_s^2)`` with the EWMA mean
+      ``m_e``; the denominator is the reliability-weights bias correction, so
+      ``np.cov(W, aweights=a, ddof=1)`` equals it and ``half_life = inf`` gives the sample cov.
+    - ``ledoit_wolf``: scikit-learn's ``LedoitWolf()`` (``assume_centered=False``): the
+      maximum-likelihood covariance ``S = X^T X / T_w`` (ddof 0, NOT ddof 1) shrunk toward
+      ``mu I``, ``mu = tr(S) / N``: ``(1 - s) S + s mu I`` with the Ledoit-Wolf (2004) intensity
+      ``s = min(b, d) / d``, ``d = ||S - mu I||_F^2 / N``, ``b = (sum_t ||x_t||^4 / T_w - ||X^T X||_F^2 / T_w^2) / (N T_w)``.
+    - ``oas``: scikit-learn's ``OAS()``: the same ``S`` and target, intensity
+      ``s = min(1, (a + mu^2) / ((T_w + 1)(a - mu^2 / N)))``, ``a = mean(S_ij^2)`` (s = 1 if the
+      denominator is 0). Both equal scikit-learn per window to relative 1e-10 (tested).
+    - ``factor``: ``market_factor="mean"``: the market return ``f_t`` = cross-sectional mean of
+      the centred returns, betas ``b = X^T f / f^T f``, residuals ``E = X - f b^T`` with covariance
+      ``S_E = E^T E / (T_w - ddof)``; ``Sigma = var(f) b b^T + V_k L_k V_k^T + diag(S_E - V_k L_k V_k^T)``
+      with the ``n_factors`` leading eigenpairs ``(L_k, V_k)`` of ``S_E``.
+      ``market_factor="pca"``: the first principal component of the sample covariance is the
+      market factor, so ``Sigma = V_{k+1} L_{k+1} V_{k+1}^T + diag(residual)`` from the sample
+      covariance. A sum of PSD terms with a non-negative diagonal residual: PSD, and PD when
+      every residual variance is positive.
+
+    Downside and semicovariance: ``z = min(0, r - tau)``; equal weights ``Z^T Z / T_w`` for every
+    estimator but ``ewma``, which uses ``sum_s a_s z_s z_s^T``. ``downside = diag(semicov)``.
+    Every matrix is exactly symmetric and PSD (also with N > T_w and near-singular windows).
+    """
+    returns = _check_returns(returns)
+    t, n = returns.shape
+    ends = _check_ends(ends, t)
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown or not estimators:
+        raise ConfigError(f"estimators: unknown {unknown} (or none given); choose from {sorted(ESTIMATORS)}")
+    windows = np.broadcast_to(np.asarray(window), ends.shape) if np.ndim(window) == 0 else np.asarray(window)
+    if windows.shape != ends.shape or not np.issubdtype(windows.dtype, np.integer) or (windows < 2).any():
+        raise ConfigError(f"window must be an integer >= 2 or one such integer per window, got {window!r}")
+    windows = windows.astype(np.int64)
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or not 0 <= ddof < (windows.min() if windows.size else 2):
+        raise ConfigError(f"ddof must be an integer in [0, window), got {ddof!r}")
+    if not np.isfinite(tau):
+        raise ConfigError(f"tau must be finite, got {tau!r}")
+    too_many = "factor" in estimators and n_factors > n - 1
+    if isinstance(n_factors, bool) or not isinstance(n_factors, (int, np.integer)) or n_factors < 0 or too_many:
+        raise ConfigError(f"n_factors must be an integer in [0, N-1] = [0, {n - 1}], got {n_factors!r}")
+    if market_factor not in ("mean", "pca"):
+        raise ConfigError(f"market_factor must be 'mean' or 'pca', got {market_factor!r}")
+    ewma_weights(2, half_life)  # validates half_life
+    starts, n_obs, status = _window_status(returns, ends, windows)
+    k = ends.size
+    # one output array per METHOD (estimators sharing a mean, covariance or semicovariance method
+    # share the array: treat Moments as read-only), so 8 estimators do not allocate 8 copies
+    specs = {name: ESTIMATORS[name] for name in estimators}
+    methods = {
+        "mean": sorted({m for m, _ in specs.values()}),
+        "cov": sorted({c for _, c in specs.values()}),
+        "semicov": sorted({"ewma" if c == "ewma" else "equal" for _, c in specs.values()}),
+    }
+    out = {
+        quantity: {m: np.full((k, n) if quantity == "mean" else (k, n, n), np.nan) for m in names}
+        for quantity, names in methods.items()
+    }
+    for length in np.unique(windows):
+        todo = np.flatnonzero((status == "ok") & (windows == length))
+        weights = ewma_weights(int(length), half_life)
+        for chunk in range(0, todo.size, _CHUNK):
+            rows = todo[chunk : chunk + _CHUNK]
+            w = returns[starts[rows, None] + np.arange(length)]  # (c, length, n)
+            parts = _chunk_estimates(w, methods, ddof=ddof, tau=tau, weights=weights,
+                                     n_factors=int(n_factors), market_factor=market_factor)
+            for quantity, arrays in parts.items():
+                for method, value in arrays.items():
+                    out[quantity][method][rows] = value
+    downside = {m: np.diagonal(a, axis1=1, axis2=2).copy() for m, a in out["semicov"].items()}
+    n_obs = n_obs.astype(np.int64)
+    result = {}
+    for name, (mean_method, cov_method) in specs.items():
+        semi = "ewma" if cov_method == "ewma" else "equal"
+        result[name] = Moments(
+            mean=out["mean"][mean_method], cov=out["cov"][cov_method], downside=downside[semi],
+            semicov=out["semicov"][semi], n_obs=n_obs, status=status,
+        )
+    return result
+
+
+def _chunk_estimates(w, methods, *, ddof, tau, weights, n_factors, market_factor) -> dict[str, dict[str, np.ndarray]]:
+    """The requested mean / cov / semicov methods on a stack of complete windows ``w`` (c, T_w, N);
+    see ``rolling_estimates``. Returns {quantity: {method: array}}."""
+    c, length, n = w.shape
+    means, covs = set(methods["mean"]), set(methods["cov"])
+    m = w.mean(axis=1)
+    x = w - m[:, None, :]
+    needs_gram = bool(covs - {"ewma"}) or "shrunk" in means
+    gram = _symmetric(x.transpose(0, 2, 1) @ x) if needs_gram else None  # (c, n, n)
+    z = np.minimum(w - tau, 0.0)
+    mean: dict[str, np.ndarray] = {"sample": m}
+    cov: dict[str, np.ndarray] = {}
+    semicov = {"equal": _symmetric(z.transpose(0, 2, 1) @ z) / length} if "equal" in methods["semicov"] else {}
+    if "sample" in covs or "shrunk" in means:
+        cov["sample"] = gram / (length - ddof)
+    if "shrunk" in means:
+        var = np.diagonal(cov["sample"], axis1=1, axis2=2)
+        mbar = m.mean(axis=1, keepdims=True)
+        dist = length * np.sum((m - mbar) ** 2 / var, axis=1, keepdims=True)
+        delta = np.minimum(1.0, (n + 2.0) / (n + 2.0 + dist))
+        mean["shrunk"] = mbar + (1.0 - delta) * (m - mbar)
+    if "ledoit_wolf" in covs or "oas" in covs:
+        s_ml = gram / length
+        trace = np.trace(s_ml, axis1=1, axis2=2)
+        mu = trace / n
+        eye = np.eye(n)
+        if "ledoit_wolf" in covs:
+            x2 = x * x
+            beta_ = np.sum(x2.sum(axis=2) ** 2, axis=1)  # sum_ij (X2^T X2)_ij = sum_t (sum_i x_ti^2)^2
+            delta_ = np.sum(gram**2, axis=(1, 2)) / length**2
+            beta = (beta_ / length - delta_) / (n * length)
+            delta = (delta_ - 2.0 * mu * trace + n * mu**2) / n
+            beta = np.minimum(beta, delta)
+            shrink = np.where(beta == 0, 0.0, beta / np.where(delta == 0, 1.0, delta)) if n > 1 else np.zeros(c)
+            cov["ledoit_wolf"] = (1.0 - shrink)[:, None, None] * s_ml + (shrink * mu)[:, None, None] * eye
+        if "oas" in covs:
+            alpha = np.mean(s_ml**2, axis=(1, 2))
+            num = alpha + mu**2
+            den = (length + 1.0) * (alpha - mu**2 / n)
+            shrink = np.where(den == 0, 1.0, np.minimum(num / np.where(den == 0, 1.0, den), 1.0)) if n > 1 else np.zeros(c)
+            cov["oas"] = (1.0 - shrink)[:, None, None] * s_ml + (shrink * mu)[:, None, None] * eye
+    if "factor" in covs:
+        cov["factor"] = _factor_cov(x, gram, ddof=ddof, n_factors=n_factors, market_factor=market_factor)
+    if "ewma" in means or "ewma" in covs:
+        me = np.einsum("t,ctn->cn", weights, w)
+        xe = w - me[:, None, :]
+        mean["ewma"] = me
+        cov["ewma"] = _symmetric((xe * weights[None, :, None]).transpose(0, 2, 1) @ xe) / (1.0 - np.sum(weights**2))
+        semicov["ewma"] = _symmetric((z * weights[None, :, None]).transpose(0, 2, 1) @ z)
+    return {
+        "mean": {m: mean[m] for m in methods["mean"]},
+        "cov": {m: cov[m] for m in methods["cov"]},
+        "semicov": {m: semicov[m] for m in methods["semicov"]},
+    }
+
+
+def _factor_cov(x: np.ndarray, gram: np.ndarray, *, ddof: int, n_factors: int, market_factor: str) -> np.ndarray:
+    """Market factor + ``n_factors`` principal components + diagonal residual (see ``rolling_estimates``)."""
+    c, length, n = x.shape
+    if market_factor == "pca":
+        total = gram / (length - ddof)
+        resid, systematic = total, np.zeros_like(total)
+        k = n_factors + 1
+    else:
+        f = x.mean(axis=2)  # (c, length): centred cross-sectional mean return
+        ff = np.sum(f * f, axis=1)
+        xf = np.einsum("ctn,ct->cn", x, f)
+        beta = xf / np.where(ff > 0, ff, 1.0)[:, None]
+        # E = X - f b^T with b = X^T f / f^T f: E^T E = X^T X - (X^T f)(X^T f)^T / f^T f (no second Gram)
+        resid = _symmetric(gram - beta[:, :, None] * xf[:, None, :]) / (length - ddof)
+        systematic = (ff / (length - ddof))[:, None, None] * beta[:, :, None] * beta[:, None, :]
+        k = n_factors
+    k = min(k, n)
+    if k:
+        vals, vecs = np.linalg.eigh(resid)  # ascending
+        vals, vecs = np.maximum(vals[:, n - k :], 0.0), vecs[:, :, n - k :]
+        pcs = _symmetric((vecs * vals[:, None, :]) @ vecs.transpose(0, 2, 1))
+    else:
+        pcs = np.zeros_like(resid)
+    diag = np.maximum(np.diagonal(resid, axis1=1, axis2=2) - np.diagonal(pcs, axis1=1, axis2=2), 0.0)
+    return _symmetric(systematic + pcs) + diag[:, :, None] * np.eye(n)
+
+
+def gaussian_loglik(mean: np.ndarray, cov: np.ndarray, future: np.ndarray) -> np.ndarray:
+    """Average Gaussian log-likelihood per bar of ``future`` under ``N(mean, cov)``, per window.
+
+    ``mean`` K x N and ``cov`` K x N x N per bar; ``future`` K x H x N per-bar returns.
+    ``ll_k = -1/2 mean_h [N log(2 pi) + log det cov_k + (r_h - m_k)^T cov_k^{-1} (r_h - m_k)]``
+    (nats per bar). NaN where ``cov_k`` is not positive definite (an eigenvalue <= 1e-14 x the
+    largest) or an input is NaN.
+    """
+    k, h, n = future.shape
+    vals, vecs = np.linalg.eigh(np.where(np.isfinite(cov), cov, 0.0))
+    ok = (vals[:, 0] > 1e-14 * np.abs(vals[:, -1])) & np.isfinite(cov).all(axis=(1, 2)) & np.isfinite(mean).all(axis=1)
+    ok &= np.isfinite(future).all(axis=(1, 2))
+    safe = np.where(ok[:, None], vals, 1.0)
+    proj = np.einsum("kij,khi->khj", vecs, np.nan_to_num(future - mean[:, None, :]))  # no NaN reaches an ok row
+    maha = np.sum(proj**2 / safe[:, None, :], axis=2)  # (k, h)
+    ll = -0.5 * (n * np.log(2 * np.pi) + np.sum(np.log(safe), axis=1)[:, None] + maha)
+    return np.where(ok, ll.mean(axis=1), np.nan)
+
+
+def walk_forward_cv(
+    returns: np.ndarray,
+    ends: np.ndarray,
+    *,
+    windows: tuple[int, ...] = (168, 336, 720),
+    half_lives: tuple[float, ...] = (24.0, 72.0, 168.0, 336.0),
+    ewma_window: int = 720,
+    horizon: int = 24,
+) -> pl.DataFrame:
+    """Choose the window length (``sample``) and the EWMA half-life (``ewma``) by walk-forward CV.
+
+    At every end row ``e`` the candidate's per-bar mean and covariance from bars ``<= e`` are
+    scored by ``gaussian_loglik`` on the next ``horizon`` bars ``e+1 .. e+horizon`` (out of
+    sample). Only ends where every candidate is "ok" and the future is complete count, so all
+    candidates are scored on the same days; to stay free of look-ahead at an asof ``a``, pass
+    ends with ``e + horizon <= row(a)``. The score is the mean over those ends (nats per bar;
+    higher is better). Returns parameter ("window" | "half_life"), value, score, n_scored,
+    chosen (the best value per parameter; none chosen when nothing could be scored).
+    """
+    returns = _check_returns(returns)
+    t = returns.shape[0]
+    ends = _check_ends(ends, t)
+    ends = ends[(ends >= 0) & (ends + horizon < t)]
+    future = returns[ends[:, None] + 1 + np.arange(horizon)]  # (k, horizon, n)
+    candidates = [("window", float(w), rolling_estimates(returns, ends, window=int(w), estimators=("sample",))["sample"]) for w in windows]
+    candidates += [
+        ("half_life", float(hl), rolling_estimates(returns, ends, window=ewma_window, estimators=("ewma",), half_life=hl)["ewma"])
+        for hl in half_lives
+    ]
+    lls = [gaussian_loglik(m.mean, m.cov, future) for _, _, m in candidates]
+    common = np.logical_and.reduce([np.isfinite(ll) for ll in lls]) if lls else np.zeros(0, bool)
+    rows = [(p, v, float(ll[common].mean()) if common.any() else None, int(common.sum())) for (p, v, _), ll in zip(candidates, lls)]
+    frame = pl.DataFrame(rows, schema={"parameter": pl.String, "value": pl.Float64, "score": pl.Float64, "n_scored": pl.Int64}, orient="row")
+    best = pl.col("score") == pl.col("score").max().over("parameter")
+    return frame.with_columns(chosen=(best & pl.col("score").is_not_null()).fill_null(False))
 
 
 def annualize(moments: Moments, periods_per_year: float) -> Moments:
@@ -176,7 +449,7 @@ def annualize(moments: Moments, periods_per_year: float) -> Moments:
 
 
 def moments_to_long(
-    asofs: np.ndarray, symbols: list[str], moments: Moments, *, estimator: str = "sample", window_bars: int
+    asofs: np.ndarray, symbols: list[str], moments: Moments, *, estimator: str = "sample", window_bars: int | np.ndarray
 ) -> pl.DataFrame:
     """Long ``features.estimates`` rows: asof, estimator, quantity, symbol, symbol_j, value,
     window_bars, n_obs, status.
@@ -184,6 +457,7 @@ def moments_to_long(
     Per asof: quantity "mean" and "downside" (one row per symbol, symbol_j null), "cov" and
     "semicov" (all N*N pairs). ``value`` is in the units of ``moments`` (annualized when it went
     through ``annualize``) and null on every row of an asof whose status is not "ok".
+    ``window_bars``: one length, or one per asof (windows shortened after a regime change).
     """
     asofs = to_datetime64(asofs)
     k, n = moments.mean.shape
@@ -208,7 +482,7 @@ def moments_to_long(
         as_of=pl.Series(np.repeat(asofs, per_asof)).dt.replace_time_zone("UTC"),
         estimator=pl.lit(estimator, dtype=pl.String),
         value=pl.Series(values.ravel(), dtype=pl.Float64),
-        window_bars=pl.lit(window_bars, dtype=pl.Int64),
+        window_bars=pl.Series(np.repeat(np.broadcast_to(np.asarray(window_bars, dtype=np.int64), (k,)), per_asof), dtype=pl.Int64),
         n_obs=pl.Series(np.repeat(moments.n_obs, per_asof), dtype=pl.Int64),
         status=pl.Series(np.repeat(moments.status, per_asof).tolist(), dtype=pl.String),
     )
@@ -275,6 +549,23 @@ def moments_from_long(frame: pl.DataFrame, *, estimator: str = "sample") -> tupl
         status=per_asof["status"].to_numpy().astype(_STATUS_DTYPE),
     )
     return asofs, symbols, moments
+
+
+def _window_status(returns: np.ndarray, ends: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, n_obs, status)`` of the windows ``[ends - windows + 1, ends]`` (exact prefix counts)."""
+    n = returns.shape[1]
+    starts = ends - windows + 1
+    first = np.maximum(starts, 0)
+    complete = np.concatenate([[0], np.cumsum(~np.isnan(returns).any(axis=1))])
+    n_obs = complete[ends + 1] - complete[first]
+    # changes[j, i]: how often symbol i's return differs from the row before, up to row j
+    changes = np.concatenate([np.zeros((1, n), np.int64), np.cumsum(np.diff(returns, axis=0) != 0, axis=0)])
+    constant = (changes[np.maximum(ends, 0)] == changes[first]).any(axis=1)
+    status = np.full(ends.size, "ok", dtype=_STATUS_DTYPE)
+    status[constant] = "degenerate"
+    status[n_obs < windows] = "missing_data"
+    status[starts < 0] = "insufficient_history"
+    return starts, n_obs, status
 
 
 def _symmetric(a: np.ndarray) -> np.ndarray:

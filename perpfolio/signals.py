@@ -1,4 +1,6 @@
-"""Signals per (asof, symbol): realized variance, implied variance and the variance risk premium.
+"""Signals per (asof, symbol): realized and implied variance, the variance risk premium (plain,
+funding-adjusted, z-scored), the next-day funding forecast, momentum, predicted volatility (EWMA,
+GARCH(1,1)) and the calm/turbulent regime.
 
 Units: every variance here is ANNUALIZED (a variance of annual returns, e.g. 0.36 = 60% vol).
 ``VRP = implied_var - realized_var``. Implied variance is ``iv^2`` of an implied-vol index quoted
@@ -14,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.estimators import _check_ends, _check_returns, to_datetime64
+from perpfolio.estimators import _check_ends, _check_returns, ewma_weights, to_datetime64
 from perpfolio.returns import _utc_us
 
 _CHUNK = 64
@@ -132,3 +134,423 @@ def _index_var(index: pl.DataFrame, underlying: str, asofs: np.ndarray, max_age:
     pos = np.maximum(last, 0)
     usable = (last >= 0) & (asofs - ts[pos] <= max_age)
     return np.where(usable, iv[pos] ** 2, np.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Funding, momentum, predicted volatility, regimes (per-bar inputs, explicit units in each name)
+# --------------------------------------------------------------------------------------------
+
+
+def funding_adjusted_vrp(vrp: np.ndarray, funding_forecast_1h: np.ndarray) -> np.ndarray:
+    """``funding_adj_vrp = vrp + 8760 * funding_forecast_1h``, annualized decimals.
+
+    ``vrp`` (annualized variance, implied - realized) is what a short-variance position expects
+    to earn per year per unit of variance notional; ``8760 * funding_forecast_1h`` is the annual
+    funding carry a SHORT perpetual expects to receive per unit of notional (a positive rate
+    means longs pay shorts). The sum is the combined annual premium of being short volatility and
+    short the perp: positive = both premia favour the short side. NaN where either is unknown.
+    """
+    vrp = np.asarray(vrp, dtype=np.float64)
+    carry = np.asarray(funding_forecast_1h, dtype=np.float64)
+    if vrp.shape != carry.shape:
+        raise DataError(f"funding_adjusted_vrp: vrp shape {vrp.shape} != funding_forecast_1h shape {carry.shape}")
+    return vrp + 8760.0 * carry
+
+
+def trailing_zscore(values: np.ndarray, *, lookback: int, min_obs: int | None = None) -> np.ndarray:
+    """Z-score of each row against the trailing ``lookback`` rows INCLUDING itself, per column.
+
+    ``z_k = (v_k - mean(v_{k-L+1..k})) / std(v_{k-L+1..k}, ddof=1)``, NaNs ignored; NaN when fewer
+    than ``min_obs`` (default ``max(3, lookback // 2)``) finite values, when ``v_k`` is NaN, or
+    when the trailing std is 0. Rows are the daily asofs; the score is unitless.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer)) or lookback < 3:
+        raise ConfigError(f"lookback must be an integer >= 3, got {lookback!r}")
+    min_obs = max(3, lookback // 2) if min_obs is None else min_obs
+    if not 2 <= min_obs <= lookback:
+        raise ConfigError(f"min_obs must be in [2, lookback], got {min_obs!r}")
+    k = values.shape[0]
+    padded = np.concatenate([np.full((lookback - 1,) + values.shape[1:], np.nan), values])
+    win = np.lib.stride_tricks.sliding_window_view(padded, lookback, axis=0)[:k]  # (k, n, L)
+    count = np.sum(np.isfinite(win), axis=-1)
+    safe = np.where(np.isfinite(win), win, 0.0)
+    mean = safe.sum(axis=-1) / np.maximum(count, 1)
+    dev = np.where(np.isfinite(win), win - mean[..., None], 0.0)
+    std = np.sqrt((dev**2).sum(axis=-1) / np.maximum(count - 1, 1))
+    ok = (count >= min_obs) & np.isfinite(values) & (std > 0)
+    return np.where(ok, (values - mean) / np.where(std > 0, std, 1.0), np.nan)
+
+
+def daily_funding_rate(funding_return: np.ndarray, *, bar_hours: int) -> np.ndarray:
+    """Average funding rate per HOUR over the 24 hours ending with each bar, T x N (decimal/hour).
+
+    ``F_t = -sum_{s=t-b+1..t} funding_return_s / 24`` with ``b = 24 / bar_hours`` bars; positive
+    means longs pay shorts. Every funding interval (1, 2, 4, 8 h) divides 24 h, so a 24-hour sum
+    holds a whole number of intervals and ``F`` is the same average hourly rate whatever the
+    interval schedule (an 8 h rate r counts as r/8 per hour, a 1 h rate as r per hour). NaN where
+    the 24 hours are not all present or before the first full day.
+    """
+    f = np.asarray(funding_return, dtype=np.float64)
+    if f.ndim != 2:
+        raise DataError(f"funding_return must be a T x N matrix, got shape {f.shape}")
+    if bar_hours not in (1, 2, 3, 4, 6, 8, 12, 24):
+        raise ConfigError(f"bar_hours must divide 24, got {bar_hours!r}")
+    b = 24 // bar_hours
+    out = np.full(f.shape, np.nan)
+    if f.shape[0] >= b:
+        # prefix sums with NaN as 0 plus a prefix count of NaNs: a gap only voids the days it touches
+        nans = np.concatenate([np.zeros((1, f.shape[1]), np.int64), np.cumsum(np.isnan(f), axis=0)])
+        zsum = np.concatenate([np.zeros((1, f.shape[1])), np.cumsum(np.nan_to_num(f, nan=0.0), axis=0)])
+        total = zsum[b:] - zsum[:-b]
+        missing = nans[b:] - nans[:-b]
+        out[b - 1 :] = np.where(missing == 0, -total / 24.0, np.nan)
+    return out
+
+
+def forecast_funding(
+    daily_rate_1h: np.ndarray, *, method: str = "ar1", half_life_days: float = 2.0, fit_days: int = 30
+) -> np.ndarray:
+    """Forecast of the NEXT day's average hourly funding rate from the daily series up to each row.
+
+    ``daily_rate_1h``: K x N average hourly rates of consecutive days (rows = daily asofs, the
+    value of row k known at asof k, e.g. ``daily_funding_rate`` sampled at the asofs).
+    ``method="naive"``: ``F_hat_{k+1} = F_k``. ``"ewma"``: ``F_hat_{k+1} = sum_j a_j F_{k-j} / sum_j a_j``,
+    ``a_j = lam^j``, ``lam = 2^(-1/half_life_days)`` over all finite rows up to k. ``"ar1"``:
+    ``F_hat_{k+1} = c + phi F_k``, OLS of ``F_{j+1}`` on ``F_j`` over the pairs in the trailing
+    ``fit_days`` rows (at least 10 pairs, else the naive forecast), ``phi`` clipped to [-1, 1].
+    Units as the input (decimal per hour). NaN where ``F_k`` is NaN.
+    """
+    x = np.asarray(daily_rate_1h, dtype=np.float64)
+    if x.ndim != 2:
+        raise DataError(f"daily_rate_1h must be a K x N matrix, got shape {x.shape}")
+    if method == "naive":
+        return x.copy()
+    if method == "ewma":
+        if not half_life_days > 0:
+            raise ConfigError(f"half_life_days must be > 0, got {half_life_days!r}")
+        lam = 2.0 ** (-1.0 / half_life_days)
+        num = np.zeros(x.shape[1])
+        den = np.zeros(x.shape[1])
+        out = np.full(x.shape, np.nan)
+        for k in range(x.shape[0]):  # K daily rows: a cheap recursion, not a per-window rebuild
+            finite = np.isfinite(x[k])
+            num = lam * num + np.where(finite, x[k], 0.0)
+            den = lam * den + finite
+            out[k] = np.where(finite & (den > 0), num / np.where(den > 0, den, 1.0), np.nan)
+        return out
+    if method == "ar1":
+        if isinstance(fit_days, bool) or not isinstance(fit_days, int) or fit_days < 11:
+            raise ConfigError(f"fit_days must be an integer >= 11, got {fit_days!r}")
+        prev, nxt = x[:-1], x[1:]
+        pair = np.isfinite(prev) & np.isfinite(nxt)
+        p0, n0 = np.where(pair, prev, 0.0), np.where(pair, nxt, 0.0)
+        sums = [np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(a, axis=0)]) for a in (pair * 1.0, p0, n0, p0 * p0, p0 * n0)]
+        out = x.copy()
+        for k in range(x.shape[0]):
+            hi, lo = k, max(0, k - fit_days + 1)  # pairs (j, j+1) with lo <= j and j + 1 <= k
+            cnt, sx, sy, sxx, sxy = (s[hi] - s[lo] for s in sums)
+            var = sxx - sx * sx / np.maximum(cnt, 1)
+            ok = (cnt >= 10) & (var > 0)
+            phi = np.clip(np.where(ok, (sxy - sx * sy / np.maximum(cnt, 1)) / np.where(ok, var, 1.0), 0.0), -1.0, 1.0)
+            c = (sy - phi * sx) / np.maximum(cnt, 1)
+            out[k] = np.where(ok, c + phi * x[k], x[k])
+        return out
+    raise ConfigError(f"method must be 'naive', 'ewma' or 'ar1', got {method!r}")
+
+
+def evaluate_funding_forecast(daily_rate_1h: np.ndarray, forecast: np.ndarray) -> dict[str, float]:
+    """Out-of-sample errors of a next-day forecast vs the naive last-value forecast.
+
+    Row k's forecast (made at asof k from rows <= k) is compared with the realized ``F_{k+1}``.
+    Returns ``n`` (pairs where forecast, naive and target are finite), ``rmse_model``,
+    ``rmse_naive``, ``mae_model``, ``mae_naive`` (decimal per hour) and ``rmse_ratio`` =
+    ``rmse_model / rmse_naive`` (< 1: the model beats the naive forecast).
+    """
+    x = np.asarray(daily_rate_1h, dtype=np.float64)
+    f = np.asarray(forecast, dtype=np.float64)
+    target, model, naive = x[1:], f[:-1], x[:-1]
+    ok = np.isfinite(target) & np.isfinite(model) & np.isfinite(naive)
+    n = int(ok.sum())
+    if n == 0:
+        return {"n": 0, "rmse_model": float("nan"), "rmse_naive": float("nan"), "mae_model": float("nan"),
+                "mae_naive": float("nan"), "rmse_ratio": float("nan")}
+    em, en = (model - target)[ok], (naive - target)[ok]
+    rmse_m, rmse_n = float(np.sqrt(np.mean(em**2))), float(np.sqrt(np.mean(en**2)))
+    return {"n": n, "rmse_model": rmse_m, "rmse_naive": rmse_n, "mae_model": float(np.mean(np.abs(em))),
+            "mae_naive": float(np.mean(np.abs(en))), "rmse_ratio": rmse_m / rmse_n if rmse_n > 0 else float("nan")}
+
+
+def momentum(returns: np.ndarray, ends: np.ndarray, *, lookback: int) -> np.ndarray:
+    """Momentum ``sum_{s=e-L+1..e} r_s`` per window, K x N: the summed per-bar net returns of the
+    ``lookback`` bars ending at ``ends[k]`` (for log returns the log return of the period; not
+    annualized). NaN for a symbol with a missing bar in the lookback or before enough history."""
+    returns = _check_returns(returns)
+    t, n = returns.shape
+    ends = _check_ends(ends, t)
+    if isinstance(lookback, bool) or not isinstance(lookback, (int, np.integer)) or lookback < 1:
+        raise ConfigError(f"lookback must be an integer >= 1, got {lookback!r}")
+    zsum = np.concatenate([np.zeros((1, n)), np.cumsum(np.nan_to_num(returns, nan=0.0), axis=0)])
+    nans = np.concatenate([np.zeros((1, n), np.int64), np.cumsum(np.isnan(returns), axis=0)])
+    starts = ends - lookback + 1
+    ok_rows = starts >= 0
+    lo, hi = np.maximum(starts, 0), ends + 1
+    total = zsum[hi] - zsum[lo]
+    missing = nans[hi] - nans[lo]
+    return np.where(ok_rows[:, None] & (missing == 0), total, np.nan)
+
+
+def ewma_predicted_vol(
+    returns: np.ndarray, ends: np.ndarray, *, window: int, half_life: float, periods_per_year: float
+) -> np.ndarray:
+    """EWMA volatility forecast, annualized, K x N: ``sqrt(ppy * sum_s a_s r_s^2)`` over the window.
+
+    ``a_s`` = ``perpfolio.estimators.ewma_weights(window, half_life)`` (``lam = 2^(-1/half_life)``,
+    normalized; the RiskMetrics recursion ``s2_t = lam s2_{t-1} + (1 - lam) r_t^2`` started at the
+    window's first bar), zero mean as for realized variance. It forecasts the next bar's variance.
+    NaN for a symbol with a missing bar in the window or before enough history.
+    """
+    returns = _check_returns(returns)
+    t, n = returns.shape
+    ends = _check_ends(ends, t)
+    if not np.isfinite(periods_per_year) or periods_per_year <= 0:
+        raise ConfigError(f"periods_per_year must be finite and > 0, got {periods_per_year!r}")
+    weights = ewma_weights(window, half_life)
+    starts = ends - window + 1
+    out = np.full((ends.size, n), np.nan)
+    todo = np.flatnonzero(starts >= 0)
+    for chunk in range(0, todo.size, _CHUNK):
+        rows = todo[chunk : chunk + _CHUNK]
+        w = returns[starts[rows, None] + np.arange(window)]
+        out[rows] = np.einsum("t,ctn->cn", weights, w * w)
+    return np.sqrt(out * periods_per_year)
+
+
+def garch_predicted_vol(
+    returns: np.ndarray,
+    ends: np.ndarray,
+    *,
+    window: int,
+    horizon: int,
+    periods_per_year: float,
+    max_iter: int = 100,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """GARCH(1,1) volatility forecast, annualized, K x N, fitted with ``arch`` on each window.
+
+    Model (zero mean, normal QMLE): ``r_t = sigma_t e_t``, ``sigma_t^2 = omega + alpha r_{t-1}^2 +
+    beta sigma_{t-1}^2``, fitted on the ``window`` bars ending at ``ends[k]`` (scaled to unit
+    variance for the optimizer, rescaled after). The forecast is the mean of the 1..``horizon``
+    bar-ahead variance forecasts, annualized: ``sqrt(ppy * mean_h sigma_{e+h}^2)``. Every window is
+    fitted from arch's default starting values with at most ``max_iter`` iterations, so a value
+    depends on its window only (a range run equals daily runs; no warm start across windows).
+    NaN for an incomplete window, a constant one, or a fit that fails, does not converge or
+    returns non-finite values. Also returns timing / failure counts.
+    """
+    from arch import arch_model  # imported here: only this signal needs it
+
+    returns = _check_returns(returns)
+    t, n = returns.shape
+    ends = _check_ends(ends, t)
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
+        raise ConfigError(f"horizon must be an integer >= 1, got {horizon!r}")
+    out = np.full((ends.size, n), np.nan)
+    fits = failures = 0
+    import time
+    import warnings
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        for k, e in enumerate(ends):
+            s = e - window + 1
+            if s < 0:
+                continue
+            y = returns[s : e + 1, i]
+            if not np.isfinite(y).all() or np.std(y) == 0:
+                continue
+            scale = 1.0 / np.std(y)
+            fits += 1
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    res = arch_model(y * scale, mean="Zero", vol="GARCH", p=1, q=1, dist="normal", rescale=False).fit(
+                        disp="off", show_warning=False, options={"maxiter": max_iter}
+                    )
+                    var = res.forecast(horizon=horizon, reindex=False).variance.to_numpy()[-1]
+            except (ValueError, np.linalg.LinAlgError, RuntimeError):
+                failures += 1
+                continue
+            params = np.asarray(res.params, dtype=np.float64)
+            if not (np.isfinite(var).all() and np.isfinite(params).all()) or res.convergence_flag != 0:
+                failures += 1
+                continue
+            out[k, i] = np.sqrt(np.mean(var) / scale**2 * periods_per_year)
+    stats = {"garch_fits": fits, "garch_failures": failures, "garch_seconds": round(time.perf_counter() - t0, 3)}
+    return out, stats
+
+
+def regime_states(
+    returns: np.ndarray, *, short: int = 48, long: int = 720, enter: float = 2.0, exit: float = 1.2, memory: int = 720
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calm/turbulent state per bar from the short/long realized-vol ratio with hysteresis.
+
+    Market return ``m_t`` = cross-sectional mean of the per-bar returns (equal weight, symbols
+    with a NaN bar skipped); ``q_t = sqrt(mean(m^2 over the last short bars) / mean(m^2 over the
+    last long bars))`` (unitless; NaN until ``long`` bars or with a gap in the long window).
+    Hysteresis: the state turns turbulent when ``q >= enter`` and back to calm when ``q <= exit``
+    (``exit < enter``); between the thresholds it keeps its state. Bounded memory: the state at t
+    only looks at crossings in the last ``memory`` bars (turbulent iff the latest ``q >= enter`` in
+    ``(t - memory, t]`` is later than the latest ``q <= exit``), so it is the same whatever history
+    before ``t - long - memory`` is loaded (partitioned runs agree with one long run).
+
+    Returns ``(turbulent: bool T, ratio: float T)``.
+    """
+    returns = _check_returns(returns)
+    for name, value in (("short", short), ("long", long), ("memory", memory)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ConfigError(f"regime {name} must be an integer >= 1, got {value!r}")
+    if not short < long:
+        raise ConfigError(f"regime short ({short}) must be shorter than long ({long})")
+    if not (np.isfinite(enter) and np.isfinite(exit) and 0 < exit < enter):
+        raise ConfigError(f"regime thresholds must satisfy 0 < exit < enter, got exit={exit!r} enter={enter!r}")
+    t = returns.shape[0]
+    finite = np.isfinite(returns)
+    cnt = finite.sum(axis=1)
+    m = np.where(cnt > 0, np.where(finite, returns, 0.0).sum(axis=1) / np.maximum(cnt, 1), np.nan)
+
+    def rolling_mean_sq(length: int) -> np.ndarray:
+        out = np.full(t, np.nan)
+        if t < length:
+            return out
+        zsum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(m, nan=0.0) ** 2)])
+        nans = np.concatenate([[0], np.cumsum(np.isnan(m))])
+        good = (nans[length:] - nans[:-length]) == 0
+        out[length - 1 :] = np.where(good, (zsum[length:] - zsum[:-length]) / length, np.nan)
+        return out
+
+    rv_s, rv_l = rolling_mean_sq(short), rolling_mean_sq(long)
+    ratio = np.where(rv_l > 0, np.sqrt(rv_s / np.where(rv_l > 0, rv_l, 1.0)), np.nan)
+    idx = np.arange(t)
+    last_enter = np.maximum.accumulate(np.where(ratio >= enter, idx, -1)) if t else idx
+    last_exit = np.maximum.accumulate(np.where(ratio <= exit, idx, -1)) if t else idx
+    turbulent = (last_enter > last_exit) & (last_enter > idx - memory)
+    return turbulent, ratio
+
+
+def regime_breakpoints(turbulent: np.ndarray) -> np.ndarray:
+    """Rows where the state differs from the row before (the first row is never a breakpoint)."""
+    turbulent = np.asarray(turbulent, dtype=bool)
+    return np.flatnonzero(turbulent[1:] != turbulent[:-1]) + 1
+
+
+def reset_windows(ends: np.ndarray, breakpoints: np.ndarray, *, window: int, reset_window: int) -> np.ndarray:
+    """Window length per asof after regime resets: ``clip(e - b + 1, reset_window, window)`` where
+    ``b`` is the latest breakpoint row ``<= e`` (``window`` when there is none within the window).
+
+    On a regime change the estimates restart from the breakpoint bar, using at least
+    ``reset_window`` bars, and the window grows back by one bar per bar until it is ``window`` again.
+    """
+    ends = np.asarray(ends, dtype=np.int64)
+    if not 2 <= reset_window <= window:
+        raise ConfigError(f"reset_window must be in [2, window={window}], got {reset_window!r}")
+    bps = np.sort(np.asarray(breakpoints, dtype=np.int64))
+    if bps.size == 0:
+        return np.full(ends.shape, window, dtype=np.int64)
+    pos = np.searchsorted(bps, ends, side="right") - 1
+    since = np.where(pos >= 0, ends - bps[np.maximum(pos, 0)] + 1, window)
+    return np.clip(since, reset_window, window).astype(np.int64)
+
+
+def latest_breakpoint(ends: np.ndarray, breakpoints: np.ndarray, *, memory: int) -> np.ndarray:
+    """Row of the latest breakpoint ``b <= e`` with ``e - b < memory`` per end row, -1 if none."""
+    ends = np.asarray(ends, dtype=np.int64)
+    bps = np.sort(np.asarray(breakpoints, dtype=np.int64))
+    pos = np.searchsorted(bps, ends, side="right") - 1
+    b = np.where(pos >= 0, bps[np.maximum(pos, 0)] if bps.size else -1, -1)
+    return np.where((b >= 0) & (ends - b < memory), b, -1)
+
+
+def build_signals(
+    ts: np.ndarray,
+    net_returns: np.ndarray,
+    funding_returns: np.ndarray,
+    asofs,
+    symbols: list[str],
+    implied_vol: pl.DataFrame,
+    *,
+    window: int,
+    bar_hours: int,
+    momentum_bars: int,
+    ewma_half_life_bars: float,
+    vrp_z_days: int,
+    regime_short_bars: int,
+    regime_long_bars: int,
+    regime_enter: float,
+    regime_exit: float,
+    funding_fit_days: int = 30,
+    garch_max_iter: int = 100,
+) -> tuple[pl.DataFrame, dict]:
+    """The signals.signals rows of ``asofs`` (consecutive daily asofs) and metadata.
+
+    ``ts``: the T bar times of the matrices (strictly increasing); ``net_returns`` /
+    ``funding_returns``: T x N per-bar matrices (NaN = missing), columns in ``symbols`` order.
+    Each asof sees the last bar at or before it. Trailing statistics (VRP z-score, funding AR(1))
+    are computed on the daily grid of the ``max(vrp_z_days, funding_fit_days + 1)`` days before
+    the first asof, so the loaded history must cover them (plus ``window`` bars, and
+    ``2 * regime_long_bars`` bars for the regime's long window and memory) for the values to
+    equal those of one long run.
+    Metadata: funding-forecast evaluation (AR(1) vs naive, out of sample over the daily grid),
+    GARCH timing, regime breakpoints, counts.
+    """
+    ts = to_datetime64(ts)
+    asofs = to_datetime64(asofs)
+    ppy = 8760.0 / bar_hours
+    day = np.timedelta64(1, "D")
+    history = max(vrp_z_days, funding_fit_days + 1)
+    grid = np.concatenate([asofs[0] - np.arange(history, 0, -1) * day, asofs]) if asofs.size else asofs
+    grid_ends = np.searchsorted(ts, grid, side="right") - 1
+    k = asofs.size
+    ends = grid_ends[-k:] if k else grid_ends[:0]
+    realized = realized_variance(net_returns, grid_ends, window=window, periods_per_year=ppy)
+    vrp_frame = vrp_signals(grid, symbols, realized, implied_vol)
+    n = len(symbols)
+    vrp = vrp_frame["vrp"].fill_null(np.nan).to_numpy().reshape(grid.size, n)
+    vrp_z = trailing_zscore(vrp, lookback=vrp_z_days)
+    daily_rate = daily_funding_rate(funding_returns, bar_hours=bar_hours)
+    f_daily = np.where(grid_ends[:, None] >= 0, daily_rate[np.maximum(grid_ends, 0)], np.nan)
+    f_hat = forecast_funding(f_daily, method="ar1", fit_days=funding_fit_days)
+    evaluation = evaluate_funding_forecast(f_daily, f_hat)
+    adj = funding_adjusted_vrp(vrp, f_hat)
+    mom = momentum(net_returns, ends, lookback=momentum_bars)
+    vol_ewma = ewma_predicted_vol(net_returns, ends, window=window, half_life=ewma_half_life_bars, periods_per_year=ppy)
+    vol_garch, garch_stats = garch_predicted_vol(
+        net_returns, ends, window=window, horizon=max(1, 24 // bar_hours), periods_per_year=ppy, max_iter=garch_max_iter
+    )
+    memory = regime_long_bars
+    turbulent, ratio = regime_states(
+        net_returns, short=regime_short_bars, long=regime_long_bars, enter=regime_enter, exit=regime_exit, memory=memory
+    )
+    bps = regime_breakpoints(turbulent)
+    since = latest_breakpoint(ends, bps, memory=memory)
+    safe = np.maximum(ends, 0)
+    tail = vrp_frame.slice((grid.size - k) * n, k * n)
+    rep = lambda a: np.repeat(np.asarray(a), n)  # noqa: E731  per-asof values onto the asof x symbol rows
+    frame = tail.with_columns(
+        vrp_z=pl.Series(vrp_z[-k:].ravel(), nan_to_null=True),
+        funding_forecast_1h=pl.Series(f_hat[-k:].ravel(), nan_to_null=True),
+        funding_adj_vrp=pl.Series(adj[-k:].ravel(), nan_to_null=True),
+        momentum=pl.Series(mom.ravel(), nan_to_null=True),
+        predicted_vol_ewma=pl.Series(vol_ewma.ravel(), nan_to_null=True),
+        predicted_vol_garch=pl.Series(vol_garch.ravel(), nan_to_null=True),
+        vol_ratio=pl.Series(rep(np.where(ends >= 0, ratio[safe], np.nan)), nan_to_null=True),
+        regime=pl.Series(rep(np.where((ends >= 0) & turbulent[safe], "turbulent", "calm")).tolist(), dtype=pl.String),
+        regime_since=pl.Series(rep(np.where(since >= 0, ts[np.maximum(since, 0)], np.datetime64("NaT", "us"))))
+        .dt.replace_time_zone("UTC"),
+    )
+    in_range = bps[(ts[bps] <= asofs[-1])] if (k and bps.size) else bps[:0]
+    meta = {
+        **{f"funding_forecast_{key}": (round(v, 10) if isinstance(v, float) else v) for key, v in evaluation.items()},
+        **garch_stats,
+        "regime_breakpoints": [str(ts[b]) + (" -> turbulent" if turbulent[b] else " -> calm") for b in in_range[-20:]],
+        "turbulent_asofs": int(np.sum((ends >= 0) & turbulent[safe])),
+    }
+    return frame, meta

@@ -169,3 +169,156 @@ class TestValidation:
             vrp_signals(ASOFS, SYMBOLS, RV[:, :2], iv)
         with pytest.raises(ConfigError, match="max_iv_age_hours"):
             vrp_signals(ASOFS, SYMBOLS, RV, iv, max_iv_age_hours=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Funding-adjusted VRP, z-score, funding forecast, momentum, predicted volatility
+# ----------------------------------------------------------------------------------------------
+
+from perpfolio.estimators import ewma_weights  # noqa: E402
+from perpfolio.signals import (  # noqa: E402
+    daily_funding_rate,
+    evaluate_funding_forecast,
+    ewma_predicted_vol,
+    forecast_funding,
+    funding_adjusted_vrp,
+    garch_predicted_vol,
+    momentum,
+    trailing_zscore,
+)
+
+
+class TestFundingAdjustedVrp:
+    def test_by_hand(self):
+        # vrp 0.05 (annual variance) + 1e-5 per hour x 8760 = 0.0876 annual carry of a short -> 0.1376
+        out = funding_adjusted_vrp(np.array([[0.05, -0.02]]), np.array([[1e-5, -2e-6]]))
+        np.testing.assert_allclose(out, [[0.05 + 0.0876, -0.02 - 0.01752]], rtol=1e-13)
+        assert np.isnan(funding_adjusted_vrp(np.array([np.nan]), np.array([1e-5]))).all()
+        with pytest.raises(DataError, match="shape"):
+            funding_adjusted_vrp(np.zeros(2), np.zeros(3))
+
+
+class TestTrailingZscore:
+    def test_against_loop(self, rng):
+        v = rng.normal(size=(40, 3))
+        v[7, 1] = np.nan
+        z = trailing_zscore(v, lookback=10, min_obs=5)
+        for k in range(40):
+            for i in range(3):
+                win = v[max(0, k - 9) : k + 1, i]
+                win = win[np.isfinite(win)]
+                if win.size < 5 or np.isnan(v[k, i]):
+                    assert np.isnan(z[k, i])
+                else:
+                    assert z[k, i] == pytest.approx((v[k, i] - win.mean()) / win.std(ddof=1), rel=1e-12)
+
+    def test_constant_series_and_bad_lookback(self):
+        assert np.isnan(trailing_zscore(np.ones((10, 1)), lookback=5)).all()
+        with pytest.raises(ConfigError, match="lookback"):
+            trailing_zscore(np.ones((10, 1)), lookback=2)
+
+
+class TestDailyFundingRate:
+    def test_interval_schedule_does_not_change_the_hourly_rate(self):
+        """8h events of 8e-4, 4h events of 4e-4 and 1h events of 1e-4 are all 1e-4 per hour."""
+        t = 72
+        f = np.zeros((t, 3))
+        f[7::8, 0] = -8e-4  # funding_return of a long = -rate, at the bar settling the event
+        f[3::4, 1] = -4e-4
+        f[:, 2] = -1e-4
+        out = daily_funding_rate(f, bar_hours=1)
+        assert np.isnan(out[:23]).all()
+        np.testing.assert_allclose(out[23:], 1e-4, rtol=1e-12)
+
+    def test_interval_change_mid_day_and_gap(self):
+        f = np.zeros((48, 1))
+        f[7, 0], f[15, 0] = -8e-4, -8e-4  # two 8h events ...
+        f[16:24, 0] = -2e-4  # ... then eight 1h events
+        out = daily_funding_rate(f, bar_hours=1)
+        assert out[23, 0] == pytest.approx((16e-4 + 16e-4) / 24, rel=1e-12)
+        f[30, 0] = np.nan
+        out = daily_funding_rate(f, bar_hours=1)
+        assert np.isnan(out[30:48, 0]).all() and np.isfinite(out[23:30, 0]).all()
+
+    def test_coarse_bars(self):
+        f = np.full((12, 1), -4e-4)  # 4h bars, each settling 4e-4
+        np.testing.assert_allclose(daily_funding_rate(f, bar_hours=4)[5:], 1e-4, rtol=1e-12)
+        with pytest.raises(ConfigError, match="bar_hours"):
+            daily_funding_rate(f, bar_hours=5)
+
+
+class TestFundingForecast:
+    def test_naive_and_ewma_by_hand(self):
+        x = np.array([[1.0], [2.0], [np.nan], [4.0]])
+        np.testing.assert_array_equal(forecast_funding(x, method="naive"), x)
+        lam = 0.5
+        out = forecast_funding(x, method="ewma", half_life_days=1.0)
+        assert out[1, 0] == pytest.approx((2 + lam * 1) / (1 + lam))
+        assert np.isnan(out[2, 0])
+        assert out[3, 0] == pytest.approx((4 + lam**2 * 2 + lam**3 * 1) / (1 + lam**2 + lam**3))
+
+    def test_ar1_against_polyfit_and_recovers_phi(self, rng):
+        n = 400
+        x = np.zeros((n, 1))
+        for k in range(1, n):
+            x[k] = 2e-5 + 0.6 * x[k - 1] + 1e-5 * rng.normal()
+        out = forecast_funding(x, method="ar1", fit_days=30)
+        k = 200
+        phi, c = np.polyfit(x[k - 29 : k, 0], x[k - 28 : k + 1, 0], 1)  # pairs (j, j+1), j in [k-29, k-1]
+        assert out[k, 0] == pytest.approx(c + phi * x[k, 0], rel=1e-9)
+        full = forecast_funding(x, method="ar1", fit_days=400)
+        phi_all = np.polyfit(x[:-1, 0], x[1:, 0], 1)[0]
+        assert abs(phi_all - 0.6) < 0.1
+        assert full[-1, 0] == pytest.approx(np.polyval(np.polyfit(x[:-1, 0], x[1:, 0], 1), x[-1, 0]), rel=1e-9)
+        ev = evaluate_funding_forecast(x, out)
+        assert ev["rmse_ratio"] < 1.0  # on a mean-reverting series AR(1) beats the last value
+
+    def test_evaluation_by_hand(self):
+        x = np.array([[1.0], [3.0], [2.0]])
+        f = np.array([[2.0], [2.5], [9.0]])
+        ev = evaluate_funding_forecast(x, f)
+        # model errors: 2-3, 2.5-2 -> -1, 0.5; naive: 1-3, 3-2 -> -2, 1
+        assert ev["n"] == 2
+        assert ev["rmse_model"] == pytest.approx(np.sqrt(1.25 / 2))
+        assert ev["rmse_naive"] == pytest.approx(np.sqrt(5 / 2))
+        assert ev["mae_model"] == pytest.approx(0.75) and ev["mae_naive"] == pytest.approx(1.5)
+        assert ev["rmse_ratio"] == pytest.approx(np.sqrt(1.25 / 5))
+
+    def test_bad_method(self):
+        with pytest.raises(ConfigError, match="method"):
+            forecast_funding(np.zeros((3, 1)), method="arima")
+
+
+class TestMomentumAndPredictedVol:
+    def test_momentum_against_loop(self, rng):
+        r = rng.normal(0, 0.01, size=(100, 2))
+        r[50, 1] = np.nan
+        ends = np.array([5, 30, 60, 99])
+        m = momentum(r, ends, lookback=20)
+        assert np.isnan(m[0]).all()
+        for k, e in enumerate(ends[1:], start=1):
+            w = r[e - 19 : e + 1]
+            np.testing.assert_allclose(m[k], w.sum(axis=0), rtol=1e-12)  # NaN where symbol 1 has the gap
+
+    def test_ewma_vol_against_loop(self, rng):
+        r = rng.normal(0, 0.01, size=(200, 2))
+        ends = np.array([10, 99, 199])
+        v = ewma_predicted_vol(r, ends, window=50, half_life=10.0, periods_per_year=8760.0)
+        assert np.isnan(v[0]).all()
+        a = ewma_weights(50, 10.0)
+        for k, e in enumerate(ends[1:], start=1):
+            np.testing.assert_allclose(v[k], np.sqrt(8760.0 * (a @ r[e - 49 : e + 1] ** 2)), rtol=1e-12)
+
+    def test_garch_first_window_equals_a_direct_arch_fit(self, rng):
+        from arch import arch_model
+
+        r = rng.standard_t(5, size=(400, 1)) * 0.01
+        ends = np.array([50, 299, 323])
+        vol, stats = garch_predicted_vol(r, ends, window=300, horizon=24, periods_per_year=8760.0)
+        assert np.isnan(vol[0, 0]) and stats["garch_fits"] == 2 and stats["garch_failures"] == 0
+        y = r[:300, 0]
+        scale = 1 / np.std(y)
+        res = arch_model(y * scale, mean="Zero", vol="GARCH", p=1, q=1, rescale=False).fit(disp="off", options={"maxiter": 50})
+        var = res.forecast(horizon=24, reindex=False).variance.to_numpy()[-1]
+        assert vol[1, 0] == pytest.approx(np.sqrt(var.mean() / scale**2 * 8760.0), rel=1e-6)
+        assert 0.2 < vol[2, 0] < 2.0  # a t(5) of 1%/h scale is ~ 1.1 annualized
