@@ -1,10 +1,12 @@
-"""backtest.equity, backtest.metrics, risk.stress and the report: the walk-forward verdict.
+"""The walk-forward verdict: backtest.equity / metrics / monthly / comparison, risk.stress /
+liquidation, and the report.
 
 These assets are unpartitioned: each reads the whole stored history of returns and weights
-and rebuilds its table, because an equity path compounds across days.
+and rebuilds its table, because an equity path compounds across days. Every strategy in
+portfolio.weights and every configured baseline (``baseline:<name>``, constant weights) is a
+"book"; books share the same decision asofs and rebalancing frequency.
 """
 
-from dataclasses import replace
 from datetime import datetime
 
 import dagster as dg
@@ -13,17 +15,24 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
-from assets.features import NET_RETURNS, aligned_returns
+from assets.features import ESTIMATES, NET_RETURNS, aligned_returns
 from assets.portfolio import WEIGHTS
 from assets.signals import SIGNALS
 from perpfolio import backtest, report, returns, stress
+from perpfolio.errors import ConfigError, DataError, SolverError
+from perpfolio.optimize import efficient_frontier, load_strategies
 from pipelines.settings import Settings
 
 EQUITY = dg.AssetKey(["backtest", "equity"])
 METRICS = dg.AssetKey(["backtest", "metrics"])
+MONTHLY = dg.AssetKey(["backtest", "monthly"])
+COMPARISON = dg.AssetKey(["backtest", "comparison"])
 STRESS = dg.AssetKey(["risk", "stress"])
+LIQUIDATION = dg.AssetKey(["risk", "liquidation"])
 REPORT = dg.AssetKey(["report"])
+EVALUATION_KEYS = (EQUITY, METRICS, MONTHLY, COMPARISON, STRESS, LIQUIDATION, REPORT)
 WARMUP_STATUS = "insufficient_history"
+MARGIN_MODES = ("cross", "isolated")
 
 
 def traded_weights(weights: pl.DataFrame, strategy: str, symbols: list[str]) -> tuple[list[datetime], np.ndarray]:
@@ -34,6 +43,24 @@ def traded_weights(weights: pl.DataFrame, strategy: str, symbols: list[str]) -> 
         rows = rows.filter(pl.col("as_of") > warm.max())
     wide = rows.pivot(on="symbol", index="as_of", values="weight").sort("as_of")
     return wide["as_of"].to_list(), wide.select(symbols).to_numpy()
+
+
+def books(weights: pl.DataFrame, settings: Settings) -> tuple[dict[str, tuple[list[datetime], np.ndarray]], dict[str, str]]:
+    """{book: (asofs, K x N targets)} for every strategy, then every baseline that fits the universe
+    (on the union of the strategies' traded asofs); and {baseline: why it was skipped}."""
+    symbols = list(settings.symbols)
+    out = {s: traded_weights(weights, s, symbols) for s in weights["strategy"].unique(maintain_order=True)}
+    out = {s: v for s, v in out.items() if v[0]}
+    asofs = sorted({a for dates, _ in out.values() for a in dates})
+    skipped = {}
+    for kind in settings.baselines if asofs else ():
+        try:
+            targets = backtest.baseline_weights(kind, symbols, len(asofs), static=dict(settings.static_weights))
+        except ConfigError as exc:
+            skipped[kind] = str(exc)
+            continue
+        out[backtest.BASELINE_PREFIX + kind] = (asofs, targets)
+    return out, skipped
 
 
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
@@ -48,39 +75,43 @@ def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
+    stop = "off" if settings.stop_loss is None else f"{settings.stop_loss:g} of entry notional"
 
     @table_asset(
         EQUITY, schemas.Equity, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
         group_name="backtest", kinds={"duckdb", "numpy"},
-        description=f"Walk-forward equity per bar and strategy: trade at the close of the bar after each asof, "
-        f"taker fee {settings.fee_bps:g} bps + slippage {settings.slippage_bps:g} bps on traded notional, "
-        "funding paid or received by position sign, positions drift between rebalances.",
+        description=f"Walk-forward equity per bar and book (strategies and baselines {', '.join(settings.baselines)}): "
+        f"{settings.rebalance} rebalancing, trade at the close of the bar after each asof, taker fee {settings.fee_bps:g} bps "
+        f"+ slippage {settings.slippage_bps:g} bps on traded notional, funding paid or received by position sign, "
+        f"positions drift between rebalances, stop-loss {stop}.",
     )
     def equity(net_returns: pl.DataFrame, weights: pl.DataFrame):
         ts, price = aligned_returns(net_returns, symbols, "price_return")
         _, funding = aligned_returns(net_returns, symbols, "funding_return")
+        plans, skipped = books(weights, settings)
         paths = []
-        for strategy in weights["strategy"].unique(maintain_order=True):
-            asofs, targets = traded_weights(weights, strategy, symbols)
-            if not asofs:
-                continue
+        for name, (asofs, targets) in plans.items():
             bars = bar_index(ts, asofs)
             start = int(bars[0])
+            reb, w = backtest.rebalance_plan(bars - start, targets, n_bars=len(ts) - start, frequency=settings.rebalance)
             path = backtest.simulate(
-                ts[start:], price[start:], funding[start:], bars - start, targets,
-                fee_bps=settings.fee_bps, slippage_bps=settings.slippage_bps, lag_bars=1,
+                ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
+                slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
             )
-            paths.append(path.with_columns(strategy=pl.lit(strategy)))
-        frame = pl.concat(paths) if paths else pl.DataFrame()
-        final = frame.group_by("strategy").agg(pl.col("equity").last()).sort("strategy") if paths else frame
-        meta = {"strategies": len(paths), **{f"final_equity_{s}": float(e) for s, e in final.iter_rows()}}
+            paths.append(path.with_columns(strategy=pl.lit(name)))
+        frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)
+        final = frame.group_by("strategy").agg(pl.col("equity").last()).sort("strategy")
+        meta = {"books": len(paths), "rebalance": settings.rebalance, "stop_loss": stop,
+                **{f"baseline_skipped_{k}": v for k, v in skipped.items()},
+                **{f"final_equity_{s}": float(e) for s, e in final.iter_rows()}}
         yield from validated(frame, schemas.Equity, EQUITY, metadata=meta)
 
     @table_asset(
         METRICS, schemas.Metrics, ins={"equity": dg.AssetIn(EQUITY), "weights": dg.AssetIn(WEIGHTS)},
         group_name="backtest", kinds={"duckdb", "numpy"},
-        description="Per-strategy Sharpe, Sortino, annual return and vol, max drawdown, worst bar, turnover, "
-        "CVaR 95, funding PnL, costs and the number of fallback rebalances.",
+        description="Per book over the whole run: total and annual return, vol, Sharpe, Sortino, max drawdown and its "
+        "duration, worst hour and day, turnover, CVaR 95/99, funding, fees, slippage, gross leverage, return "
+        "attribution (price + funding + costs = total), stops and fallback rebalances.",
     )
     def metrics(equity: pl.DataFrame, weights: pl.DataFrame):
         fallbacks = weights.unique(["as_of", "strategy"]).group_by("strategy").agg(
@@ -90,61 +121,158 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             {"strategy": s, **backtest.performance_metrics(path.sort("ts"), periods_per_year=ppy)}
             for (s,), path in equity.group_by("strategy", maintain_order=True)
         ]
-        frame = pl.DataFrame(rows).join(fallbacks, on="strategy", how="left").sort("sharpe", descending=True)
+        frame = (pl.DataFrame(rows).join(fallbacks, on="strategy", how="left")
+                 .with_columns(pl.col("fallbacks").fill_null(0)).sort("sharpe", descending=True))
         yield from validated(frame, schemas.Metrics, METRICS, metadata={"table": dg.MetadataValue.md(markdown_table(frame))})
+
+    @table_asset(
+        MONTHLY, schemas.Monthly, ins={"equity": dg.AssetIn(EQUITY)}, group_name="backtest", kinds={"duckdb", "polars"},
+        description="Per book and UTC calendar month: return with its price / funding / cost attribution, "
+        "max drawdown and worst hour within the month.",
+    )
+    def monthly(equity: pl.DataFrame):
+        frames = [backtest.monthly_metrics(path).with_columns(strategy=pl.lit(s))
+                  for (s,), path in equity.group_by("strategy", maintain_order=True)]
+        frame = pl.concat(frames).sort("strategy", "month") if frames else schemas.empty(schemas.Monthly)
+        yield from validated(frame, schemas.Monthly, MONTHLY, metadata={"rows": frame.height})
 
     @table_asset(
         STRESS, schemas.Stress, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
         group_name="risk", kinds={"duckdb", "numpy"},
-        description="Instant one-hour shocks (BTC -5%/-10% with others moved by rolling beta, all -10%) applied to "
-        f"the weights of every rebalance at gross leverage {', '.join(f'{x:g}' for x in settings.stress_leverages)}; "
-        "cross margin with tiered maintenance margin, liquidation and capital sufficiency.",
+        description=f"Scenarios of {settings.scenarios_file.name} (price shocks with rolling betas, funding and volatility "
+        f"spikes) on the weights of every rebalance of every book, plus a replay of the worst historical hours on the "
+        f"latest weights; gross leverage {', '.join(f'{x:g}' for x in settings.stress_leverages)}, cross and isolated "
+        "margin with tiered maintenance margin, liquidation and capital sufficiency.",
     )
     def stress_tests(net_returns: pl.DataFrame, weights: pl.DataFrame):
         ts, matrix = aligned_returns(net_returns, symbols)
+        _, price = aligned_returns(net_returns, symbols, "price_return")
         reference = symbols.index("BTCUSDT") if "BTCUSDT" in symbols else 0
         tiers = stress.load_leverage_tiers()
-        scenarios = [replace(sc, reference=symbols[reference]) if sc.reference else sc for sc in stress.DEFAULT_SCENARIOS]
+        configured, n_worst = stress.load_scenarios(settings.scenarios_file)
+        scenarios = [sc if sc.kind != "price" or sc.reference is None or sc.reference in symbols
+                     else stress.Scenario(sc.name, sc.shock, symbols[reference]) for sc in configured]
+        replays = list(stress.worst_hours(ts, price, symbols, count=n_worst))
+        window_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         frames = []
-        for strategy in weights["strategy"].unique(maintain_order=True):
-            asofs, targets = traded_weights(weights, strategy, symbols)
-            for asof, end, w in zip(asofs, bar_index(ts, asofs), targets):
-                window = matrix[max(0, end - settings.window_bars + 1): end + 1]
-                betas = stress.rolling_betas(window[~np.isnan(window).any(axis=1)], reference=reference)
+        for name, (asofs, targets) in books(weights, settings)[0].items():
+            for k, (asof, end, w) in enumerate(zip(asofs, bar_index(ts, asofs), targets)):
+                if end not in window_stats:
+                    window = matrix[max(0, end - settings.window_bars + 1): end + 1]
+                    window = window[~np.isnan(window).any(axis=1)]
+                    window_stats[end] = (stress.rolling_betas(window, reference=reference), window.std(axis=0, ddof=1))
+                betas, vols = window_stats[end]
+                todo = scenarios + (replays if k == len(asofs) - 1 else [])
                 for leverage in settings.stress_leverages:
-                    rows = stress.stress_test(
-                        w, symbols, betas, scenarios=scenarios, leverage=leverage, tiers=tiers, buffer=settings.margin_buffer,
-                    )
-                    frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(strategy)))
+                    for mode in MARGIN_MODES:
+                        rows = stress.stress_test(w, symbols, betas, scenarios=todo, leverage=leverage, tiers=tiers,
+                                                  buffer=settings.margin_buffer, vols=vols, margin_mode=mode)
+                        frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(name)))
         frame = pl.concat(frames) if frames else pl.DataFrame()
         if frames:  # the table states fractions of pre-shock equity; a wiped-out account has no margin ratio (null)
             frame = frame.drop("pnl", "equity_after").rename({"pnl_frac": "pnl", "equity_after_frac": "equity_after"})
             frame = frame.with_columns(margin_ratio=pl.when(pl.col("margin_ratio").is_finite()).then("margin_ratio"))
-        meta = {"rows": frame.height, "liquidations": int(frame["liquidated"].sum()) if frames else 0}
+        else:
+            frame = schemas.empty(schemas.Stress)
+        meta = {"rows": frame.height, "liquidations": int(frame["liquidated"].sum()),
+                "scenarios": ", ".join(sc.name for sc in scenarios + replays)}
         yield from validated(frame, schemas.Stress, STRESS, metadata=meta)
+
+    @table_asset(
+        LIQUIDATION, schemas.Liquidation, ins={"weights": dg.AssetIn(WEIGHTS)}, group_name="risk", kinds={"duckdb", "numpy"},
+        description="Liquidation price (as a ratio to the current price) and distance to it for every position of each "
+        "book's latest weights, moving that symbol alone, per stress leverage, cross and isolated margin.",
+    )
+    def liquidation(weights: pl.DataFrame):
+        tiers = stress.load_leverage_tiers()
+        frames = []
+        for name, (asofs, targets) in books(weights, settings)[0].items():
+            for leverage in settings.stress_leverages:
+                for mode in MARGIN_MODES:
+                    levels = stress.liquidation_levels(targets[-1], symbols, leverage=leverage, tiers=tiers, margin_mode=mode)
+                    frames.append(levels.with_columns(as_of=pl.lit(asofs[-1]), strategy=pl.lit(name),
+                                                      leverage=pl.lit(float(leverage))))
+        frame = pl.concat(frames) if frames else schemas.empty(schemas.Liquidation)
+        nearest = frame["distance"].min() if frame.height else None
+        yield from validated(frame, schemas.Liquidation, LIQUIDATION,
+                             metadata={"rows": frame.height, "nearest_distance": float(nearest) if nearest is not None else -1.0})
+
+    @table_asset(
+        COMPARISON, schemas.Comparison, ins={"metrics": dg.AssetIn(METRICS), "stress": dg.AssetIn(STRESS)},
+        group_name="backtest", kinds={"duckdb", "polars"},
+        description="Which book served better and would it have survived: return, Sharpe rank, excess over equal "
+        "weight, drawdown and tail beside the worst stress scenario, liquidations and the highest safe leverage.",
+    )
+    def comparison(metrics: pl.DataFrame, stress: pl.DataFrame):
+        frame = backtest.compare(metrics, stress)
+        yield from validated(frame, schemas.Comparison, COMPARISON, metadata={"table": dg.MetadataValue.md(markdown_table(frame))})
 
     @dg.asset(
         key=REPORT,
         ins={name: dg.AssetIn(key) for name, key in
-             {"metrics": METRICS, "equity": EQUITY, "weights": WEIGHTS, "signals": SIGNALS, "stress": STRESS}.items()},
+             {"metrics": METRICS, "comparison": COMPARISON, "equity": EQUITY, "weights": WEIGHTS, "signals": SIGNALS,
+              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES}.items()},
         group_name="report", kinds={"html", "matplotlib"},
         description=f"Self-contained HTML report with plots under {settings.reports_dir}; the plots also show here.",
     )
-    def strategy_report(metrics, equity, weights, signals, stress) -> dg.MaterializeResult:
-        latest = stress.filter(pl.col("as_of") == pl.col("as_of").max())
+    def strategy_report(metrics, comparison, equity, weights, signals, stress, liquidation, estimates) -> dg.MaterializeResult:
+        levs = sorted(settings.stress_leverages)
+        lev = levs[len(levs) // 2]
+        latest = stress.filter((pl.col("as_of") == pl.col("as_of").max().over("strategy")) & (pl.col("leverage") == lev)
+                               & (pl.col("margin_mode") == "cross"))
+        worst_path = (stress.filter((pl.col("leverage") == lev) & (pl.col("margin_mode") == "cross")
+                                    & (pl.col("kind") != "replay")))
         figures = {
             "equity": report.plot_equity(equity),
             "drawdown": report.plot_drawdown(equity),
+            "funding_pnl": report.plot_funding(equity),
             **{f"weights_{s}": report.plot_weights(weights, s) for s in weights["strategy"].unique(maintain_order=True)},
             "variance_risk_premium": report.plot_vrp(signals),
-            "stress_latest_weights": report.plot_stress(latest.rename({"equity_after": "equity_after_frac"})),
+            "stress_latest_weights": report.plot_stress(
+                latest.rename({"equity_after": "equity_after_frac"}),
+                title=f"Stress on the latest weights at {lev:g}x, cross margin (incl. worst-hour replays)"),
+            "stress_every_rebalance": report.plot_stress(
+                worst_path.rename({"equity_after": "equity_after_frac"}),
+                title=f"Stress: worst equity after over every rebalance at {lev:g}x, cross margin"),
+            "liquidation_distance": report.plot_liquidation(liquidation, leverage=lev),
         }
-        path = report.write_report(settings.reports_dir, title="perpfolio strategy report", metrics=metrics, figures=figures)
+        bounds = load_strategies(settings.strategies_file)[0].constraints
+        frontier = _frontier_figure(estimates, weights, symbols, bounds.min_weight, bounds.max_weight)
+        if frontier is not None:
+            figures["efficient_frontier"] = frontier
+        path = report.write_report(settings.reports_dir, title="perpfolio strategy report", metrics=metrics,
+                                   figures=figures, tables={"Comparison": comparison})
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)),
-            "metrics": dg.MetadataValue.md(markdown_table(metrics)),
+            "comparison": dg.MetadataValue.md(markdown_table(comparison)),
             **{name: dg.MetadataValue.md(report.markdown_image(png, name)) for name, png in figures.items()},
         })
 
-    return [equity, metrics, stress_tests, strategy_report]
+    return [equity, metrics, monthly, stress_tests, liquidation, comparison, strategy_report]
 
+
+def _frontier_figure(estimates: pl.DataFrame, weights: pl.DataFrame, symbols: list[str], min_weight: float,
+                     max_weight: float) -> bytes | None:
+    """Frontier at the latest asof with a full 'sample' estimate (budget 1 and the first configured
+    strategy's weight bounds), with each strategy's weights of that asof and each single asset placed
+    on it; None when no such estimate exists (e.g. every window is still warming up)."""
+    ok = estimates.filter((pl.col("estimator") == "sample") & (pl.col("status") == "ok"))
+    if ok.is_empty():
+        return None
+    as_of = ok["as_of"].max()
+    now = ok.filter(pl.col("as_of") == as_of)
+    mean = dict(now.filter(pl.col("quantity") == "mean").select("symbol", "value").iter_rows())
+    cov_rows = now.filter(pl.col("quantity") == "cov")
+    cell = {(a, b): v for a, b, v in cov_rows.select("symbol", "symbol_j", "value").iter_rows()}
+    mu = np.array([mean[s] for s in symbols])
+    cov = np.array([[cell[(a, b)] for b in symbols] for a in symbols])
+    try:
+        rets, vols, _ = efficient_frontier(mu, cov, n_points=20, budget=1.0, min_weight=min_weight, max_weight=max_weight)
+    except (SolverError, DataError):
+        return None  # the report shows every other plot; the frontier is illustrative
+    points = {}
+    for (strategy,), part in weights.filter(pl.col("as_of") == as_of).group_by("strategy"):
+        w = np.array([dict(part.select("symbol", "weight").iter_rows()).get(s, 0.0) for s in symbols])
+        points[strategy] = (float(np.sqrt(w @ cov @ w)), float(mu @ w))
+    assets = {s: (float(np.sqrt(cov[i, i])), float(mu[i])) for i, s in enumerate(symbols)}
+    return report.plot_frontier(vols, rets, points, assets=assets, as_of=f"{as_of:%Y-%m-%d %H:%M} UTC")

@@ -2,8 +2,10 @@
 
 4 strategies x 100 symbols x 17520 hourly bars (2 years), daily rebalancing (730 asofs, lag 1),
 random returns/funding/weights. Compares perpfolio.backtest.simulate (vectorized within holding
-segments) with two per-bar loops (numpy over symbols; plain Python), then runs the stress test at every
-rebalance (730 asofs x 4 strategies x 3 scenarios, betas over the 30-day window ending at each asof).
+segments) with two per-bar loops (numpy over symbols; plain Python); times hourly rebalancing and a
+stop-loss; then runs the stress test at every rebalance (730 asofs x 4 strategies x the 5 scenarios of
+config/scenarios.toml x cross and isolated margin at 3x, betas and vols over the 30-day window ending
+at each asof) and the liquidation prices of every book.
 
 Run: .venv/bin/python benchmarks/bench_backtest.py
 """
@@ -14,8 +16,12 @@ import time
 
 import numpy as np
 
-from perpfolio.backtest import performance_metrics, simulate
-from perpfolio.stress import DEFAULT_SCENARIOS, load_leverage_tiers, rolling_betas, stress_test
+from pathlib import Path
+
+from perpfolio.backtest import performance_metrics, rebalance_plan, simulate
+from perpfolio.stress import liquidation_levels, load_leverage_tiers, load_scenarios, rolling_betas, stress_test
+
+SCENARIOS, _ = load_scenarios(Path(__file__).parents[1] / "config" / "scenarios.toml")
 
 N_BARS, N_SYM, N_STRAT, WINDOW, REPEATS = 17_520, 100, 4, 720, 3
 
@@ -79,25 +85,39 @@ def main() -> None:
         return max(np.abs(fr["equity"].to_numpy() - eq).max() for fr, eq in zip(frames, baseline))
 
     t_met, _ = best_of(lambda: [performance_metrics(fr, periods_per_year=8760) for fr in frames])
+    hourly = [rebalance_plan(reb, w, n_bars=N_BARS, frequency="hourly") for w in weights]
+    t_hourly, _ = best_of(lambda: [simulate(ts, r, f, hb, hw, **kw) for hb, hw in hourly], 1)
+    t_stop, stopped = best_of(lambda: [simulate(ts, r, f, reb, w, stop_loss=0.05, **kw) for w in weights])
+    n_stops = sum(int(fr["stops"].sum()) for fr in stopped)
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"] + [f"S{i:03d}USDT" for i in range(3, N_SYM)]
     tiers = load_leverage_tiers()
 
     def betas_all():  # the WINDOW bars ending at the asof bar (fewer for the first 29 asofs)
-        return [rolling_betas(r[max(0, b + 1 - WINDOW): b + 1], reference=0) for b in reb]
+        return [(rolling_betas(r[max(0, b + 1 - WINDOW): b + 1], reference=0),
+                 r[max(0, b + 1 - WINDOW): b + 1].std(axis=0, ddof=1)) for b in reb]
 
-    t_beta, betas = best_of(betas_all, 1)
+    t_beta, stats = best_of(betas_all, 1)
 
     def stress_all():
         rows = 0
         for k, fr in enumerate(frames):
             eq = fr["equity"].to_numpy()
             for j, b in enumerate(reb):
-                rows += stress_test(weights[k][j], symbols, betas[j], scenarios=DEFAULT_SCENARIOS,
-                                    leverage=3.0, tiers=tiers, equity=eq[b], default_mmr=0.01).height
+                betas, vols = stats[j]
+                for mode in ("cross", "isolated"):
+                    rows += stress_test(weights[k][j], symbols, betas, scenarios=SCENARIOS, leverage=3.0, tiers=tiers,
+                                        equity=eq[b], default_mmr=0.01, vols=vols, margin_mode=mode).height
         return rows
 
     t_stress, rows = best_of(stress_all, 1)
+
+    def liquidation_all():
+        return sum(liquidation_levels(weights[k][j], symbols, leverage=3.0, tiers=tiers, margin_mode=mode,
+                                      default_mmr=0.01).height
+                   for k in range(N_STRAT) for j in range(len(reb)) for mode in ("cross", "isolated"))
+
+    t_liq, liq_rows = best_of(liquidation_all, 1)
     n_exec = len(reb) * N_STRAT
     print(f"\n{N_STRAT} strategies x {N_SYM} symbols x {N_BARS} bars, {len(reb)} daily rebalances, lag 1\n")
     print("| step | time (s) | note |")
@@ -108,9 +128,12 @@ def main() -> None:
     print(f"| per-bar pure-Python loop baseline (once) | {t_py:.3f} | {t_py / t_vec:.0f}x slower; "
           f"max equity diff {max_diff(pys):.1e} |")
     print(f"| performance_metrics (best of {REPEATS}) | {t_met:.4f} | {N_STRAT} strategies |")
-    print(f"| rolling_betas, {WINDOW}-bar window | {t_beta:.3f} | {len(reb)} asofs |")
-    print(f"| stress_test | {t_stress:.3f} | {n_exec} books -> {rows} scenario rows, "
-          f"{1e6 * t_stress / rows:.0f} us/row |")
+    print(f"| simulate, hourly rebalancing (once) | {t_hourly:.3f} | {N_STRAT} x {len(hourly[0][0])} rebalances |")
+    print(f"| simulate, stop-loss 5% (best of {REPEATS}) | {t_stop:.3f} | {n_stops} positions stopped |")
+    print(f"| rolling_betas and vols, {WINDOW}-bar window | {t_beta:.3f} | {len(reb)} asofs |")
+    print(f"| stress_test, cross + isolated | {t_stress:.3f} | {n_exec} books x {len(SCENARIOS)} scenarios x 2 modes -> "
+          f"{rows} rows, {1e6 * t_stress / rows:.0f} us/row |")
+    print(f"| liquidation_levels, cross + isolated | {t_liq:.3f} | {liq_rows} positions |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ Accounting (exact; every number in the output follows from these lines):
   ``gross_leverage = sum_i |x_i| / E`` at the bar's close, after any trade;
   ``drawdown = E / max(initial_equity, running max E) - 1`` (<= 0).
 
+* Optional stop-loss (``stop_loss``, off by default): a position opened (or resized) at an
+  execution is closed at the CLOSE of the first later bar where its price move since that
+  execution reaches ``-stop_loss`` against it (long: ``prod(1 + r) - 1 <= -stop_loss``; short:
+  ``>= +stop_loss``). The bar earns its pnl, the closing trade ``|x_i|`` (drifted notional) pays
+  fees and slippage at that bar, and the symbol stays flat until the next execution. The next
+  execution bar itself is not checked (the rebalance trades there anyway). ``stops`` counts the
+  positions stopped in each bar.
+
 Liquidation is not modelled here (see ``perpfolio.stress``). The simulation is sequential only
 across rebalances: within a holding segment the drift is a ``cumprod`` of ``1 + r`` and the pnl is
 a vectorized product, so the cost is O(T N) array work plus O(K N) Python-level steps.
@@ -37,12 +45,77 @@ in that symbol during the bar is zero (then the value cannot matter and is ignor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import polars as pl
 
-from perpfolio.errors import DataError
+from perpfolio.errors import ConfigError, DataError
+
+Frequency = Literal["hourly", "daily", "weekly"]
+BASELINES = ("equal_weight", "btc_only", "static")
+BASELINE_PREFIX = "baseline:"
+
+
+def rebalance_plan(
+    decision_bars: np.ndarray, decision_weights: np.ndarray, *, n_bars: int, frequency: Frequency,
+) -> tuple[np.ndarray, np.ndarray]:
+    """When the book trades back to its target, given the (daily) decisions.
+
+    * ``daily``: at every decision bar (the decisions as they are).
+    * ``weekly``: at every 7th decision, counting from the first (decisions 0, 7, 14, ...); the
+      decisions in between are ignored.
+    * ``hourly``: at every bar from the first decision on, to the latest decision at or before
+      that bar (the drift is undone each bar; the target changes only at a decision).
+
+    Returns (rebalance_bars, target weights), the inputs of :func:`simulate`.
+    """
+    bars = np.asarray(decision_bars, dtype=np.int64)
+    w = np.asarray(decision_weights, dtype=float)
+    if w.shape[0] != len(bars):
+        raise DataError(f"rebalance_plan: {len(bars)} decision bars but {w.shape[0]} weight rows")
+    if frequency == "daily" or not len(bars):
+        return bars, w
+    if frequency == "weekly":
+        return bars[::7], w[::7]
+    if frequency == "hourly":
+        every = np.arange(bars[0], n_bars, dtype=np.int64)
+        return every, w[np.searchsorted(bars, every, side="right") - 1]
+    raise ConfigError(f"rebalance_plan: frequency must be hourly, daily or weekly, got {frequency!r}")
+
+
+def baseline_weights(
+    kind: str, symbols: Sequence[str], n_decisions: int, *, static: Mapping[str, float] | None = None,
+    btc: str = "BTCUSDT",
+) -> np.ndarray:
+    """K x N constant target weights of a baseline book (fractions of equity).
+
+    * ``equal_weight``: 1/N in every symbol.
+    * ``btc_only``: 1 in ``btc`` (ConfigError when it is not in ``symbols``).
+    * ``static``: the given ``{symbol: weight}`` (symbols not listed get 0; a listed symbol that is
+      not in ``symbols`` is a ConfigError). Weights are used as given (not renormalized).
+    """
+    n = len(symbols)
+    if kind == "equal_weight":
+        row = np.full(n, 1.0 / n)
+    elif kind == "btc_only":
+        if btc not in symbols:
+            raise ConfigError(f"baseline btc_only: {btc} is not among the symbols {list(symbols)}")
+        row = (np.asarray(symbols) == btc).astype(float)
+    elif kind == "static":
+        if not static:
+            raise ConfigError("baseline static: no static weights given (PERPFOLIO_STATIC_WEIGHTS)")
+        unknown = [s for s in static if s not in symbols]
+        if unknown:
+            raise ConfigError(f"baseline static: weights for {unknown} but the symbols are {list(symbols)}; "
+                              "set PERPFOLIO_STATIC_WEIGHTS or drop 'static' from PERPFOLIO_BASELINES")
+        row = np.array([float(static.get(s, 0.0)) for s in symbols])
+        if not np.isfinite(row).all():
+            raise ConfigError(f"baseline static: weights must be finite, got {dict(static)}")
+    else:
+        raise ConfigError(f"unknown baseline {kind!r}; choose from {BASELINES}")
+    return np.tile(row, (n_decisions, 1))
 
 def simulate(
     bar_ts: np.ndarray,
@@ -56,6 +129,7 @@ def simulate(
     lag_bars: int = 1,
     initial_equity: float = 1.0,
     symbols: Sequence[str] | None = None,
+    stop_loss: float | None = None,
 ) -> pl.DataFrame:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
@@ -69,11 +143,16 @@ def simulate(
         lag_bars: execution at the close of bar ``asof + lag_bars`` (0 = at the asof bar's close).
         initial_equity: equity before bar 0 (equity units).
         symbols: N names used in error messages only (default: column indices).
+        stop_loss: maximum loss per position and trade as a fraction of its entry notional
+            (0.1 = close after a 10% adverse price move); None (default) = no stop.
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
-        (equity units, per bar), turnover (traded / equity), gross_leverage, drawdown (fractions).
+        (equity units, per bar), turnover (traded / pre-cost equity), gross_leverage, drawdown
+        (fractions), stops (positions closed by the stop-loss in the bar).
     """
+    if stop_loss is not None and not 0 < stop_loss < 1:
+        raise DataError(f"simulate: stop_loss must be in (0, 1) or None, got {stop_loss}")
     r, f, reb, w = _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_weights,
                              fee_bps=fee_bps, slippage_bps=slippage_bps, lag_bars=lag_bars,
                              initial_equity=initial_equity, symbols=symbols)
@@ -96,23 +175,29 @@ def simulate(
     for a, b in zip(seg_starts, seg_ends):
         if a < b:
             np.cumprod(r[a:b] + 1.0, axis=0, out=growth[a:b])
+    stop_coef = np.zeros((n_bars, n_sym))  # |x0| . stop_coef[t] = notional closed by stops at bar t
+    if stop_loss is not None and len(exec_bars):
+        growth, stop_coef = _apply_stops(growth, np.sign(w), exec_bars, stop_loss)
     growth_prev = np.vstack([np.ones((1, n_sym)), growth[:-1]])
     growth_prev[seg_starts[seg_starts < n_bars]] = 1.0
     price_coef = growth_prev * r  # price_pnl[t] = x0[held[t]] . price_coef[t]
     fund_coef = growth_prev * f
+    cost_rate = (fee_bps + slippage_bps) / 1e4
 
     # Sequential part, one step per execution: pnl of the segment that ends at the execution bar.
     n_exec = len(exec_bars)
     seg_pnl_coef = (np.add.reduceat((price_coef + fund_coef)[: exec_bars[-1] + 1],
                                     np.append(0, exec_bars[:-1] + 1), axis=0)
                     if n_exec else np.zeros((0, n_sym)))
+    seg_stop_coef = (np.add.reduceat(stop_coef[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
+                     if n_exec else np.zeros((0, n_sym)))
     x0 = np.zeros((n_exec + 1, n_sym))  # row j: positions right after execution j; last row: flat
     traded = np.zeros(n_exec)
     e_pre = np.zeros(n_exec)
     equity = float(initial_equity)
     x_prev = x0[-1]
     for j, e in enumerate(exec_bars):
-        equity += x_prev @ seg_pnl_coef[j]
+        equity += x_prev @ seg_pnl_coef[j] - cost_rate * (np.abs(x_prev) @ seg_stop_coef[j])
         drifted = x_prev * growth[e]
         target = w[j] * equity if equity > 0 else np.zeros(n_sym)
         traded[j] = np.abs(target - drifted).sum()
@@ -124,14 +209,16 @@ def simulate(
     x_held = x0[held]  # held == -1 picks the flat last row
     price_pnl = np.einsum("tn,tn->t", x_held, price_coef)
     funding_pnl = np.einsum("tn,tn->t", x_held, fund_coef)
-    traded_bar = np.zeros(n_bars)
-    traded_bar[exec_bars] = traded
+    traded_bar = np.einsum("tn,tn->t", np.abs(x_held), stop_coef)
+    traded_bar[exec_bars] += traded
     fees = fee_bps / 1e4 * traded_bar
     slippage = slippage_bps / 1e4 * traded_bar
     pnl = price_pnl + funding_pnl - fees - slippage
     eq = initial_equity + np.cumsum(pnl)
-    turnover = np.zeros(n_bars)
+    pre_cost = eq + fees + slippage
+    turnover = np.divide(traded_bar, pre_cost, out=np.zeros(n_bars), where=pre_cost > 0)
     turnover[exec_bars] = np.divide(traded, e_pre, out=np.zeros(n_exec), where=e_pre > 0)
+    stops = ((stop_coef > 0) & (x_held != 0)).sum(axis=1)
     gross = np.abs(x_held * growth).sum(axis=1)
     gross[exec_bars] = np.abs(x0[:n_exec]).sum(axis=1)
     peak = np.maximum(np.maximum.accumulate(eq), initial_equity)
@@ -146,6 +233,7 @@ def simulate(
         "turnover": turnover,
         "gross_leverage": gross / eq,
         "drawdown": eq / peak - 1.0,
+        "stops": stops.astype(np.int64),
     })
 
 
@@ -155,19 +243,28 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     Bar returns ``r_t = E_t / E_{t-1} - 1`` (simple, per bar) over all T rows, with
     ``E_{-1} = E_0 - pnl_0`` the initial equity; ``ppy = periods_per_year`` (8760 / bar_hours).
 
-    * ann_return = (E_T / E_{-1})^(ppy / T) - 1
+    * total_return = E_T / E_{-1} - 1;  ann_return = (E_T / E_{-1})^(ppy / T) - 1
     * ann_vol = std(r, ddof=1) * sqrt(ppy)
     * sharpe = mean(r) / std(r, ddof=1) * sqrt(ppy)   (risk-free rate 0; NaN if std == 0)
     * sortino = mean(r) / sqrt(mean(min(0, r)^2)) * sqrt(ppy)   (NaN if no negative bar)
     * max_drawdown = -min(E_t / max(E_{-1}, max_{s<=t} E_s) - 1): POSITIVE magnitude (0.2 = -20%)
-    * max_loss = -min(r): worst single-bar return as a POSITIVE loss (negative if no bar lost)
-    * cvar_95 = -mean of the ceil(5% T) worst bar returns: a POSITIVE loss
+    * max_drawdown_duration_h = longest run of consecutive bars with E_t below its running peak,
+      times the bar length 8760 / ppy hours (a drawdown still open at the end counts)
+    * max_loss = -min(r): worst single-bar (hourly) return as a POSITIVE loss (negative if no bar lost)
+    * max_loss_day = -min over UTC calendar days d (of the bar open ts) of E_last(d) / E_last(d-1) - 1,
+      with E_last(first day - 1) = E_{-1}: worst day as a POSITIVE loss
+    * cvar_95 / cvar_99 = -mean of the ceil(5% T) / ceil(1% T) worst bar returns: POSITIVE losses
     * turnover = (sum_t traded_t / mean(E)) * ppy / T: annualized multiples of equity traded, with
       traded_t = turnover_t * (E_t + fees_t + slippage_t)  (the pre-cost equity of the trade)
-    * funding_pnl = sum of funding_pnl; costs = sum of fees + slippage (equity units, totals, >= 0)
+    * funding_pnl, fees, slippage (totals, equity units); costs = fees + slippage
+    * avg_gross_leverage, max_gross_leverage: mean and max of gross_leverage over the bars
+    * attribution, fractions of the initial equity E_{-1}: ret_price = sum price_pnl / E_{-1},
+      ret_funding = sum funding_pnl / E_{-1}, ret_costs = -costs / E_{-1};
+      ret_price + ret_funding + ret_costs = total_return exactly (the accounting identity)
+    * stops: positions closed by the stop-loss (0 without one)
     """
-    missing = [c for c in ("ts", "equity", "pnl", "funding_pnl", "fees", "slippage", "turnover")
-               if c not in equity.columns]
+    missing = [c for c in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage", "turnover",
+                           "gross_leverage") if c not in equity.columns]
     if missing:
         raise DataError(f"performance_metrics: equity frame lacks columns {missing}")
     if equity.height < 2:
@@ -189,21 +286,107 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     std = ret.std(ddof=1)
     down = np.sqrt(np.mean(np.minimum(ret, 0.0) ** 2))
     drawdown = path / np.maximum.accumulate(path) - 1.0
-    tail = np.sort(ret)[: int(np.ceil(0.05 * n))]
+    ordered = np.sort(ret)
     fees, slip = equity["fees"].to_numpy(), equity["slippage"].to_numpy()
     traded = equity["turnover"].to_numpy() * (eq + fees + slip)
+    gross = equity["gross_leverage"].to_numpy()
+    day_end = (equity.select(pl.col("ts").dt.date().alias("day"), "equity")
+               .group_by("day", maintain_order=True).agg(pl.col("equity").last())["equity"].to_numpy())
+    daily = np.concatenate([[start], day_end])
+    price, funding = float(equity["price_pnl"].sum()), float(equity["funding_pnl"].sum())
+    stops = float(equity["stops"].sum()) if "stops" in equity.columns else 0.0
     return {
+        "total_return": float(path[-1] / path[0] - 1.0),
         "sharpe": float(ret.mean() / std * np.sqrt(ppy)) if std > 0 else float("nan"),
         "sortino": float(ret.mean() / down * np.sqrt(ppy)) if down > 0 else float("nan"),
         "ann_return": float((path[-1] / path[0]) ** (ppy / n) - 1.0),
         "ann_vol": float(std * np.sqrt(ppy)),
         "max_drawdown": float(-drawdown.min()),
+        "max_drawdown_duration_h": float(_longest_run(drawdown < 0) * 8760.0 / ppy),
         "max_loss": float(-ret.min()),
+        "max_loss_day": float(-(daily[1:] / daily[:-1] - 1.0).min()),
         "turnover": float(traded.sum() / eq.mean() * ppy / n),
-        "cvar_95": float(-tail.mean()),
-        "funding_pnl": float(equity["funding_pnl"].sum()),
+        "cvar_95": float(-ordered[: int(np.ceil(0.05 * n))].mean()),
+        "cvar_99": float(-ordered[: int(np.ceil(0.01 * n))].mean()),
+        "funding_pnl": funding,
+        "fees": float(fees.sum()),
+        "slippage": float(slip.sum()),
         "costs": float(fees.sum() + slip.sum()),
+        "avg_gross_leverage": float(gross.mean()),
+        "max_gross_leverage": float(gross.max()),
+        "ret_price": price / start,
+        "ret_funding": funding / start,
+        "ret_costs": -float(fees.sum() + slip.sum()) / start,
+        "stops": stops,
     }
+
+
+def monthly_metrics(equity: pl.DataFrame) -> pl.DataFrame:
+    """Per UTC calendar month (of the bar open ts) of one equity path from :func:`simulate`.
+
+    With ``E_0`` the equity before the month's first bar (the previous month's last equity, or the
+    initial equity): total_return = E_last / E_0 - 1; ret_price, ret_funding = sums of price_pnl,
+    funding_pnl over the month / E_0; ret_costs = -(fees + slippage) / E_0 (they add up to
+    total_return); max_drawdown = -min(E_t / max(E_0, max_{s<=t} E_s) - 1) within the month;
+    max_loss = worst bar return of the month as a POSITIVE loss.
+    Returns: month (Date, first day), total_return, ret_price, ret_funding, ret_costs, max_drawdown, max_loss.
+    """
+    for col in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage"):
+        if col not in equity.columns:
+            raise DataError(f"monthly_metrics: equity frame lacks column {col!r}")
+    frame = equity.sort("ts").with_columns(
+        month=pl.col("ts").dt.truncate("1mo").dt.date(),
+        e_prev=pl.col("equity") - pl.col("pnl"),
+    )
+    rows = []
+    for (month,), part in frame.group_by("month", maintain_order=True):
+        e0 = float(part["e_prev"][0])
+        path = np.concatenate([[e0], part["equity"].to_numpy()])
+        if np.any(path[:-1] <= 0):
+            raise DataError(f"monthly_metrics: equity reaches <= 0 in {month}")
+        costs = float(part["fees"].sum() + part["slippage"].sum())
+        rows.append({
+            "month": month,
+            "total_return": path[-1] / e0 - 1.0,
+            "ret_price": float(part["price_pnl"].sum()) / e0,
+            "ret_funding": float(part["funding_pnl"].sum()) / e0,
+            "ret_costs": -costs / e0,
+            "max_drawdown": float(-(path / np.maximum.accumulate(path) - 1.0).min()),
+            "max_loss": float(-(path[1:] / path[:-1] - 1.0).min()),
+        })
+    return pl.DataFrame(rows)
+
+
+def _longest_run(mask: np.ndarray) -> int:
+    """Length of the longest run of consecutive True values."""
+    edges = np.diff(np.concatenate([[0], np.asarray(mask, dtype=np.int8), [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return int((ends - starts).max()) if len(starts) else 0
+
+
+def _apply_stops(growth, sign_w, exec_bars, stop_loss):
+    """Zero the drift factor of stopped positions from their stop bar on; return (growth, stop_coef).
+
+    Segment j holds the positions of execution j over bars exec_j + 1 .. exec_{j+1} (or the last
+    bar); the stop is looked for on those bars except exec_{j+1}. ``stop_coef[t, i]`` is the drift
+    factor of the closed position at its stop bar (so ``|x0_i| * stop_coef`` is the notional sold).
+    """
+    n_bars = growth.shape[0]
+    growth = growth.copy()
+    stop_coef = np.zeros_like(growth)
+    ends = np.append(exec_bars[1:], n_bars)  # first bar NOT checked (next execution, or past the end)
+    for j, (a, b) in enumerate(zip(exec_bars + 1, ends)):
+        if a >= b or not sign_w[j].any():
+            continue
+        hit = sign_w[j] * (growth[a:b] - 1.0) <= -stop_loss
+        hit &= sign_w[j] != 0
+        cols = np.flatnonzero(hit.any(axis=0))
+        first = a + hit[:, cols].argmax(axis=0)
+        seg_end = min(b + 1, n_bars)
+        for i, t in zip(cols, first):
+            stop_coef[t, i] = growth[t, i]
+            growth[t:seg_end, i] = 0.0
+    return growth, stop_coef
 
 
 def _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_weights, *,
@@ -261,3 +444,53 @@ def _check_missing(r, f, missing, held, w, bar_ts, symbols):
 
 def _name(symbols, i) -> str:
     return f"symbol {symbols[i]!r}" if symbols is not None else f"column {i}"
+
+
+def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
+    """One row per book: the backtest headline beside its worst stress outcome.
+
+    Inputs: ``metrics`` (strategy, total_return, sharpe, max_drawdown, max_loss_day, cvar_99) and
+    ``stress`` rows (strategy, scenario, leverage, margin_mode, equity_after as a fraction of the
+    equity before, liquidated, capital_sufficient). Per strategy:
+
+    * kind = "baseline" for names starting with ``baseline:``, else "strategy"; rank by Sharpe (1 = best,
+      equal Sharpe ratios ranked by name)
+    * excess_vs_equal_weight = total_return - total_return of ``baseline:equal_weight`` (null without it)
+    * worst_scenario / worst_equity_after: the minimum equity_after over rebalances and scenarios at
+      the LOWEST stressed leverage under cross margin
+    * liquidations: number of stress rows that liquidate (all leverages and margin modes)
+    * max_safe_leverage: the highest leverage L whose rows (every rebalance, scenario and margin mode)
+      are all capital sufficient; 0 when none is
+    """
+    for frame, cols, what in ((metrics, ("strategy", "total_return", "sharpe", "max_drawdown", "max_loss_day",
+                                         "cvar_99"), "metrics"),
+                              (stress, ("strategy", "scenario", "leverage", "margin_mode", "equity_after",
+                                        "liquidated", "capital_sufficient"), "stress")):
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise DataError(f"compare: {what} lacks columns {missing}")
+    ew = metrics.filter(pl.col("strategy") == BASELINE_PREFIX + "equal_weight")["total_return"]
+    low = stress["leverage"].min()
+    worst = (stress.filter((pl.col("leverage") == low) & (pl.col("margin_mode") == "cross"))
+             .sort("equity_after", "scenario").group_by("strategy", maintain_order=True)
+             .agg(worst_scenario=pl.col("scenario").first(), worst_equity_after=pl.col("equity_after").first()))
+    safe = (stress.group_by("strategy", "leverage").agg(pl.col("capital_sufficient").all())
+            .group_by("strategy").agg(max_safe_leverage=pl.col("leverage").filter(pl.col("capital_sufficient"))
+                                      .max().fill_null(0.0)))
+    liq = stress.group_by("strategy").agg(liquidations=pl.col("liquidated").sum().cast(pl.Int64))
+    out = (metrics.select("strategy", "total_return", "sharpe", "max_drawdown", "max_loss_day", "cvar_99")
+           .with_columns(
+               kind=pl.when(pl.col("strategy").str.starts_with(BASELINE_PREFIX)).then(pl.lit("baseline"))
+               .otherwise(pl.lit("strategy")),
+               # ties (e.g. a strategy that fell back to another's weights) are ranked by name: reproducible
+               rank=pl.struct(pl.col("sharpe").neg(), "strategy").rank("ordinal").cast(pl.Int64),
+               excess_vs_equal_weight=(pl.col("total_return") - ew[0]) if ew.len() else pl.lit(None, pl.Float64),
+           )
+           .join(worst, on="strategy", how="left").join(liq, on="strategy", how="left")
+           .join(safe, on="strategy", how="left"))
+    lacking = out.filter(pl.col("worst_scenario").is_null())["strategy"].to_list()
+    if lacking:
+        raise DataError(f"compare: no stress rows at leverage {low} (cross margin) for {lacking}")
+    return out.sort("rank").select(
+        "strategy", "kind", "rank", "total_return", "excess_vs_equal_weight", "sharpe", "max_drawdown",
+        "max_loss_day", "cvar_99", "worst_scenario", "worst_equity_after", "liquidations", "max_safe_leverage")

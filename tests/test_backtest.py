@@ -4,8 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from perpfolio.backtest import performance_metrics, simulate
-from perpfolio.errors import DataError
+from perpfolio.backtest import baseline_weights, monthly_metrics, performance_metrics, rebalance_plan, simulate
+from perpfolio.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -210,15 +210,35 @@ class TestMetrics:
         pnl = np.diff(np.concatenate([[e0], path]))
         turnover = np.where(np.arange(n) % 24 == 0, 0.3, 0.0)
         fees = 0.0005 * turnover
-        frame = pl.DataFrame({"ts": hourly(n), "equity": path, "pnl": pnl, "price_pnl": pnl,
-                              "funding_pnl": np.full(n, 1e-5), "fees": fees, "slippage": fees / 2,
-                              "turnover": turnover})
+        gross = rng.uniform(0.5, 2.0, n)
+        funding = np.full(n, 1e-5)
+        price = pnl - funding + 1.5 * fees  # so that price + funding - fees - slippage = pnl
+        frame = pl.DataFrame({"ts": hourly(n), "equity": path, "pnl": pnl, "price_pnl": price,
+                              "funding_pnl": funding, "fees": fees, "slippage": fees / 2,
+                              "turnover": turnover, "gross_leverage": gross})
         m = performance_metrics(frame, periods_per_year=ppy)
 
         full = np.concatenate([[e0], path])
         worst_drop = max(1 - full[j] / full[: j + 1].max() for j in range(n + 1))
         traded = turnover * (path + fees + fees / 2)
+        underwater, longest = 0, 0
+        for j in range(1, n + 1):  # bars below the running peak (start included in the peak)
+            underwater = underwater + 1 if full[j] < full[: j + 1].max() else 0
+            longest = max(longest, underwater)
+        day_ends = [e0] + [path[d * 24 + 23] for d in range(n // 24)] + ([path[-1]] if n % 24 else [])
         expected = {
+            "total_return": path[-1] / e0 - 1,
+            "max_drawdown_duration_h": float(longest),
+            "max_loss_day": -min(b / a - 1 for a, b in zip(day_ends[:-1], day_ends[1:])),
+            "cvar_99": -np.sort(ret)[:4].mean(),
+            "fees": fees.sum(),
+            "slippage": fees.sum() / 2,
+            "avg_gross_leverage": gross.mean(),
+            "max_gross_leverage": gross.max(),
+            "ret_price": price.sum() / e0,
+            "ret_funding": n * 1e-5 / e0,
+            "ret_costs": -1.5 * fees.sum() / e0,
+            "stops": 0.0,
             "sharpe": ret.mean() / ret.std(ddof=1) * np.sqrt(ppy),
             "sortino": ret.mean() / np.sqrt(np.mean(np.minimum(ret, 0) ** 2)) * np.sqrt(ppy),
             "ann_return": np.prod(1 + ret) ** (ppy / n) - 1,
@@ -232,7 +252,9 @@ class TestMetrics:
         }
         assert set(m) == set(expected)
         for key, value in expected.items():
-            assert m[key] == pytest.approx(value, rel=1e-9), key
+            assert m[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+        assert m["ret_price"] + m["ret_funding"] + m["ret_costs"] == pytest.approx(m["total_return"], abs=1e-12)
+        assert longest > 24 and m["cvar_99"] > m["cvar_95"] > 0
 
     def test_turnover_round_trip_through_simulate(self):
         # constant prices, weight 1 then 0 then 1 with cost rate c: buy 1 (E -> 1 - c), sell the
@@ -249,3 +271,163 @@ class TestMetrics:
         one = simulate(hourly(3), np.zeros((3, 1)), np.zeros((3, 1)), np.array([0]), np.ones((1, 1)))
         with pytest.raises(DataError, match="strictly increasing"):
             performance_metrics(pl.concat([one, one]), periods_per_year=8760)
+
+
+class TestStopLoss:
+    """Hand-worked stop-loss: 2 symbols, lag 0, cost 10 bps, stop at 10% against the position."""
+
+    r = np.array([[0.0, 0.0], [-0.06, 0.05], [-0.05, 0.04], [0.50, -0.20], [0.0, 0.0]])
+    f = np.array([[0.0, 0.0], [0.0, 0.0], [0.0, -0.001], [0.0, 0.0], [0.0, 0.0]])
+
+    def run(self, stop, reb=np.array([0])):
+        w = np.tile([[0.5, -0.5]], (len(reb), 1))
+        return simulate(hourly(5), self.r, self.f, reb, w, fee_bps=10, slippage_bps=0, lag_bars=0, stop_loss=stop)
+
+    def test_long_stopped_short_kept(self):
+        out = self.run(0.10)
+        c = 0.001
+        e0 = 1.0 - c * 1.0  # buy 0.5, sell 0.5 at the close of bar 0
+        x = np.array([0.5, -0.5]) * 1.0
+        # bar 1: long -6% (not yet -10%), short loses 5% of 0.5
+        e1 = e0 + x @ self.r[1]
+        x1 = x * (1 + self.r[1])  # [0.47, -0.525]
+        # bar 2: long cumulative 0.94 * 0.95 - 1 = -10.7% <= -10%: stopped at the close; it still earns bar 2
+        pnl2 = x1 @ self.r[2] + x1 @ self.f[2]
+        closed = abs(x1[0] * (1 + self.r[2, 0]))  # 0.4465
+        e2 = e1 + pnl2 - c * closed
+        x2 = np.array([0.0, x1[1] * (1 + self.r[2, 1])])
+        # bar 3: only the short is held: loses nothing on the long's +50%
+        e3 = e2 + x2 @ self.r[3]
+        np.testing.assert_allclose(out["equity"].to_numpy(), [e0, e1, e2, e3, e3], rtol=0, atol=1e-15)
+        np.testing.assert_allclose(out["fees"].to_numpy(), [c, 0, c * closed, 0, 0], atol=1e-16)
+        assert out["stops"].to_list() == [0, 0, 1, 0, 0]
+        assert out["gross_leverage"][3] == pytest.approx(abs(x2[1] * 0.8) / e3, rel=1e-14)
+        assert out["turnover"][2] == pytest.approx(closed / (e2 + c * closed), rel=1e-14)
+        total = 1.0 + out["price_pnl"].sum() + out["funding_pnl"].sum() - out["fees"].sum() - out["slippage"].sum()
+        assert abs(out["equity"][-1] - total) < 1e-12
+
+    def test_short_stopped_by_a_rally(self):
+        out = self.run(0.08)  # short: +5% then 1.05 * 1.04 - 1 = +9.2% >= 8% at bar 2; long -10.7% too
+        assert out["stops"].to_list() == [0, 0, 2, 0, 0]
+        assert out["gross_leverage"][3] == 0.0 and out["price_pnl"][3] == 0.0
+
+    def test_off_by_default_and_reopened_at_the_next_rebalance(self):
+        assert self.run(None)["stops"].sum() == 0
+        out = self.run(0.10, reb=np.array([0, 3]))
+        assert out["stops"].to_list() == [0, 0, 1, 0, 0]
+        assert out["gross_leverage"][3] == pytest.approx(1.0 * (out["equity"][3] + out["fees"][3]) / out["equity"][3])
+
+    def test_stop_at_the_next_execution_bar_is_left_to_the_rebalance(self):
+        out = self.run(0.10, reb=np.array([0, 2]))  # the long crosses -10% at bar 2 = the next execution
+        assert out["stops"].sum() == 0
+
+    def test_invalid_stop(self):
+        with pytest.raises(DataError, match="stop_loss must be in"):
+            self.run(1.5)
+
+
+class TestRebalancePlan:
+    bars = np.array([23, 47, 71, 95, 119, 143, 167, 191, 215])
+    w = np.arange(9, dtype=float)[:, None] * np.ones((1, 2))
+
+    def test_daily_is_identity(self):
+        reb, w = rebalance_plan(self.bars, self.w, n_bars=240, frequency="daily")
+        assert reb.tolist() == self.bars.tolist() and np.array_equal(w, self.w)
+
+    def test_weekly_every_seventh_decision(self):
+        reb, w = rebalance_plan(self.bars, self.w, n_bars=240, frequency="weekly")
+        assert reb.tolist() == [23, 191] and w[:, 0].tolist() == [0.0, 7.0]
+
+    def test_hourly_holds_the_latest_decision(self):
+        reb, w = rebalance_plan(self.bars, self.w, n_bars=240, frequency="hourly")
+        assert reb.tolist() == list(range(23, 240))
+        assert w[0, 0] == 0 and w[23, 0] == 0 and w[24, 0] == 1 and w[-1, 0] == 8
+
+    def test_hourly_rebalancing_of_constant_weights_matches_per_bar_loop(self, rng):
+        r, f = rng.normal(0, 0.01, (96, 3)), np.zeros((96, 3))
+        reb, w = rebalance_plan(np.array([23, 47]), np.array([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]]), n_bars=96,
+                                frequency="hourly")
+        out = simulate(hourly(96), r, f, reb, w, fee_bps=5, slippage_bps=2, lag_bars=1)
+        ref = per_bar_loop(r, f, reb, w, fee_bps=5, slippage_bps=2, lag_bars=1)
+        np.testing.assert_allclose(out["equity"].to_numpy(), ref[:, 0], rtol=1e-12)
+
+    def test_unknown_frequency(self):
+        with pytest.raises(ConfigError, match="hourly, daily or weekly"):
+            rebalance_plan(self.bars, self.w, n_bars=240, frequency="monthly")
+
+
+class TestBaselines:
+    symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+
+    def test_rows(self):
+        assert baseline_weights("equal_weight", self.symbols, 2).tolist() == [[1 / 3] * 3] * 2
+        assert baseline_weights("btc_only", self.symbols, 1).tolist() == [[1.0, 0.0, 0.0]]
+        got = baseline_weights("static", self.symbols, 1, static={"SOLUSDT": 0.2, "BTCUSDT": 0.8})
+        assert got.tolist() == [[0.8, 0.0, 0.2]]
+
+    def test_errors_name_the_cause(self):
+        with pytest.raises(ConfigError, match="BTCUSDT is not among"):
+            baseline_weights("btc_only", ["ETHUSDT"], 1)
+        with pytest.raises(ConfigError, match=r"weights for \['XRPUSDT'\]"):
+            baseline_weights("static", self.symbols, 1, static={"XRPUSDT": 1.0})
+        with pytest.raises(ConfigError, match="unknown baseline 'nope'"):
+            baseline_weights("nope", self.symbols, 1)
+
+
+class TestMonthly:
+    def test_months_chain_and_attribution_adds_up(self, rng):
+        n = 24 * 70  # Jan 1 .. Mar 11
+        r = rng.normal(0, 0.01, (n, 2))
+        f = rng.normal(0, 1e-4, (n, 2))
+        out = simulate(hourly(n), r, f, np.arange(23, n, 24), np.tile([[0.7, 0.5]], (70, 1)))
+        months = monthly_metrics(out)
+        assert [str(m) for m in months["month"]] == ["2025-01-01", "2025-02-01", "2025-03-01"]
+        growth = np.prod(1 + months["total_return"].to_numpy())
+        assert growth == pytest.approx(out["equity"][-1], rel=1e-12)
+        parts = months.select(pl.sum_horizontal("ret_price", "ret_funding", "ret_costs"))
+        np.testing.assert_allclose(parts.to_series().to_numpy(), months["total_return"].to_numpy(), atol=1e-13)
+        feb = out.filter(pl.col("ts").dt.month() == 2)
+        e0 = feb["equity"][0] - feb["pnl"][0]
+        path = np.concatenate([[e0], feb["equity"].to_numpy()])
+        assert months["max_loss"][1] == pytest.approx(-(path[1:] / path[:-1] - 1).min(), rel=1e-12)
+
+
+class TestCompare:
+    def test_by_hand(self):
+        from perpfolio.backtest import compare
+        metrics = pl.DataFrame({"strategy": ["a", "baseline:equal_weight"], "total_return": [0.10, 0.04],
+                                "sharpe": [0.5, 1.5], "max_drawdown": [0.1, 0.2], "max_loss_day": [0.03, 0.05],
+                                "cvar_99": [0.01, 0.02]})
+        rows = []
+        for s, lev, mode, sc, eq, liq, ok in [
+            ("a", 1.0, "cross", "x", 0.95, False, True), ("a", 1.0, "cross", "y", 0.90, False, True),
+            ("a", 1.0, "isolated", "y", 0.50, False, True), ("a", 5.0, "cross", "y", 0.40, False, True),
+            ("a", 5.0, "isolated", "y", 0.30, True, False),
+            ("baseline:equal_weight", 1.0, "cross", "x", 0.80, False, True),
+            ("baseline:equal_weight", 5.0, "cross", "x", 0.10, False, True),
+            ("baseline:equal_weight", 5.0, "isolated", "x", 0.10, False, True),
+        ]:
+            rows.append({"strategy": s, "leverage": lev, "margin_mode": mode, "scenario": sc, "equity_after": eq,
+                         "liquidated": liq, "capital_sufficient": ok})
+        out = compare(metrics, pl.DataFrame(rows))
+        assert out["strategy"].to_list() == ["baseline:equal_weight", "a"]
+        a = out.row(1, named=True)
+        assert (a["kind"], a["rank"], a["worst_scenario"], a["worst_equity_after"]) == ("strategy", 2, "y", 0.90)
+        assert a["excess_vs_equal_weight"] == pytest.approx(0.06, abs=1e-15)
+        assert (a["liquidations"], a["max_safe_leverage"]) == (1, 1.0)
+        b = out.row(0, named=True)
+        assert (b["kind"], b["max_safe_leverage"], b["liquidations"], b["excess_vs_equal_weight"]) == (
+            "baseline", 5.0, 0, 0.0)
+
+
+def test_compare_ranks_equal_sharpe_by_name():
+    """Regression: two books with the same Sharpe got ranks in input order, so a rerun that read the
+    metrics back in another order stored a different backtest.comparison."""
+    from perpfolio.backtest import compare
+    base = {"total_return": 0.1, "sharpe": 1.0, "max_drawdown": 0.1, "max_loss_day": 0.01, "cvar_99": 0.01}
+    stress = pl.DataFrame({"strategy": ["b", "a"], "scenario": ["x", "x"], "leverage": [1.0, 1.0],
+                           "margin_mode": ["cross", "cross"], "equity_after": [0.9, 0.9], "liquidated": [False] * 2,
+                           "capital_sufficient": [True] * 2})
+    for order in (["a", "b"], ["b", "a"]):
+        out = compare(pl.DataFrame([{"strategy": s, **base} for s in order]), stress)
+        assert dict(out.select("strategy", "rank").iter_rows()) == {"a": 1, "b": 2}

@@ -3,6 +3,8 @@
 import base64
 import io
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import polars as pl
@@ -10,7 +12,17 @@ import pytest
 from matplotlib.image import imread
 
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.report import plot_drawdown, plot_equity, plot_stress, plot_vrp, plot_weights, write_report
+from perpfolio.report import (
+    plot_drawdown,
+    plot_equity,
+    plot_frontier,
+    plot_funding,
+    plot_liquidation,
+    plot_stress,
+    plot_vrp,
+    plot_weights,
+    write_report,
+)
 
 STRATEGIES = ["classical", "downside", "vrp", "hybrid"]
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
@@ -27,7 +39,8 @@ def frames():
     for s in STRATEGIES:
         eq = np.cumprod(1 + rng.normal(1e-4, 0.005, len(ts)))
         dd = eq / np.maximum.accumulate(eq) - 1
-        equity.append(pl.DataFrame({"ts": ts, "strategy": s, "equity": eq, "drawdown": dd}))
+        equity.append(pl.DataFrame({"ts": ts, "strategy": s, "equity": eq, "drawdown": dd,
+                                    "funding_pnl": rng.normal(-1e-5, 2e-5, len(ts))}))
         w = rng.dirichlet(np.ones(3), len(asof))
         for i, sym in enumerate(SYMBOLS):
             weights.append(pl.DataFrame({"as_of": asof, "strategy": s, "symbol": sym, "weight": w[:, i]}))
@@ -46,7 +59,18 @@ def frames():
 def figures(frames):
     short = frames["weights"].with_columns(
         pl.when(pl.col("symbol") == "SOLUSDT").then(-pl.col("weight")).otherwise(pl.col("weight")).alias("weight"))
+    regimes = frames["signals"].with_columns(
+        regime=pl.when(pl.col("as_of").dt.day().is_between(10, 15)).then(pl.lit("turbulent")).otherwise(pl.lit("calm")))
+    levels = pl.DataFrame([{"strategy": s, "symbol": sym, "leverage": 5.0, "margin_mode": mode,
+                            "distance": None if (s, sym) == ("vrp", "SOLUSDT") else 0.1 + 0.05 * k}
+                           for s in STRATEGIES for k, sym in enumerate(SYMBOLS) for mode in ("cross", "isolated")])
     return {
+        "funding": plot_funding(frames["equity"]),
+        "vrp_regimes": plot_vrp(regimes),
+        "liquidation": plot_liquidation(levels, leverage=5.0),
+        "frontier": plot_frontier(np.linspace(0.4, 0.9, 10), np.linspace(0.1, 0.6, 10),
+                                  {"classical": (0.5, 0.2), "hybrid": (0.7, 0.4)}, as_of="2025-01-30 23:00 UTC",
+                                  assets={"BTCUSDT": (0.6, 0.3)}),
         "equity": plot_equity(frames["equity"]),
         "drawdown": plot_drawdown(frames["equity"]),
         "weights_hybrid": plot_weights(frames["weights"], "hybrid"),
@@ -67,6 +91,21 @@ class TestFigures:
     def test_missing_column_is_named(self, frames):
         with pytest.raises(DataError, match=r"plot_drawdown: frame lacks columns \['drawdown'\]"):
             plot_drawdown(frames["equity"].drop("drawdown"))
+
+    def test_regime_shading_only_when_the_column_exists(self, frames, figures):
+        plain = imread(io.BytesIO(figures["vrp"]), format="png")[..., :3]
+        shaded = imread(io.BytesIO(figures["vrp_regimes"]), format="png")[..., :3]
+        assert plain.shape == shaded.shape and np.abs(plain - shaded).mean() > 1e-3
+
+    def test_frontier_rejects_a_single_point(self):
+        with pytest.raises(DataError, match="need >= 2 finite"):
+            plot_frontier(np.array([0.1]), np.array([0.2]), {}, as_of="x")
+
+    def test_liquidation_unknown_leverage(self):
+        levels = pl.DataFrame({"strategy": ["a"], "symbol": ["BTCUSDT"], "leverage": [1.0], "margin_mode": ["cross"],
+                               "distance": [0.5]})
+        with pytest.raises(DataError, match="no rows at leverage 3"):
+            plot_liquidation(levels, leverage=3.0)
 
     def test_unknown_strategy(self, frames):
         with pytest.raises(DataError, match="no rows for strategy 'nope'"):
@@ -94,6 +133,39 @@ class TestWriteReport:
         assert re.findall(r'src="([^"]{0,22})', page) == ["data:image/png;base64,"] * len(figures)
         assert page.count("<img ") == len(figures)
 
+    def test_extra_tables_come_first(self, tmp_path, figures, metrics):
+        comparison = pl.DataFrame({"strategy": ["hybrid"], "rank": [1]})
+        page = write_report(tmp_path, title="t", metrics=metrics, figures={"vrp": figures["vrp"]},
+                            tables={"Comparison": comparison}).read_text()
+        assert page.index("<h2>Comparison</h2>") < page.index('<table class="table">') < page.index("<h2>Metrics</h2>")
+
     def test_bad_figure_name(self, tmp_path, figures, metrics):
         with pytest.raises(ConfigError, match="figure name '../x'"):
             write_report(tmp_path, title="t", metrics=metrics, figures={"../x": figures["vrp"]})
+
+
+def find_chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class TestBrowser:
+    """The HTML report rendered by headless Chromium (Debian's chromium; `make browser` installs it)."""
+
+    def test_screenshot_is_not_blank(self, tmp_path, figures):
+        browser = find_chromium()
+        if browser is None:
+            print("skipping: no chromium binary on PATH (run `make browser` as root to install Debian's chromium)")
+            pytest.skip("no chromium binary on PATH (make browser installs it)")
+        metrics = pl.DataFrame({"strategy": STRATEGIES, "sharpe": [1.0, 0.5, -0.2, 2.0]})
+        page = write_report(tmp_path / "report", title="Browser check", metrics=metrics, figures=figures)
+        shot = tmp_path / "shot.png"
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+               page.resolve().as_uri()]
+        subprocess.run(cmd, check=True, timeout=60, capture_output=True)
+        pixels = imread(str(shot), format="png")[..., :3]
+        assert pixels.shape[:2] == (2000, 1200)
+        assert pixels.std() > 0.05  # not a blank page: text, the table and the first plots are drawn
+        white = (pixels > 0.98).all(axis=-1).mean()
+        assert 0.2 < white < 0.99, white
