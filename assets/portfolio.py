@@ -1,5 +1,7 @@
 """portfolio.weights: the optimized target weights of every configured strategy at each rebalance."""
 
+from datetime import datetime
+
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -13,6 +15,28 @@ from perpfolio.optimize import AsofInputs, load_strategies, optimize_walk_forwar
 from pipelines.settings import Settings
 
 WEIGHTS = dg.AssetKey(["portfolio", "weights"])
+PREVIOUS_DAY = dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True)
+
+
+def previous_weights(stored: pl.DataFrame, before: datetime, symbols: list[str]) -> dict[str, np.ndarray]:
+    """Each strategy's stored weights at the latest asof strictly before `before`, in `symbols` order.
+
+    This is where the walk-forward of a partition (or range) starts: the same whether the days
+    before were written by this run's predecessor or by one earlier daily run. Strategies whose
+    stored row set does not cover exactly `symbols` are left out (they start without previous weights).
+    """
+    if stored.is_empty() or "as_of" not in stored.columns:
+        return {}
+    earlier = stored.filter(pl.col("as_of") < before)
+    if earlier.is_empty():
+        return {}
+    last = earlier.filter(pl.col("as_of") == earlier["as_of"].max())
+    out = {}
+    for (name,), rows in last.group_by("strategy"):
+        by_symbol = dict(zip(rows["symbol"].to_list(), rows["weight"].to_list()))
+        if sorted(by_symbol) == sorted(symbols):
+            out[name] = np.array([by_symbol[s] for s in symbols], dtype=float)
+    return out
 
 
 def asof_inputs(estimates: pl.DataFrame, signals: pl.DataFrame, symbols: list[str]) -> list[AsofInputs]:
@@ -39,23 +63,28 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
-        ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS)},
+        ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS),
+             # the day before's stored weights seed the walk-forward (self-dependency): a range run and
+             # a sequence of daily runs then start every day from the same previous weights
+             "stored": dg.AssetIn(WEIGHTS, partition_mapping=PREVIOUS_DAY, metadata={"allow_missing_table": True})},
         group_name="portfolio", kinds={"duckdb", "cvxpy"},
         description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}; "
         "status says optimal or which fallback produced them and why.",
     )
-    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame):
+    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame, stored: pl.DataFrame):
         specs = load_strategies(settings.strategies_file)
         validate_for_universe(specs, len(symbols))
         if estimates.is_empty():
             yield from validated(schemas.empty(schemas.Weights), schemas.Weights, WEIGHTS, metadata={"decisions": 0})
             return
-        frame = optimize_walk_forward(specs, symbols, asof_inputs(estimates, signals, symbols))
+        previous = previous_weights(stored, context.partition_time_window.start, symbols)
+        frame = optimize_walk_forward(specs, symbols, asof_inputs(estimates, signals, symbols), previous=previous)
         per_decision = frame.unique(["as_of", "strategy"])
         statuses = per_decision.group_by("status").len().sort("status")
         meta = {
             "strategies": ", ".join(s.name for s in specs),
             "decisions": per_decision.height,
+            "seeded_from_previous_day": ", ".join(sorted(previous)) or "none",
             "solve_ms_mean": float(per_decision["solve_ms"].mean() or 0.0),
             "solve_ms_max": float(per_decision["solve_ms"].max() or 0.0),
             **{f"status_{s}": n for s, n in statuses.iter_rows()},

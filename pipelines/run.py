@@ -9,42 +9,131 @@ DAGSTER_HOME, so `make ui` shows them.
 """
 
 import argparse
+import os
+import socket
 import sys
 import time
 import warnings
 from datetime import date, datetime, timezone
 
 import dagster as dg
-import duckdb
+import polars as pl
+from dagster._core.definitions.dependency import NodeHandle
 
 from pipelines.definitions import build_definitions
+from pipelines.resources import connect_waiting
 from pipelines.settings import Settings
 
 COMPARISON = """
-SELECT strategy, round(sharpe, 2) AS sharpe, round(ann_return, 4) AS ann_return,
-       round(max_drawdown, 4) AS max_drawdown, round(max_loss, 4) AS max_loss,
-       round(turnover, 2) AS turnover, round(funding_pnl, 5) AS funding_pnl, fallbacks
-FROM backtest.metrics ORDER BY sharpe DESC
+SELECT c.rank, c.strategy, round(m.sharpe, 2) AS sharpe, round(m.ann_return, 4) AS ann_return,
+       round(m.max_drawdown, 4) AS max_drawdown, round(m.max_loss, 4) AS max_loss_hour,
+       round(m.turnover, 1) AS turnover, round(m.funding_pnl, 4) AS funding_pnl, m.fallbacks,
+       round(c.worst_equity_after, 3) AS worst_stress_equity, c.max_safe_leverage
+FROM backtest.comparison c JOIN backtest.metrics m USING (strategy) ORDER BY c.rank
 """
+
+
+PID_TAG, HOST_TAG = "perpfolio/pid", "perpfolio/host"
 
 
 class RunFailed(RuntimeError):
     """A materialization run did not succeed."""
 
 
-def materialize_range(defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance) -> None:
-    """One run of the walk-forward job over [start, end], then one run of the evaluation job."""
+def failure_report(job: dg.JobDefinition, result, partitions: str) -> str:
+    """Why a run failed, one line per failed step: its assets, the partitions and the reason.
+
+    Failed (blocking) asset checks are listed with their failure count, so a bad frame is named
+    by asset and check, not only by step.
+    """
+    lines = [f"run {result.run_id} of job {job.name} over partitions {partitions} failed:"]
+    checks = [e.event_specific_data for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.event_specific_data.passed]
+    for check in checks:
+        count = check.metadata.get("failure_count")
+        lines.append(f"  - check {check.asset_key.to_user_string()}:{check.check_name} failed"
+                     + (f" ({count.value} failing rows)" if count is not None else "") + f", partitions {partitions}")
+    for event in (e for e in result.all_events if e.is_step_failure):
+        try:
+            assets_def = job.asset_layer.get_assets_def_for_node(NodeHandle.from_string(event.step_key))
+            assets = ", ".join(sorted(k.to_user_string() for k in assets_def.keys)) if assets_def else event.step_key
+        except Exception:  # noqa: BLE001 - the report must not hide the failure it describes
+            assets = event.step_key
+        error = event.event_specific_data.error
+        while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
+            error = error.cause  # the user's exception, not Dagster's wrapper
+        reason = " ".join(error.message.split())[:400] if error is not None and error.message.strip() else "unknown"
+        if error is not None and error.cls_name and error.cls_name not in reason.split(":")[0]:
+            reason = f"{error.cls_name}: {reason}"
+        lines.append(f"  - asset {assets} (step {event.step_key}), partitions {partitions}: {reason}")
+    lines.append("see the run's log in the UI (make ui) for the full trace")
+    return "\n".join(lines)
+
+
+def walk_forward_job() -> dg.JobDefinition:
+    return build_definitions(Settings.from_env()).resolve_job_def("daily_walk_forward")
+
+
+def evaluation_job() -> dg.JobDefinition:
+    return build_definitions(Settings.from_env()).resolve_job_def("evaluation")
+
+
+RECONSTRUCT = {"daily_walk_forward": walk_forward_job, "evaluation": evaluation_job}
+
+
+def materialize_range(
+    defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance, *, executor: str = "in_process"
+) -> None:
+    """One run of the walk-forward job over [start, end], then one run of the evaluation job.
+
+    Each run is tagged with this process's host and pid, so a later invocation can tell a run
+    that was killed (SIGKILL, power loss) from one still going: see `recover_interrupted_runs`.
+    """
     tags = {"dagster/asset_partition_range_start": start.isoformat(), "dagster/asset_partition_range_end": end.isoformat()}
+    owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    for job_name, run_tags in (("daily_walk_forward", tags), ("evaluation", {})):
+    for job_name, run_tags, partitions in (("daily_walk_forward", tags, f"{start}..{end}"), ("evaluation", {}, "(unpartitioned)")):
         began = time.perf_counter()
-        result = defs.resolve_job_def(job_name).execute_in_process(
-            run_config=quiet, instance=instance, tags=run_tags, raise_on_error=False
-        )
+        job = defs.resolve_job_def(job_name)
+        if executor == "in_process":
+            result = job.execute_in_process(run_config=quiet, instance=instance, tags={**run_tags, **owner}, raise_on_error=False)
+        else:  # steps in child processes: the job is rebuilt there from the environment (PERPFOLIO_*)
+            with dg.execute_job(dg.reconstructable(RECONSTRUCT[job_name]), instance, run_config=quiet,
+                                tags={**run_tags, **owner}, raise_on_error=False) as result:
+                pass
         if not result.success:
-            failed = [e.step_key for e in result.all_events if e.is_step_failure]
-            raise RunFailed(f"run {result.run_id} of job {job_name} failed at steps {failed}; see its log in the UI (make ui)")
+            raise RunFailed(failure_report(job, result, partitions))
         print(f"{job_name}: {start}..{end} done in {time.perf_counter() - began:.1f} s (run {result.run_id})")
+
+
+def recover_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark runs of this host whose process is gone as failed and free their concurrency slots.
+
+    A run killed mid-way (SIGKILL) stays STARTED in DAGSTER_HOME and keeps its slot of the
+    warehouse pool, so every later writer would wait for it forever. Its partial writes need no
+    repair: each partition write is one DuckDB transaction, and the killed one was rolled back.
+    Returns the ids of the recovered runs.
+    """
+    recovered = []
+    unfinished = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.NOT_STARTED]
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=unfinished)):
+        pid, host = run.tags.get(PID_TAG), run.tags.get(HOST_TAG)
+        if pid is None or host != socket.gethostname() or _alive(int(pid)):
+            continue
+        instance.report_run_failed(run, message=f"process {pid} on {host} ended without finishing the run (killed?)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        recovered.append(run.run_id)
+    return recovered
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,15 +146,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not settings.start <= args.start <= args.end <= last_day:
         sys.exit(f"range {args.start}..{args.end} must lie inside PERPFOLIO_START..END = {settings.start}..{last_day}")
-    settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
+    if not str(settings.warehouse).startswith("md:"):  # a MotherDuck target is passed to DuckDB as is
+        settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.get() as instance:
+        for run_id in recover_interrupted_runs(instance):
+            print(f"recovered run {run_id}: its process is gone; marked failed and its warehouse slot freed")
         try:
-            materialize_range(build_definitions(settings), args.start, args.end, instance)
+            materialize_range(build_definitions(settings), args.start, args.end, instance, executor=settings.executor)
         except RunFailed as exc:
             sys.exit(str(exc))
-    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+    with connect_waiting(str(settings.warehouse), {}, read_only=True) as con:  # another run may be writing
         print("\nStrategy comparison (walk-forward, after fees, slippage and funding):")
-        print(con.sql(COMPARISON))
+        with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, tbl_hide_dataframe_shape=True,
+                       tbl_hide_column_data_types=True):
+            print(con.sql(COMPARISON).pl())
     print(f"warehouse: {settings.warehouse}   (duckdb {settings.warehouse} ; every stage is a table)")
     print(f"report:    {settings.reports_dir / 'report.html'}")
 
