@@ -8,10 +8,13 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import table_asset, validated
-from assets.features import ESTIMATES
+from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, window_ends
+from assets.raw import CANDLES
 from assets.signals import SIGNALS
-from perpfolio import estimators
+from perpfolio import estimators, returns
 from perpfolio.optimize import AsofInputs, load_strategies, optimize_walk_forward, validate_for_universe
+from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
+from pipelines.partitions import lookback
 from pipelines.settings import Settings
 
 WEIGHTS = dg.AssetKey(["portfolio", "weights"])
@@ -39,21 +42,51 @@ def previous_weights(stored: pl.DataFrame, before: datetime, symbols: list[str])
     return out
 
 
-def asof_inputs(estimates: pl.DataFrame, signals: pl.DataFrame, symbols: list[str]) -> list[AsofInputs]:
-    """One optimizer input per asof: annualized moments, VRP in symbol order, and the estimate status."""
+def _ordered(moments: estimators.Moments, found: list[str], symbols: list[str]) -> tuple[np.ndarray, ...]:
+    order = [found.index(s) for s in symbols]
+    return (moments.mean[:, order], moments.cov[:, order][:, :, order], moments.downside[:, order],
+            moments.semicov[:, order][:, :, order])
+
+
+def asof_inputs(
+    estimates: pl.DataFrame, signals: pl.DataFrame, net_returns: pl.DataFrame, candles: pl.DataFrame,
+    symbols: list[str], settings: Settings,
+) -> list[AsofInputs]:
+    """One optimizer input per asof: annualized sample moments, VRP, the estimate status, and what
+    the optional terms need: the Ledoit-Wolf covariance for the min-variance fallback, the regime,
+    the window's return scenarios (CVaR), the window length in years (robust mean) and the
+    liquid universe (trailing quote volume over the window)."""
     asofs, found, moments = estimators.moments_from_long(estimates, estimator="sample")
     if sorted(found) != sorted(symbols):
         raise ValueError(f"features.estimates holds symbols {found}, expected the configured {symbols}")
-    order = [found.index(s) for s in symbols]
-    mean, downside = moments.mean[:, order], moments.downside[:, order]
-    cov, semicov = moments.cov[:, order][:, :, order], moments.semicov[:, order][:, :, order]
+    mean, cov, downside, semicov = _ordered(moments, found, symbols)
+    shrunk = None
+    if "ledoit_wolf" in set(estimates["estimator"]):
+        _, lw_found, lw = estimators.moments_from_long(estimates, estimator="ledoit_wolf")
+        shrunk = _ordered(lw, lw_found, symbols)[1]
     stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
-    wide = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
-    vrp = wide.select(pl.col(s) if s in wide.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
+    per_asof = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
+    vrp = per_asof.select(pl.col(s) if s in per_asof.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
     vrp = vrp.cast(pl.Float64).to_numpy()  # null (no usable implied vol) becomes NaN: a zero tilt downstream
+    regimes = stamps.join(signals.group_by("as_of").agg(pl.col("regime").first()), on="as_of", how="left")["regime"]
+    ts, matrix = aligned_returns(net_returns, symbols)
+    ends = window_ends(ts, stamps["as_of"].to_list())
+    window = settings.window_bars
+    tradable = None
+    if settings.min_quote_volume is not None or settings.top_k is not None:
+        quote = candles.with_columns(quote_volume=pl.col("close") * pl.col("volume"))
+        q_ts, q_matrix = aligned_returns(quote, symbols, "quote_volume")
+        volume = trailing_quote_volume(q_matrix, window_ends(q_ts, stamps["as_of"].to_list()), window=window)
+        tradable = liquid_universe(volume, min_quote_volume=settings.min_quote_volume, top_k=settings.top_k)
     return [
-        AsofInputs(asof=asof, mu=mean[k], cov=cov[k], downside=downside[k], semicov=semicov[k], vrp=vrp[k],
-                   status=str(moments.status[k]))
+        AsofInputs(
+            asof=asof, mu=mean[k], cov=cov[k], downside=downside[k], semicov=semicov[k], vrp=vrp[k],
+            status=str(moments.status[k]), regime=regimes[k],
+            fallback_cov=None if shrunk is None else shrunk[k],
+            scenarios=matrix[max(0, ends[k] - window + 1): ends[k] + 1] if ends[k] >= 0 else None,
+            window_years=window / returns.periods_per_year(settings.bar_hours),
+            tradable=None if tradable is None else tradable[k],
+        )
         for k, asof in enumerate(stamps["as_of"].to_list())
     ]
 
@@ -64,6 +97,8 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     @table_asset(
         WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
         ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS),
+             "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days)),
+             "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(settings.lookback_days)),
              # the day before's stored weights seed the walk-forward (self-dependency): a range run and
              # a sequence of daily runs then start every day from the same previous weights
              "stored": dg.AssetIn(WEIGHTS, partition_mapping=PREVIOUS_DAY, metadata={"allow_missing_table": True})},
@@ -71,14 +106,16 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}; "
         "status says optimal or which fallback produced them and why.",
     )
-    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame, stored: pl.DataFrame):
+    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame,
+                net_returns: pl.DataFrame, candles: pl.DataFrame, stored: pl.DataFrame):
         specs = load_strategies(settings.strategies_file)
         validate_for_universe(specs, len(symbols))
         if estimates.is_empty():
             yield from validated(schemas.empty(schemas.Weights), schemas.Weights, WEIGHTS, metadata={"decisions": 0})
             return
         previous = previous_weights(stored, context.partition_time_window.start, symbols)
-        frame = optimize_walk_forward(specs, symbols, asof_inputs(estimates, signals, symbols), previous=previous)
+        inputs = asof_inputs(estimates, signals, net_returns, candles, symbols, settings)
+        frame = optimize_walk_forward(specs, symbols, inputs, previous=previous)
         per_decision = frame.unique(["as_of", "strategy"])
         statuses = per_decision.group_by("status").len().sort("status")
         meta = {

@@ -70,6 +70,8 @@ class Settings:
     slippage_bps: float = 2.0
     stress_leverages: tuple[float, ...] = (1.0, 3.0, 5.0, 10.0)
     margin_buffer: float = 0.05
+    min_quote_volume: float | None = None  # liquidity filter: trailing mean quote volume per bar (None = off)
+    top_k: int | None = None  # liquidity filter: trade only the K most liquid symbols (None = off)
     executor: Literal["in_process", "multiprocess"] = "in_process"  # Dagster executor of the jobs (scale-out)
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
     rebalance: Literal["hourly", "daily", "weekly"] = "daily"
@@ -110,6 +112,9 @@ class Settings:
         unknown = set(self.baselines) - {"equal_weight", "btc_only", "static"}
         if unknown:
             raise ConfigError(f"PERPFOLIO_BASELINES: unknown {sorted(unknown)}; choose from equal_weight, btc_only, static")
+        if (self.min_quote_volume is not None and self.min_quote_volume < 0) or (self.top_k is not None and self.top_k < 1):
+            raise ConfigError(f"PERPFOLIO_MIN_QUOTE_VOLUME must be >= 0 and PERPFOLIO_TOP_K >= 1, got "
+                              f"{self.min_quote_volume}, {self.top_k}")
         if self.executor not in ("in_process", "multiprocess"):
             raise ConfigError(f"PERPFOLIO_EXECUTOR must be 'in_process' or 'multiprocess', got {self.executor!r}")
         if self.source not in ("synthetic", "archive"):
@@ -174,6 +179,8 @@ class Settings:
             "slippage_bps": float,
             "stress_leverages": lambda v: tuple(float(x) for x in v.split(",") if x.strip()),
             "margin_buffer": float,
+            "min_quote_volume": float,
+            "top_k": int,
             "executor": str,
             "max_staleness_hours": float,
             "rebalance": str,

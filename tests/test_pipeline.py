@@ -228,7 +228,7 @@ def test_definitions_load_with_the_designed_lineage():
         "features/net_returns": {"raw/candles", "raw/funding"},
         "features/estimates": {"features/net_returns"},
         "signals/signals": {"features/net_returns", "raw/implied_vol"},
-        "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights"},  # previous day's weights seed the walk-forward
+        "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights", "features/net_returns", "raw/candles"},  # previous day's weights seed the walk-forward
         "backtest/equity": {"features/net_returns", "portfolio/weights"},
         "backtest/metrics": {"backtest/equity", "portfolio/weights"},
         "backtest/monthly": {"backtest/equity"},
@@ -287,3 +287,43 @@ class TestLiveWindow:
         candles_today = tables["raw.candles"].filter(pl.col("ts") >= midnight)
         assert candles_today.height // len(settings.symbols) in {before, closed_hours()}  # an hour may close mid-run
         assert tables["portfolio.weights"]["as_of"].max() == midnight - timedelta(hours=1)
+
+
+class TestOptimizerInputsFromTheWarehouse:
+    """The weights asset feeds the optional terms from the stored stages: window scenarios (CVaR),
+    window length (robust mean), the regime signal and the liquid universe (top K by quote volume)."""
+
+    STRATEGIES = """
+[[strategy]]
+name = "min_variance"
+objective = "min_variance"
+[strategy.constraints]
+budget = 1.0
+max_weight = 1.0
+cvar_limit = 0.5
+cvar_scenarios = 48
+
+[[strategy]]
+name = "robust"
+objective = "vrp_tilt"
+fallback_in_turbulence = true
+[strategy.parameters]
+robust_kappa = 1.0
+[strategy.constraints]
+budget = 1.0
+max_weight = 1.0
+"""
+
+    def test_terms_receive_their_data_and_the_universe_is_filtered(self, short_settings, tmp_path):
+        path = tmp_path / "strategies.toml"
+        path.write_text(self.STRATEGIES)
+        settings = replace(short_settings, strategies_file=path, top_k=2)
+        materialize(settings)
+        tables = read_tables(settings.warehouse)
+        weights = tables["portfolio.weights"]
+        solved = weights.filter(pl.col("status") == "optimal")
+        assert set(solved["strategy"]) == {"min_variance", "robust"}  # CVaR and robust terms found their data
+        volume = tables["raw.candles"].group_by("symbol").agg((pl.col("close") * pl.col("volume")).mean().alias("v"))
+        least_liquid = volume.sort("v")["symbol"][0]
+        assert solved.filter(pl.col("symbol") == least_liquid)["weight"].abs().max() <= 1e-8
+        assert solved.filter(pl.col("symbol") != least_liquid)["weight"].abs().max() > 0.01
