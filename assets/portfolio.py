@@ -12,7 +12,7 @@ from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, window_ends
 from assets.raw import CANDLES
 from assets.signals import SIGNALS
 from perpfolio import estimators, returns
-from perpfolio.optimize import AsofInputs, load_strategies, optimize_walk_forward, validate_for_universe
+from perpfolio.optimize import AsofInputs, EstimateSet, load_strategies, optimize_walk_forward, validate_for_universe
 from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
 from pipelines.partitions import lookback
 from pipelines.settings import Settings
@@ -53,17 +53,19 @@ def asof_inputs(
     symbols: list[str], settings: Settings,
 ) -> list[AsofInputs]:
     """One optimizer input per asof: annualized sample moments, VRP, the estimate status, and what
-    the optional terms need: the Ledoit-Wolf covariance for the min-variance fallback, the regime,
+    the optional terms need: every other named estimator (a strategy's `estimator`), the
+    Ledoit-Wolf covariance for the min-variance fallback, the regime,
     the window's return scenarios (CVaR), the window length in years (robust mean) and the
     liquid universe (trailing quote volume over the window)."""
     asofs, found, moments = estimators.moments_from_long(estimates, estimator="sample")
     if sorted(found) != sorted(symbols):
         raise ValueError(f"features.estimates holds symbols {found}, expected the configured {symbols}")
     mean, cov, downside, semicov = _ordered(moments, found, symbols)
-    shrunk = None
-    if "ledoit_wolf" in set(estimates["estimator"]):
-        _, lw_found, lw = estimators.moments_from_long(estimates, estimator="ledoit_wolf")
-        shrunk = _ordered(lw, lw_found, symbols)[1]
+    alternatives = {}  # every other stored estimator, for strategies that name one
+    for name in sorted(set(estimates["estimator"]) - {"sample"}):
+        _, alt_found, alt = estimators.moments_from_long(estimates, estimator=name)
+        alternatives[name] = (*_ordered(alt, alt_found, symbols), alt.status)
+    shrunk = alternatives["ledoit_wolf"][1] if "ledoit_wolf" in alternatives else None
     stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
     per_asof = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
     vrp = per_asof.select(pl.col(s) if s in per_asof.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
@@ -86,6 +88,8 @@ def asof_inputs(
             scenarios=matrix[max(0, ends[k] - window + 1): ends[k] + 1] if ends[k] >= 0 else None,
             window_years=window / returns.periods_per_year(settings.bar_hours),
             tradable=None if tradable is None else tradable[k],
+            alternatives={name: EstimateSet(m[0][k], m[1][k], m[2][k], m[3][k], str(m[4][k]))
+                          for name, m in alternatives.items()},
         )
         for k, asof in enumerate(stamps["as_of"].to_list())
     ]

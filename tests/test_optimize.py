@@ -564,6 +564,30 @@ class TestSizing:
             drawdown_cash_buffer(0.0, 0.2, target_vol=0.2, base=0.6)
 
 
+class TestEstimatorByName:
+    def specs(self, estimator: str):
+        return parse_strategies([{"name": "s", "objective": "min_variance", "estimator": estimator, "constraints": BOUNDS}])
+
+    def test_a_strategy_solves_on_the_estimator_it_names(self):
+        from perpfolio.optimize import EstimateSet
+
+        m = market(41, 5)
+        shrunk = 0.3 * m["cov"] + 0.7 * np.diag(np.diag(m["cov"]))
+        item = dataclasses.replace(inputs_at(0, m), alternatives={
+            "ledoit_wolf": EstimateSet(m["mu"], shrunk, m["downside"], m["semicov"], "ok")})
+        df = optimize_walk_forward(self.specs("ledoit_wolf") , SYMBOLS, [item])
+        x = cp.Variable(5)
+        cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(shrunk))), [cp.sum(x) == 1, x >= 0, x <= 0.5]).solve(**OSQP_REF)
+        np.testing.assert_allclose(weights_of(df, "s"), x.value, atol=1e-5)
+        with pytest.raises(DataError, match="estimator 'oas' has no estimates .* available: \\['sample', 'ledoit_wolf'\\]"):
+            optimize_walk_forward(self.specs("oas"), SYMBOLS, [item])
+
+    def test_unknown_estimator_is_rejected_at_load(self):
+        with pytest.raises(ConfigError, match="estimator='garch' is not one of"):
+            self.specs("garch")
+        assert self.specs("ledoit_wolf_reset")[0].estimator == "ledoit_wolf_reset"
+
+
 class TestCompiledOnce:
     def test_every_problem_is_dpp(self):
         for s in load_strategies(STRATEGIES) + TestConstraintsAlwaysHold.EXTRA:

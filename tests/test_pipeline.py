@@ -304,6 +304,14 @@ cvar_limit = 0.5
 cvar_scenarios = 48
 
 [[strategy]]
+name = "shrunk"
+objective = "min_variance"
+estimator = "ledoit_wolf"
+[strategy.constraints]
+budget = 1.0
+max_weight = 1.0
+
+[[strategy]]
 name = "robust"
 objective = "vrp_tilt"
 fallback_in_turbulence = true
@@ -322,7 +330,10 @@ max_weight = 1.0
         tables = read_tables(settings.warehouse)
         weights = tables["portfolio.weights"]
         solved = weights.filter(pl.col("status") == "optimal")
-        assert set(solved["strategy"]) == {"min_variance", "robust"}  # CVaR and robust terms found their data
+        assert set(solved["strategy"]) == {"min_variance", "shrunk", "robust"}  # every term found its data
+        pair = solved.filter(pl.col("strategy").is_in(["min_variance", "shrunk"])).pivot(
+            on="strategy", index=["as_of", "symbol"], values="weight").drop_nulls()
+        assert (pair["min_variance"] - pair["shrunk"]).abs().max() > 1e-4  # Ledoit-Wolf is not the sample covariance
         volume = tables["raw.candles"].group_by("symbol").agg((pl.col("close") * pl.col("volume")).mean().alias("v"))
         least_liquid = volume.sort("v")["symbol"][0]
         assert solved.filter(pl.col("symbol") == least_liquid)["weight"].abs().max() <= 1e-8

@@ -7,6 +7,7 @@ A strategy is one objective, its parameters and a set of constraints::
     objective = "downside"            # one of OBJECTIVES
     solver = "CLARABEL"               # optional: "CLARABEL" (default) | "OSQP" (warm-started)
     fallback_in_turbulence = false    # optional: in a turbulent regime use min-variance instead
+    estimator = "sample"              # optional: mean/covariance estimator by name (features.estimates)
     [strategy.parameters]
     alpha = 0.5
     [strategy.constraints]
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from perpfolio.errors import ConfigError
+from perpfolio.estimators import ESTIMATORS
 
 Objective = Literal[
     "min_variance", "target_return", "max_sharpe", "downside", "semivariance", "vrp_tilt", "hybrid"
@@ -122,6 +124,7 @@ class StrategySpec:
     constraints: Constraints = field(default_factory=Constraints)
     solver: Solver = "CLARABEL"
     fallback_in_turbulence: bool = False
+    estimator: str = "sample"
 
 
 def load_strategies(path: str | Path, *, n_assets: int | None = None) -> list[StrategySpec]:
@@ -195,7 +198,7 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"strategy #{index}: 'name' must be a non-empty string, got {name!r}")
-    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence"}
+    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence", "estimator"}
     if unknown:
         raise ConfigError(f"strategy {name!r}: unknown key(s) {sorted(unknown)}")
     objective = table.get("objective")
@@ -207,9 +210,17 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
     turbulence = table.get("fallback_in_turbulence", False)
     if not isinstance(turbulence, bool):
         raise ConfigError(f"strategy {name!r}: fallback_in_turbulence={turbulence!r} must be true or false")
+    estimator = table.get("estimator", "sample")
+    base = estimator.removesuffix("_reset") if isinstance(estimator, str) else None
+    if base not in ESTIMATORS:
+        raise ConfigError(
+            f"strategy {name!r}: estimator={estimator!r} is not one of {sorted(ESTIMATORS)} "
+            "(optionally with the suffix _reset for the regime-reset window)"
+        )
     spec = StrategySpec(
         name=name,
         fallback_in_turbulence=turbulence,
+        estimator=estimator,
         objective=objective,
         parameters=_parse_parameters(name, objective, table.get("parameters", {})),
         constraints=_parse_constraints(name, table.get("constraints", {})),

@@ -47,6 +47,17 @@ WEIGHTS_SCHEMA = {
 
 
 @dataclass(frozen=True)
+class EstimateSet:
+    """Annualized moments of one named estimator at one asof, with its status."""
+
+    mu: np.ndarray
+    cov: np.ndarray
+    downside: np.ndarray
+    semicov: np.ndarray
+    status: str
+
+
+@dataclass(frozen=True)
 class AsofInputs:
     """Annualized estimates at one asof (N symbols, in the order of ``symbols``).
 
@@ -56,7 +67,8 @@ class AsofInputs:
     ``window_years`` a robust mean; both may be None when no strategy uses them. ``regime``
     ("calm"/"turbulent") drives ``fallback_in_turbulence``; ``fallback_cov`` (a shrunk covariance,
     e.g. Ledoit-Wolf) is what the min-variance fallback solves on; ``tradable`` (N bools) is the
-    liquid universe of :func:`perpfolio.optimize.universe.liquid_universe`.
+    liquid universe of :func:`perpfolio.optimize.universe.liquid_universe`. The moment fields are
+    the "sample" estimator; ``alternatives`` holds the other named estimators a strategy may pick.
     A naive ``asof`` is taken as UTC.
     """
 
@@ -72,6 +84,7 @@ class AsofInputs:
     regime: str | None = None
     fallback_cov: np.ndarray | None = None
     tradable: np.ndarray | None = None
+    alternatives: dict[str, EstimateSet] | None = None
 
 
 @dataclass(frozen=True)
@@ -191,13 +204,14 @@ def optimize_walk_forward(
         decided: dict[str, Decision] = {}
         for spec in order:
             base = decided[spec.parameters.baseline].weights if spec.objective == "hybrid" else None
+            est = estimate_for(spec, item)
             data = SolveData(
-                mu=item.mu, cov=item.cov, downside=item.downside, semicov=item.semicov,
+                mu=est.mu, cov=est.cov, downside=est.downside, semicov=est.semicov,
                 vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
                 scenarios=item.scenarios, window_years=item.window_years, tradable=item.tradable,
             )
             decided[spec.name] = decide(
-                spec, data, estimate_status=item.status, cache=cache,
+                spec, data, estimate_status=est.status, cache=cache,
                 regime=item.regime, fallback_cov=item.fallback_cov,
             )
             prev[spec.name] = decided[spec.name].weights
@@ -212,6 +226,17 @@ def optimize_walk_forward(
             rows["objective"] += [d.objective] * n
             rows["solve_ms"] += [d.solve_ms] * n
     return pl.DataFrame(rows, schema=WEIGHTS_SCHEMA)
+
+
+def estimate_for(spec: StrategySpec, item: AsofInputs) -> EstimateSet:
+    """The moments of the estimator the strategy names ("sample" = the AsofInputs fields)."""
+    if spec.estimator == "sample":
+        return EstimateSet(item.mu, item.cov, item.downside, item.semicov, item.status)
+    if not item.alternatives or spec.estimator not in item.alternatives:
+        have = ["sample", *sorted(item.alternatives or {})]
+        raise DataError(f"strategy {spec.name!r}: estimator {spec.estimator!r} has no estimates at "
+                        f"{item.asof}; available: {have}")
+    return item.alternatives[spec.estimator]
 
 
 def _check_inputs(item: AsofInputs, n: int, last: datetime | None) -> datetime:
