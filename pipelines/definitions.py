@@ -7,15 +7,31 @@ PERPFOLIO_* environment (see pipelines/settings.py and the README).
 import dagster as dg
 
 from assets import evaluation, features, portfolio, raw, signals
+from perpfolio.errors import ConfigError
 from pipelines import freshness, schedules
 from pipelines.partitions import daily_partitions
 from pipelines.resources import RawMarket, WarehouseIOManager
 from pipelines.settings import Settings
 
 
-# PERPFOLIO_EXECUTOR picks one; a k8s or celery deployment sets dagster_k8s.k8s_job_executor /
-# dagster_celery.celery_executor here (or in its own definitions) - not installed in this project.
-EXECUTORS = {"in_process": dg.in_process_executor, "multiprocess": dg.multiprocess_executor}
+def executor_for(name: str) -> dg.ExecutorDefinition:
+    """The Dagster executor PERPFOLIO_EXECUTOR names. celery and k8s come from the integrations of
+    the same Dagster release (`pip install -e ".[scale]"`); their broker / cluster settings are run
+    config or instance config of the deployment, not code."""
+    if name == "in_process":
+        return dg.in_process_executor
+    if name == "multiprocess":
+        return dg.multiprocess_executor
+    try:
+        if name == "celery":
+            from dagster_celery import celery_executor
+
+            return celery_executor
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    except ImportError as exc:
+        raise ConfigError(f"PERPFOLIO_EXECUTOR={name} needs its Dagster integration: pip install -e \".[scale]\"") from exc
 
 
 def build_definitions(settings: Settings, *, market: RawMarket | None = None) -> dg.Definitions:
@@ -40,7 +56,7 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
                 archive_dir=str(settings.archive_dir or ""), iv_csv=[str(p) for p in settings.iv_csv],
             ),
         },
-        executor=EXECUTORS[settings.executor],
+        executor=executor_for(settings.executor),
     )
 
 

@@ -152,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         for run_id in recover_interrupted_runs(instance):
             print(f"recovered run {run_id}: its process is gone; marked failed and its warehouse slot freed")
         try:
+            if settings.executor in ("celery", "k8s"):
+                sys.exit(f"PERPFOLIO_EXECUTOR={settings.executor} runs steps on workers behind a broker or a cluster: "
+                         "launch the jobs through the Dagster daemon of that deployment (UI, schedules, "
+                         "`dagster job launch`); make run / make backfill execute in_process or multiprocess")
             materialize_range(build_definitions(settings), args.start, args.end, instance, executor=settings.executor)
         except RunFailed as exc:
             sys.exit(str(exc))

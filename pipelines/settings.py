@@ -72,7 +72,7 @@ class Settings:
     margin_buffer: float = 0.05
     min_quote_volume: float | None = None  # liquidity filter: trailing mean quote volume per bar (None = off)
     top_k: int | None = None  # liquidity filter: trade only the K most liquid symbols (None = off)
-    executor: Literal["in_process", "multiprocess"] = "in_process"  # Dagster executor of the jobs (scale-out)
+    executor: Literal["in_process", "multiprocess", "celery", "k8s"] = "in_process"  # Dagster executor (scale-out)
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
     rebalance: Literal["hourly", "daily", "weekly"] = "daily"
     stop_loss: float | None = None
@@ -115,8 +115,10 @@ class Settings:
         if (self.min_quote_volume is not None and self.min_quote_volume < 0) or (self.top_k is not None and self.top_k < 1):
             raise ConfigError(f"PERPFOLIO_MIN_QUOTE_VOLUME must be >= 0 and PERPFOLIO_TOP_K >= 1, got "
                               f"{self.min_quote_volume}, {self.top_k}")
-        if self.executor not in ("in_process", "multiprocess"):
-            raise ConfigError(f"PERPFOLIO_EXECUTOR must be 'in_process' or 'multiprocess', got {self.executor!r}")
+        if self.executor not in ("in_process", "multiprocess", "celery", "k8s"):
+            raise ConfigError(
+                f"PERPFOLIO_EXECUTOR must be in_process, multiprocess, celery or k8s, got {self.executor!r}"
+            )
         if self.source not in ("synthetic", "archive"):
             raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; choose 'synthetic' or 'archive'")
         if self.source == "archive" and (self.archive_dir is None or not Path(self.archive_dir).is_dir()):

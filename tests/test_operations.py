@@ -312,7 +312,7 @@ class TestCrashSafety:
 
 class TestScaleOutConfiguration:
     @pytest.mark.parametrize("value, executor", [(None, "in_process"), ("in_process", "in_process"),
-                                                  ("multiprocess", "multiprocess")])
+                                                  ("multiprocess", "multiprocess"), ("celery", "celery"), ("k8s", "k8s")])
     def test_executor_is_configuration(self, value, executor):
         env = {} if value is None else {"PERPFOLIO_EXECUTOR": value}
         defs = build_definitions(Settings.from_env(env))
@@ -322,7 +322,7 @@ class TestScaleOutConfiguration:
 
     def test_unknown_executor_is_refused(self):
         with pytest.raises(ConfigError, match="PERPFOLIO_EXECUTOR"):
-            Settings.from_env({"PERPFOLIO_EXECUTOR": "k8s"})
+            Settings.from_env({"PERPFOLIO_EXECUTOR": "slurm"})
 
     @pytest.mark.parametrize("target", ["md:perpfolio", "md:perpfolio?motherduck_token=${TOKEN}", "/data/perpfolio.duckdb"])
     def test_warehouse_target_is_passed_to_duckdb_unchanged(self, target):
