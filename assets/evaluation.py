@@ -63,6 +63,13 @@ def books(weights: pl.DataFrame, settings: Settings) -> tuple[dict[str, tuple[li
     return out, skipped
 
 
+def regime_flags(signals: pl.DataFrame, asofs: list[datetime]) -> np.ndarray:
+    """True where signals.signals says the market was turbulent at the asof (unknown = calm)."""
+    per_asof = signals.group_by("as_of").agg(pl.col("regime").first())
+    flags = pl.DataFrame({"as_of": asofs}).join(per_asof, on="as_of", how="left")["regime"]
+    return (flags == "turbulent").fill_null(False).to_numpy()
+
+
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
     stamps = np.array([np.datetime64(a.replace(tzinfo=None), "us") for a in asofs])
     idx = np.searchsorted(ts, stamps)
@@ -78,14 +85,15 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     stop = "off" if settings.stop_loss is None else f"{settings.stop_loss:g} of entry notional"
 
     @table_asset(
-        EQUITY, schemas.Equity, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
+        EQUITY, schemas.Equity,
+        ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "signals": dg.AssetIn(SIGNALS)},
         group_name="backtest", kinds={"duckdb", "numpy"},
         description=f"Walk-forward equity per bar and book (strategies and baselines {', '.join(settings.baselines)}): "
         f"{settings.rebalance} rebalancing, trade at the close of the bar after each asof, taker fee {settings.fee_bps:g} bps "
         f"+ slippage {settings.slippage_bps:g} bps on traded notional, funding paid or received by position sign, "
         f"positions drift between rebalances, stop-loss {stop}.",
     )
-    def equity(net_returns: pl.DataFrame, weights: pl.DataFrame):
+    def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame):
         ts, price = aligned_returns(net_returns, symbols, "price_return")
         _, funding = aligned_returns(net_returns, symbols, "funding_return")
         plans, skipped = books(weights, settings)
@@ -93,7 +101,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         for name, (asofs, targets) in plans.items():
             bars = bar_index(ts, asofs)
             start = int(bars[0])
-            reb, w = backtest.rebalance_plan(bars - start, targets, n_bars=len(ts) - start, frequency=settings.rebalance)
+            turbulent = regime_flags(signals, asofs) if settings.rebalance == "adaptive" else None
+            reb, w = backtest.rebalance_plan(bars - start, targets, n_bars=len(ts) - start,
+                                             frequency=settings.rebalance, turbulent=turbulent)
             path = backtest.simulate(
                 ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
                 slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,

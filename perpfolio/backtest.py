@@ -53,13 +53,15 @@ import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
 
-Frequency = Literal["hourly", "daily", "weekly"]
+Frequency = Literal["hourly", "daily", "weekly", "adaptive"]
+ADAPTIVE_TURBULENT_EVERY = 7  # adaptive: in a turbulent regime, trade at most every 7th decision
 BASELINES = ("equal_weight", "btc_only", "static")
 BASELINE_PREFIX = "baseline:"
 
 
 def rebalance_plan(
     decision_bars: np.ndarray, decision_weights: np.ndarray, *, n_bars: int, frequency: Frequency,
+    turbulent: np.ndarray | None = None, turbulent_every: int = ADAPTIVE_TURBULENT_EVERY,
 ) -> tuple[np.ndarray, np.ndarray]:
     """When the book trades back to its target, given the (daily) decisions.
 
@@ -68,6 +70,10 @@ def rebalance_plan(
       decisions in between are ignored.
     * ``hourly``: at every bar from the first decision on, to the latest decision at or before
       that bar (the drift is undone each bar; the target changes only at a decision).
+    * ``adaptive``: the article's regime-dependent frequency, more often when calm and less in
+      spikes: every decision whose regime is calm (``turbulent[k]`` False), and during a turbulent
+      regime only a decision at least ``turbulent_every`` decisions after the last trade (the
+      first decision always trades). ``turbulent`` holds one bool per decision (unknown = calm).
 
     Returns (rebalance_bars, target weights), the inputs of :func:`simulate`.
     """
@@ -82,7 +88,19 @@ def rebalance_plan(
     if frequency == "hourly":
         every = np.arange(bars[0], n_bars, dtype=np.int64)
         return every, w[np.searchsorted(bars, every, side="right") - 1]
-    raise ConfigError(f"rebalance_plan: frequency must be hourly, daily or weekly, got {frequency!r}")
+    if frequency == "adaptive":
+        if turbulent is None or len(turbulent) != len(bars):
+            raise DataError(f"rebalance_plan: adaptive needs one regime flag per decision ({len(bars)}), "
+                            f"got {None if turbulent is None else len(turbulent)}")
+        if turbulent_every < 1:
+            raise ConfigError(f"rebalance_plan: turbulent_every must be >= 1, got {turbulent_every}")
+        keep, last = [], None
+        for k, stressed in enumerate(np.asarray(turbulent, dtype=bool)):
+            if last is None or not stressed or k - last >= turbulent_every:
+                keep.append(k)
+                last = k
+        return bars[keep], w[keep]
+    raise ConfigError(f"rebalance_plan: frequency must be hourly, daily, weekly or adaptive, got {frequency!r}")
 
 
 def baseline_weights(

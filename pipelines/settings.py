@@ -74,7 +74,7 @@ class Settings:
     top_k: int | None = None  # liquidity filter: trade only the K most liquid symbols (None = off)
     executor: Literal["in_process", "multiprocess", "celery", "k8s"] = "in_process"  # Dagster executor (scale-out)
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
-    rebalance: Literal["hourly", "daily", "weekly"] = "daily"
+    rebalance: Literal["hourly", "daily", "weekly", "adaptive"] = "daily"
     stop_loss: float | None = None
     baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
@@ -105,8 +105,8 @@ class Settings:
             )
         if len(set(self.symbols)) != len(self.symbols) or not self.symbols:
             raise ConfigError(f"PERPFOLIO_SYMBOLS must list distinct symbols, got {self.symbols}")
-        if self.rebalance not in ("hourly", "daily", "weekly"):
-            raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily or weekly, got {self.rebalance!r}")
+        if self.rebalance not in ("hourly", "daily", "weekly", "adaptive"):
+            raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily, weekly or adaptive, got {self.rebalance!r}")
         if self.stop_loss is not None and not 0 < self.stop_loss < 1:
             raise ConfigError(f"PERPFOLIO_STOP_LOSS must be in (0, 1) or 'off', got {self.stop_loss}")
         unknown = set(self.baselines) - {"equal_weight", "btc_only", "static"}

@@ -352,7 +352,7 @@ class TestRebalancePlan:
         np.testing.assert_allclose(out["equity"].to_numpy(), ref[:, 0], rtol=1e-12)
 
     def test_unknown_frequency(self):
-        with pytest.raises(ConfigError, match="hourly, daily or weekly"):
+        with pytest.raises(ConfigError, match="hourly, daily, weekly or adaptive"):
             rebalance_plan(self.bars, self.w, n_bars=240, frequency="monthly")
 
 
@@ -431,3 +431,21 @@ def test_compare_ranks_equal_sharpe_by_name():
     for order in (["a", "b"], ["b", "a"]):
         out = compare(pl.DataFrame([{"strategy": s, **base} for s in order]), stress)
         assert dict(out.select("strategy", "rank").iter_rows()) == {"a": 1, "b": 2}
+
+
+class TestAdaptiveRebalancing:
+    def test_calm_trades_every_decision_and_turbulence_every_seventh(self):
+        bars = np.arange(20) * 24
+        w = np.arange(20, dtype=float)[:, None] * np.ones((1, 2))
+        turbulent = np.array([False] * 3 + [True] * 12 + [False] * 5)
+        got_bars, got_w = rebalance_plan(bars, w, n_bars=500, frequency="adaptive", turbulent=turbulent)
+        # calm 0,1,2; turbulent from 3: last trade was 2, so 9 (2 + 7) trades, then nothing until calm at 15
+        assert (got_bars // 24).tolist() == [0, 1, 2, 9, 15, 16, 17, 18, 19]
+        np.testing.assert_array_equal(got_w[:, 0], [0, 1, 2, 9, 15, 16, 17, 18, 19])
+
+    def test_first_decision_trades_even_when_turbulent_and_flags_are_required(self):
+        bars, w = np.arange(3) * 24, np.ones((3, 1))
+        got, _ = rebalance_plan(bars, w, n_bars=100, frequency="adaptive", turbulent=np.array([True, True, True]))
+        assert got.tolist() == [0]
+        with pytest.raises(DataError, match="adaptive needs one regime flag per decision"):
+            rebalance_plan(bars, w, n_bars=100, frequency="adaptive")

@@ -229,7 +229,7 @@ def test_definitions_load_with_the_designed_lineage():
         "features/estimates": {"features/net_returns"},
         "signals/signals": {"features/net_returns", "raw/implied_vol"},
         "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights", "features/net_returns", "raw/candles"},  # previous day's weights seed the walk-forward
-        "backtest/equity": {"features/net_returns", "portfolio/weights"},
+        "backtest/equity": {"features/net_returns", "portfolio/weights", "signals/signals"},
         "backtest/metrics": {"backtest/equity", "portfolio/weights"},
         "backtest/monthly": {"backtest/equity"},
         "backtest/comparison": {"backtest/metrics", "risk/stress"},
@@ -338,3 +338,20 @@ max_weight = 1.0
         least_liquid = volume.sort("v")["symbol"][0]
         assert solved.filter(pl.col("symbol") == least_liquid)["weight"].abs().max() <= 1e-8
         assert solved.filter(pl.col("symbol") != least_liquid)["weight"].abs().max() > 0.01
+
+
+@pytest.mark.slow
+def test_adaptive_rebalancing_trades_less_in_turbulence(tmp_path):
+    """Over the planted turbulent episode (day 70 on) the adaptive book skips decisions the daily one trades."""
+    base = Settings(start=datetime(2025, 1, 1).date(), end=datetime(2025, 3, 31).date(), window_bars=168,
+                    warehouse=tmp_path / "daily.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
+                    baselines=("equal_weight",))
+    adaptive = replace(base, warehouse=tmp_path / "adaptive.duckdb", reports_dir=tmp_path / "r2", rebalance="adaptive")
+    trades = {}
+    for settings in (base, adaptive):
+        materialize(settings)
+        tables = read_tables(settings.warehouse)
+        assert "turbulent" in set(tables["signals.signals"]["regime"])  # the episode is detected
+        book = tables["backtest.equity"].filter(pl.col("strategy") == "baseline:equal_weight")
+        trades[settings.rebalance] = int((book["turnover"] > 0).sum())
+    assert trades["adaptive"] < trades["daily"]
