@@ -70,6 +70,22 @@ def regime_flags(signals: pl.DataFrame, asofs: list[datetime]) -> np.ndarray:
     return (flags == "turbulent").fill_null(False).to_numpy()
 
 
+SLIPPAGE_SCALE_RANGE = (0.25, 4.0)
+
+
+def volatility_scale(signals: pl.DataFrame, asofs: list[datetime], symbols: list[str]) -> np.ndarray:
+    """K x N slippage multipliers: predicted EWMA vol / realized vol of the estimation window per
+    symbol and asof, clipped to [0.25, 4]; 1 where either is unknown (a calm market trades at the
+    quoted slippage, a spiking one pays more)."""
+    ratio = signals.with_columns(
+        scale=(pl.col("predicted_vol_ewma") / pl.col("realized_var").sqrt()).clip(*SLIPPAGE_SCALE_RANGE)
+    ).pivot(on="symbol", index="as_of", values="scale")
+    wide = pl.DataFrame({"as_of": asofs}).join(ratio, on="as_of", how="left")
+    columns = [pl.col(s) if s in wide.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols]
+    out = wide.select(columns).cast(pl.Float64).to_numpy()
+    return np.where(np.isfinite(out), out, 1.0)
+
+
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
     stamps = np.array([np.datetime64(a.replace(tzinfo=None), "us") for a in asofs])
     idx = np.searchsorted(ts, stamps)
@@ -90,7 +106,8 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         group_name="backtest", kinds={"duckdb", "numpy"},
         description=f"Walk-forward equity per bar and book (strategies and baselines {', '.join(settings.baselines)}): "
         f"{settings.rebalance} rebalancing, trade at the close of the bar after each asof, taker fee {settings.fee_bps:g} bps "
-        f"+ slippage {settings.slippage_bps:g} bps on traded notional, funding paid or received by position sign, "
+        f"+ slippage {settings.slippage_bps:g} bps{' x volatility scale' if settings.slippage_vol_scaled else ''} on traded "
+        "notional, funding paid or received by position sign, "
         f"positions drift between rebalances, stop-loss {stop}.",
     )
     def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame):
@@ -102,11 +119,15 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             bars = bar_index(ts, asofs)
             start = int(bars[0])
             turbulent = regime_flags(signals, asofs) if settings.rebalance == "adaptive" else None
-            reb, w = backtest.rebalance_plan(bars - start, targets, n_bars=len(ts) - start,
-                                             frequency=settings.rebalance, turbulent=turbulent)
+            plan = dict(n_bars=len(ts) - start, frequency=settings.rebalance, turbulent=turbulent)
+            reb, w = backtest.rebalance_plan(bars - start, targets, **plan)
+            scale = None
+            if settings.slippage_vol_scaled:  # the same plan selects the matching rows of the multipliers
+                _, scale = backtest.rebalance_plan(bars - start, volatility_scale(signals, asofs, symbols), **plan)
             path = backtest.simulate(
                 ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
                 slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
+                slippage_scale=scale,
             )
             paths.append(path.with_columns(strategy=pl.lit(name)))
         frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)

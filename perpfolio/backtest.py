@@ -19,7 +19,7 @@ Accounting (exact; every number in the output follows from these lines):
 
       traded   = sum_i |x*_i - x_i|          (account currency)
       fees     = fee_bps / 1e4 * traded
-      slippage = slippage_bps / 1e4 * traded
+      slippage = slippage_bps / 1e4 * sum_i s_i |x*_i - x_i|   (s_i = slippage_scale, 1 by default)
 
   charged at that bar. Rebalances whose execution bar lies past the last bar are not executed.
 * ``E <- E + price_pnl + funding_pnl - fees - slippage`` each bar (``pnl`` is that increment).
@@ -148,6 +148,7 @@ def simulate(
     initial_equity: float = 1.0,
     symbols: Sequence[str] | None = None,
     stop_loss: float | None = None,
+    slippage_scale: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
@@ -163,6 +164,9 @@ def simulate(
         symbols: N names used in error messages only (default: column indices).
         stop_loss: maximum loss per position and trade as a fraction of its entry notional
             (0.1 = close after a 10% adverse price move); None (default) = no stop.
+        slippage_scale: K x N positive multipliers of ``slippage_bps`` per rebalance and symbol
+            (e.g. current / typical volatility), applied to the trades of that execution and to
+            stop-loss closes of the positions it opened; None (default) = 1 everywhere.
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
@@ -175,9 +179,12 @@ def simulate(
                              fee_bps=fee_bps, slippage_bps=slippage_bps, lag_bars=lag_bars,
                              initial_equity=initial_equity, symbols=symbols)
     n_bars, n_sym = r.shape
+    scale = np.ones_like(w) if slippage_scale is None else np.asarray(slippage_scale, dtype=float)
+    if scale.shape != w.shape or not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise DataError(f"simulate: slippage_scale must be {w.shape} finite positive multipliers, got shape {scale.shape}")
     exec_bars = reb + lag_bars
     keep = exec_bars < n_bars
-    exec_bars, w = exec_bars[keep], w[keep]
+    exec_bars, w, scale = exec_bars[keep], w[keep], scale[keep]
     # held[t]: index of the last execution strictly before bar t (-1: flat, before the first trade).
     held = np.searchsorted(exec_bars, np.arange(n_bars), side="left") - 1
     missing = np.isnan(r) | np.isnan(f)
@@ -200,7 +207,7 @@ def simulate(
     growth_prev[seg_starts[seg_starts < n_bars]] = 1.0
     price_coef = growth_prev * r  # price_pnl[t] = x0[held[t]] . price_coef[t]
     fund_coef = growth_prev * f
-    cost_rate = (fee_bps + slippage_bps) / 1e4
+    fee_rate, slip_rate = fee_bps / 1e4, slippage_bps / 1e4
 
     # Sequential part, one step per execution: pnl of the segment that ends at the execution bar.
     n_exec = len(exec_bars)
@@ -210,27 +217,33 @@ def simulate(
     seg_stop_coef = (np.add.reduceat(stop_coef[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
                      if n_exec else np.zeros((0, n_sym)))
     x0 = np.zeros((n_exec + 1, n_sym))  # row j: positions right after execution j; last row: flat
+    scale_rows = np.vstack([scale, np.ones((1, n_sym))])  # slippage multipliers, same rows as x0
     traded = np.zeros(n_exec)
+    traded_scaled = np.zeros(n_exec)  # sum_i scale_ji |trade_i|: the notional slippage is charged on
     e_pre = np.zeros(n_exec)
     equity = float(initial_equity)
-    x_prev = x0[-1]
+    x_prev, s_prev = x0[-1], scale_rows[-1]
     for j, e in enumerate(exec_bars):
-        equity += x_prev @ seg_pnl_coef[j] - cost_rate * (np.abs(x_prev) @ seg_stop_coef[j])
+        stopped = np.abs(x_prev) * seg_stop_coef[j]
+        equity += x_prev @ seg_pnl_coef[j] - fee_rate * stopped.sum() - slip_rate * (s_prev @ stopped)
         drifted = x_prev * growth[e]
         target = w[j] * equity if equity > 0 else np.zeros(n_sym)
-        traded[j] = np.abs(target - drifted).sum()
+        trade = np.abs(target - drifted)
+        traded[j], traded_scaled[j] = trade.sum(), scale[j] @ trade
         e_pre[j] = equity
-        equity -= (fee_bps + slippage_bps) / 1e4 * traded[j]
+        equity -= fee_rate * traded[j] + slip_rate * traded_scaled[j]
         x0[j] = target
-        x_prev = target
+        x_prev, s_prev = target, scale[j]
 
     x_held = x0[held]  # held == -1 picks the flat last row
     price_pnl = np.einsum("tn,tn->t", x_held, price_coef)
     funding_pnl = np.einsum("tn,tn->t", x_held, fund_coef)
     traded_bar = np.einsum("tn,tn->t", np.abs(x_held), stop_coef)
+    scaled_bar = np.einsum("tn,tn->t", np.abs(x_held) * scale_rows[held], stop_coef)
     traded_bar[exec_bars] += traded
-    fees = fee_bps / 1e4 * traded_bar
-    slippage = slippage_bps / 1e4 * traded_bar
+    scaled_bar[exec_bars] += traded_scaled
+    fees = fee_rate * traded_bar
+    slippage = slip_rate * scaled_bar
     pnl = price_pnl + funding_pnl - fees - slippage
     eq = initial_equity + np.cumsum(pnl)
     pre_cost = eq + fees + slippage

@@ -38,6 +38,15 @@ def _parse_static_weights(raw: str) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
+def _flag(value: str) -> bool:
+    """'true'/'1'/'yes'/'on' or 'false'/'0'/'no'/'off' (any case)."""
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """One deployment's settings. Dates are UTC days; `end` is the last day materialized (inclusive),
@@ -76,6 +85,7 @@ class Settings:
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
     rebalance: Literal["hourly", "daily", "weekly", "adaptive"] = "daily"
     stop_loss: float | None = None
+    slippage_vol_scaled: bool = False  # slippage x (predicted EWMA vol / window realized vol) per symbol
     baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
     scenarios_file: Path = PROJECT_ROOT / "config" / "scenarios.toml"
@@ -187,6 +197,7 @@ class Settings:
             "max_staleness_hours": float,
             "rebalance": str,
             "stop_loss": lambda v: None if v.lower() in ("off", "none", "0") else float(v),
+            "slippage_vol_scaled": _flag,
             "baselines": lambda v: tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"),
             "static_weights": _parse_static_weights,
             "scenarios_file": Path,

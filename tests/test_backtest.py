@@ -449,3 +449,42 @@ class TestAdaptiveRebalancing:
         assert got.tolist() == [0]
         with pytest.raises(DataError, match="adaptive needs one regime flag per decision"):
             rebalance_plan(bars, w, n_bars=100, frequency="adaptive")
+
+
+class TestSlippageScale:
+    """Slippage scaled per rebalance and symbol (e.g. by volatility)."""
+
+    def test_unit_scale_is_the_default(self, rng):
+        r, f = rng.normal(0, 0.01, (96, 3)), rng.normal(0, 5e-5, (96, 3))
+        reb, w = np.array([23, 47, 71]), rng.dirichlet(np.ones(3), 3)
+        plain = simulate(hourly(96), r, f, reb, w, stop_loss=0.02)
+        ones = simulate(hourly(96), r, f, reb, w, stop_loss=0.02, slippage_scale=np.ones((3, 3)))
+        assert plain.equals(ones)
+
+    def test_hand_worked_first_trade(self):
+        """From flat at equity 1: trade 0.6 and 0.4 at the close of bar 1 (lag 1); slippage
+        2 bps x (3 x 0.6 + 1 x 0.4) = 2e-4 x 2.2 = 4.4e-4, fees 5 bps x 1.0 = 5e-4."""
+        r, f = np.zeros((4, 2)), np.zeros((4, 2))
+        out = simulate(hourly(4), r, f, np.array([0]), np.array([[0.6, 0.4]]), fee_bps=5, slippage_bps=2,
+                       slippage_scale=np.array([[3.0, 1.0]]))
+        assert out["slippage"].to_list() == pytest.approx([0.0, 4.4e-4, 0.0, 0.0], abs=1e-15)
+        assert out["fees"][1] == pytest.approx(5e-4, abs=1e-15)
+        assert out["equity"][-1] == pytest.approx(1.0 - 5e-4 - 4.4e-4, abs=1e-15)
+
+    def test_reconciles_with_stops_and_scales(self, rng):
+        n, k = 24 * 8, 4
+        r, f = rng.normal(0, 0.012, (n, k)), rng.normal(0, 5e-5, (n, k))
+        reb = np.arange(23, n, 24)
+        w = rng.dirichlet(np.ones(k), len(reb)) * rng.choice([-1.0, 1.0], (len(reb), k))
+        scale = rng.uniform(0.5, 4.0, w.shape)
+        out = simulate(hourly(n), r, f, reb, w, fee_bps=5, slippage_bps=3, stop_loss=0.015, slippage_scale=scale)
+        total = 1.0 + out["price_pnl"].sum() + out["funding_pnl"].sum() - out["fees"].sum() - out["slippage"].sum()
+        assert abs(out["equity"][-1] - total) < 1e-9
+        assert out["stops"].sum() > 0  # the stop path is exercised
+        plain = simulate(hourly(n), r, f, reb, w, fee_bps=5, slippage_bps=3, stop_loss=0.015)
+        assert out["slippage"].sum() > plain["slippage"].sum()  # mean scale 2.25 > 1
+
+    def test_bad_scale_is_refused(self):
+        with pytest.raises(DataError, match="slippage_scale must be \\(1, 2\\) finite positive"):
+            simulate(hourly(3), np.zeros((3, 2)), np.zeros((3, 2)), np.array([0]), np.array([[0.5, 0.5]]),
+                     slippage_scale=np.array([[1.0, -1.0]]))

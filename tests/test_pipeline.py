@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
@@ -355,3 +356,35 @@ def test_adaptive_rebalancing_trades_less_in_turbulence(tmp_path):
         book = tables["backtest.equity"].filter(pl.col("strategy") == "baseline:equal_weight")
         trades[settings.rebalance] = int((book["turnover"] > 0).sum())
     assert trades["adaptive"] < trades["daily"]
+
+
+def test_volatility_scaled_slippage_costs_more_around_the_turbulent_episode(tmp_path):
+    """Same data and weights; with PERPFOLIO_SLIPPAGE_VOL_SCALED the slippage follows each symbol's
+    predicted / realized vol (close to 1 in this calm week), so it differs from the flat bps while
+    the fees stay the same."""
+    base = Settings(start=datetime(2025, 1, 1).date(), end=datetime(2025, 1, 8).date(), window_bars=48,
+                    warehouse=tmp_path / "flat.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
+                    baselines=("equal_weight",))
+    scaled = replace(base, warehouse=tmp_path / "scaled.duckdb", reports_dir=tmp_path / "r2", slippage_vol_scaled=True)
+    books = {}
+    for settings in (base, scaled):
+        materialize(settings)
+        equity = read_tables(settings.warehouse)["backtest.equity"]
+        books[settings.slippage_vol_scaled] = equity.filter(pl.col("strategy") == "baseline:equal_weight")
+    flat, vol = books[False], books[True]
+    assert flat["fees"].to_list() == pytest.approx(vol["fees"].to_list(), rel=1e-3)  # same trades, up to equity
+    assert abs(vol["slippage"].sum() / flat["slippage"].sum() - 1.0) > 1e-5  # the multipliers reached the trades
+    assert Settings.from_env({"PERPFOLIO_SLIPPAGE_VOL_SCALED": "true"}).slippage_vol_scaled is True
+
+
+def test_volatility_scale_by_hand():
+    from assets.evaluation import volatility_scale
+
+    t0, t1 = datetime(2025, 1, 2, 23, tzinfo=timezone.utc), datetime(2025, 1, 3, 23, tzinfo=timezone.utc)
+    signals = pl.DataFrame({
+        "as_of": [t0, t0, t1, t1], "symbol": ["BTCUSDT", "ETHUSDT", "BTCUSDT", "ETHUSDT"],
+        "predicted_vol_ewma": [0.6, 0.1, None, 3.0], "realized_var": [0.09, 0.25, 0.04, 0.04],
+    })
+    got = volatility_scale(signals, [t0, t1], ["BTCUSDT", "ETHUSDT", "SOLUSDT"])
+    # 0.6/0.3 = 2; 0.1/0.5 = 0.2 -> clipped 0.25; unknown -> 1; 3.0/0.2 = 15 -> clipped 4; no SOL rows -> 1
+    np.testing.assert_allclose(got, [[2.0, 0.25, 1.0], [1.0, 4.0, 1.0]])
