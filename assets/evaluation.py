@@ -107,7 +107,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         description=f"Walk-forward equity per bar and book (strategies and baselines {', '.join(settings.baselines)}): "
         f"{settings.rebalance} rebalancing, trade at the close of the bar after each asof, taker fee {settings.fee_bps:g} bps "
         f"+ slippage {settings.slippage_bps:g} bps{' x volatility scale' if settings.slippage_vol_scaled else ''} on traded "
-        "notional, funding paid or received by position sign, "
+        f"notional, funding paid or received by position sign, equity earning {settings.cash_rate:g} a year, "
         f"positions drift between rebalances, stop-loss {stop}.",
     )
     def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame):
@@ -127,7 +127,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             path = backtest.simulate(
                 ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
                 slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
-                slippage_scale=scale,
+                slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / ppy,
             )
             paths.append(path.with_columns(strategy=pl.lit(name)))
         frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)

@@ -199,6 +199,7 @@ class Equity(Table):
     gross_leverage: float = pa.Field(ge=0, description="sum |position| / equity")
     drawdown: float = pa.Field(le=0, description="equity / running max - 1")
     stops: int = pa.Field(ge=0, description="positions closed by the stop-loss in the bar (0 when it is off)")
+    interest: float = pa.Field(description="interest earned on equity in the bar (PERPFOLIO_CASH_RATE; 0 by default)")
 
     @pa.dataframe_check(error="duplicate (ts, strategy)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -230,7 +231,8 @@ class Metrics(Table):
     max_gross_leverage: float = pa.Field(ge=0, description="max of sum |position| / equity over the bars")
     ret_price: float = pa.Field(description="attribution: price PnL / initial equity")
     ret_funding: float = pa.Field(description="attribution: funding PnL / initial equity")
-    ret_costs: float = pa.Field(le=0, description="attribution: -(fees + slippage) / initial equity; the three add up to total_return")
+    ret_costs: float = pa.Field(le=0, description="attribution: -(fees + slippage) / initial equity")
+    ret_interest: float = pa.Field(description="attribution: interest on equity / initial equity; the four add up to total_return")
     stops: int = pa.Field(ge=0, description="positions closed by the stop-loss")
     fallbacks: int = pa.Field(ge=0, description="rebalances whose weights came from a fallback (0 for baselines)")
 
@@ -268,6 +270,7 @@ class Monthly(Table):
     ret_price: float = pa.Field(description="price PnL / month-open equity")
     ret_funding: float = pa.Field(description="funding PnL / month-open equity")
     ret_costs: float = pa.Field(le=0, description="-(fees + slippage) / month-open equity")
+    ret_interest: float = pa.Field(description="interest on equity / month-open equity")
     max_drawdown: float = pa.Field(ge=0, description="largest peak-to-trough loss within the month")
     max_loss: float = pa.Field(description="worst bar return of the month, as a positive loss")
 

@@ -22,7 +22,10 @@ Accounting (exact; every number in the output follows from these lines):
       slippage = slippage_bps / 1e4 * sum_i s_i |x*_i - x_i|   (s_i = slippage_scale, 1 by default)
 
   charged at that bar. Rebalances whose execution bar lies past the last bar are not executed.
-* ``E <- E + price_pnl + funding_pnl - fees - slippage`` each bar (``pnl`` is that increment).
+* ``E <- E + interest + price_pnl + funding_pnl - fees - slippage`` each bar (``pnl`` is that
+  increment), ``interest = c E_prev`` with ``c = cash_rate_per_bar`` (0 by default). With
+  ``D_t = (1 + c)^(t+1)`` this is ``E_t = D_t (E_init + sum_{s<=t} g_s / D_s)``, ``g`` the trading
+  pnl, which keeps the segment-wise vectorization (and is the plain cumulative sum when c = 0).
 * Output per bar: ``turnover = traded / E_pre`` (0 on bars without a trade);
   ``gross_leverage = sum_i |x_i| / E`` at the bar's close, after any trade;
   ``drawdown = E / max(initial_equity, running max E) - 1`` (<= 0).
@@ -149,6 +152,7 @@ def simulate(
     symbols: Sequence[str] | None = None,
     stop_loss: float | None = None,
     slippage_scale: np.ndarray | None = None,
+    cash_rate_per_bar: float = 0.0,
 ) -> pl.DataFrame:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
@@ -167,14 +171,18 @@ def simulate(
         slippage_scale: K x N positive multipliers of ``slippage_bps`` per rebalance and symbol
             (e.g. current / typical volatility), applied to the trades of that execution and to
             stop-loss closes of the positions it opened; None (default) = 1 everywhere.
+        cash_rate_per_bar: interest on the account's equity per bar (collateral earning a rate),
+            ``interest_t = c E_{t-1}``; 0 (default) = cash earns nothing.
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
         (equity units, per bar), turnover (traded / pre-cost equity), gross_leverage, drawdown
-        (fractions), stops (positions closed by the stop-loss in the bar).
+        (fractions), stops (positions closed by the stop-loss in the bar), interest (equity units).
     """
     if stop_loss is not None and not 0 < stop_loss < 1:
         raise DataError(f"simulate: stop_loss must be in (0, 1) or None, got {stop_loss}")
+    if not (np.isfinite(cash_rate_per_bar) and cash_rate_per_bar > -1):
+        raise DataError(f"simulate: cash_rate_per_bar must be a finite rate > -1, got {cash_rate_per_bar}")
     r, f, reb, w = _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_weights,
                              fee_bps=fee_bps, slippage_bps=slippage_bps, lag_bars=lag_bars,
                              initial_equity=initial_equity, symbols=symbols)
@@ -211,21 +219,24 @@ def simulate(
 
     # Sequential part, one step per execution: pnl of the segment that ends at the execution bar.
     n_exec = len(exec_bars)
-    seg_pnl_coef = (np.add.reduceat((price_coef + fund_coef)[: exec_bars[-1] + 1],
+    growth_cash = (1.0 + cash_rate_per_bar) ** np.arange(1, n_bars + 1)  # D_t: one bar of interest per bar
+    disc = 1.0 / growth_cash[:, None]
+    seg_pnl_coef = (np.add.reduceat(((price_coef + fund_coef) * disc)[: exec_bars[-1] + 1],
                                     np.append(0, exec_bars[:-1] + 1), axis=0)
                     if n_exec else np.zeros((0, n_sym)))
-    seg_stop_coef = (np.add.reduceat(stop_coef[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
+    seg_stop_coef = (np.add.reduceat((stop_coef * disc)[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
                      if n_exec else np.zeros((0, n_sym)))
     x0 = np.zeros((n_exec + 1, n_sym))  # row j: positions right after execution j; last row: flat
     scale_rows = np.vstack([scale, np.ones((1, n_sym))])  # slippage multipliers, same rows as x0
     traded = np.zeros(n_exec)
     traded_scaled = np.zeros(n_exec)  # sum_i scale_ji |trade_i|: the notional slippage is charged on
     e_pre = np.zeros(n_exec)
-    equity = float(initial_equity)
+    equity, d_prev = float(initial_equity), 1.0  # equity after the previous execution, and D there
     x_prev, s_prev = x0[-1], scale_rows[-1]
     for j, e in enumerate(exec_bars):
         stopped = np.abs(x_prev) * seg_stop_coef[j]
-        equity += x_prev @ seg_pnl_coef[j] - fee_rate * stopped.sum() - slip_rate * (s_prev @ stopped)
+        discounted = equity / d_prev + x_prev @ seg_pnl_coef[j] - fee_rate * stopped.sum() - slip_rate * (s_prev @ stopped)
+        equity, d_prev = growth_cash[e] * discounted, growth_cash[e]
         drifted = x_prev * growth[e]
         target = w[j] * equity if equity > 0 else np.zeros(n_sym)
         trade = np.abs(target - drifted)
@@ -244,8 +255,10 @@ def simulate(
     scaled_bar[exec_bars] += traded_scaled
     fees = fee_rate * traded_bar
     slippage = slip_rate * scaled_bar
-    pnl = price_pnl + funding_pnl - fees - slippage
-    eq = initial_equity + np.cumsum(pnl)
+    trading = price_pnl + funding_pnl - fees - slippage
+    eq = growth_cash * (initial_equity + np.cumsum(trading / growth_cash))
+    interest = cash_rate_per_bar * np.concatenate([[initial_equity], eq[:-1]])
+    pnl = trading + interest
     pre_cost = eq + fees + slippage
     turnover = np.divide(traded_bar, pre_cost, out=np.zeros(n_bars), where=pre_cost > 0)
     turnover[exec_bars] = np.divide(traded, e_pre, out=np.zeros(n_exec), where=e_pre > 0)
@@ -265,6 +278,7 @@ def simulate(
         "gross_leverage": gross / eq,
         "drawdown": eq / peak - 1.0,
         "stops": stops.astype(np.int64),
+        "interest": interest,
     })
 
 
@@ -290,8 +304,9 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     * funding_pnl, fees, slippage (totals, equity units); costs = fees + slippage
     * avg_gross_leverage, max_gross_leverage: mean and max of gross_leverage over the bars
     * attribution, fractions of the initial equity E_{-1}: ret_price = sum price_pnl / E_{-1},
-      ret_funding = sum funding_pnl / E_{-1}, ret_costs = -costs / E_{-1};
-      ret_price + ret_funding + ret_costs = total_return exactly (the accounting identity)
+      ret_funding = sum funding_pnl / E_{-1}, ret_costs = -costs / E_{-1}, ret_interest = sum
+      interest / E_{-1} (0 without a cash rate or an ``interest`` column);
+      ret_price + ret_funding + ret_costs + ret_interest = total_return exactly (the accounting identity)
     * stops: positions closed by the stop-loss (0 without one)
     """
     missing = [c for c in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage", "turnover",
@@ -348,6 +363,7 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
         "ret_price": price / start,
         "ret_funding": funding / start,
         "ret_costs": -float(fees.sum() + slip.sum()) / start,
+        "ret_interest": _interest(equity) / start,
         "stops": stops,
     }
 
@@ -357,10 +373,11 @@ def monthly_metrics(equity: pl.DataFrame) -> pl.DataFrame:
 
     With ``E_0`` the equity before the month's first bar (the previous month's last equity, or the
     initial equity): total_return = E_last / E_0 - 1; ret_price, ret_funding = sums of price_pnl,
-    funding_pnl over the month / E_0; ret_costs = -(fees + slippage) / E_0 (they add up to
-    total_return); max_drawdown = -min(E_t / max(E_0, max_{s<=t} E_s) - 1) within the month;
+    funding_pnl over the month / E_0; ret_costs = -(fees + slippage) / E_0; ret_interest = interest
+    of the month / E_0 (the four add up to total_return); max_drawdown = -min(E_t / max(E_0, max_{s<=t} E_s) - 1) within the month;
     max_loss = worst bar return of the month as a POSITIVE loss.
-    Returns: month (Date, first day), total_return, ret_price, ret_funding, ret_costs, max_drawdown, max_loss.
+    Returns: month (Date, first day), total_return, ret_price, ret_funding, ret_costs, ret_interest,
+    max_drawdown, max_loss.
     """
     for col in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage"):
         if col not in equity.columns:
@@ -382,10 +399,16 @@ def monthly_metrics(equity: pl.DataFrame) -> pl.DataFrame:
             "ret_price": float(part["price_pnl"].sum()) / e0,
             "ret_funding": float(part["funding_pnl"].sum()) / e0,
             "ret_costs": -costs / e0,
+            "ret_interest": _interest(part) / e0,
             "max_drawdown": float(-(path / np.maximum.accumulate(path) - 1.0).min()),
             "max_loss": float(-(path[1:] / path[:-1] - 1.0).min()),
         })
     return pl.DataFrame(rows)
+
+
+def _interest(equity: pl.DataFrame) -> float:
+    """Total interest of an equity frame (0 for frames without the column)."""
+    return float(equity["interest"].sum()) if "interest" in equity.columns else 0.0
 
 
 def _longest_run(mask: np.ndarray) -> int:

@@ -85,6 +85,7 @@ class Settings:
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
     rebalance: Literal["hourly", "daily", "weekly", "adaptive"] = "daily"
     stop_loss: float | None = None
+    cash_rate: float = 0.0  # annual rate earned by the account's equity (collateral), nominal, per bar = rate / bars a year
     slippage_vol_scaled: bool = False  # slippage x (predicted EWMA vol / window realized vol) per symbol
     baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
@@ -115,6 +116,8 @@ class Settings:
             )
         if len(set(self.symbols)) != len(self.symbols) or not self.symbols:
             raise ConfigError(f"PERPFOLIO_SYMBOLS must list distinct symbols, got {self.symbols}")
+        if not -1 < self.cash_rate < 1:
+            raise ConfigError(f"PERPFOLIO_CASH_RATE must be an annual decimal rate in (-1, 1), got {self.cash_rate}")
         if self.rebalance not in ("hourly", "daily", "weekly", "adaptive"):
             raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily, weekly or adaptive, got {self.rebalance!r}")
         if self.stop_loss is not None and not 0 < self.stop_loss < 1:
@@ -198,6 +201,7 @@ class Settings:
             "rebalance": str,
             "stop_loss": lambda v: None if v.lower() in ("off", "none", "0") else float(v),
             "slippage_vol_scaled": _flag,
+            "cash_rate": float,
             "baselines": lambda v: tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"),
             "static_weights": _parse_static_weights,
             "scenarios_file": Path,

@@ -238,6 +238,7 @@ class TestMetrics:
             "ret_price": price.sum() / e0,
             "ret_funding": n * 1e-5 / e0,
             "ret_costs": -1.5 * fees.sum() / e0,
+            "ret_interest": 0.0,  # the frame has no interest column: cash earns nothing
             "stops": 0.0,
             "sharpe": ret.mean() / ret.std(ddof=1) * np.sqrt(ppy),
             "sortino": ret.mean() / np.sqrt(np.mean(np.minimum(ret, 0) ** 2)) * np.sqrt(ppy),
@@ -384,7 +385,7 @@ class TestMonthly:
         assert [str(m) for m in months["month"]] == ["2025-01-01", "2025-02-01", "2025-03-01"]
         growth = np.prod(1 + months["total_return"].to_numpy())
         assert growth == pytest.approx(out["equity"][-1], rel=1e-12)
-        parts = months.select(pl.sum_horizontal("ret_price", "ret_funding", "ret_costs"))
+        parts = months.select(pl.sum_horizontal("ret_price", "ret_funding", "ret_costs", "ret_interest"))
         np.testing.assert_allclose(parts.to_series().to_numpy(), months["total_return"].to_numpy(), atol=1e-13)
         feb = out.filter(pl.col("ts").dt.month() == 2)
         e0 = feb["equity"][0] - feb["pnl"][0]
@@ -488,3 +489,35 @@ class TestSlippageScale:
         with pytest.raises(DataError, match="slippage_scale must be \\(1, 2\\) finite positive"):
             simulate(hourly(3), np.zeros((3, 2)), np.zeros((3, 2)), np.array([0]), np.array([[0.5, 0.5]]),
                      slippage_scale=np.array([[1.0, -1.0]]))
+
+
+class TestCashRate:
+    """Equity earns c per bar: E_t = E_{t-1} (1 + c) + trading pnl_t."""
+
+    def test_flat_book_compounds_exactly(self):
+        out = simulate(hourly(48), np.zeros((48, 2)), np.zeros((48, 2)), np.array([0]),
+                       np.array([[0.0, 0.0]]), cash_rate_per_bar=1e-4)
+        assert out["equity"][-1] == pytest.approx(1.0001 ** 48, rel=1e-14)
+        assert out["interest"][0] == pytest.approx(1e-4, rel=1e-14)
+
+    def test_matches_a_per_bar_recursion_and_reconciles(self, rng):
+        n, k, c = 24 * 6, 3, 2e-5
+        r, f = rng.normal(0, 0.01, (n, k)), rng.normal(0, 5e-5, (n, k))
+        reb = np.arange(23, n, 24)
+        w = rng.dirichlet(np.ones(k), len(reb))
+        out = simulate(hourly(n), r, f, reb, w, fee_bps=5, slippage_bps=2, cash_rate_per_bar=c, stop_loss=0.02)
+        trading = (out["price_pnl"] + out["funding_pnl"] - out["fees"] - out["slippage"]).to_numpy()
+        e = 1.0
+        for t in range(n):  # the recursion, bar by bar
+            e = e * (1 + c) + trading[t]
+            assert out["equity"][t] == pytest.approx(e, rel=1e-12)
+        total = 1.0 + out["interest"].sum() + trading.sum()
+        assert out["equity"][-1] == pytest.approx(total, abs=1e-12)
+        m = performance_metrics(out, periods_per_year=8760)
+        parts = m["ret_price"] + m["ret_funding"] + m["ret_costs"] + m["ret_interest"]
+        assert parts == pytest.approx(m["total_return"], abs=1e-12) and m["ret_interest"] > 0
+
+    def test_zero_rate_is_the_default(self, rng):
+        out = simulate(hourly(72), rng.normal(0, 0.01, (72, 2)), np.zeros((72, 2)), np.array([10, 40]),
+                       rng.dirichlet(np.ones(2), 2))
+        assert (out["interest"] == 0).all()

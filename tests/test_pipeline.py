@@ -374,6 +374,7 @@ def test_volatility_scaled_slippage_costs_more_around_the_turbulent_episode(tmp_
     flat, vol = books[False], books[True]
     assert flat["fees"].to_list() == pytest.approx(vol["fees"].to_list(), rel=1e-3)  # same trades, up to equity
     assert abs(vol["slippage"].sum() / flat["slippage"].sum() - 1.0) > 1e-5  # the multipliers reached the trades
+    assert (flat["interest"] == 0).all() and (vol["interest"] == 0).all()  # no cash rate by default
     assert Settings.from_env({"PERPFOLIO_SLIPPAGE_VOL_SCALED": "true"}).slippage_vol_scaled is True
 
 
@@ -388,3 +389,12 @@ def test_volatility_scale_by_hand():
     got = volatility_scale(signals, [t0, t1], ["BTCUSDT", "ETHUSDT", "SOLUSDT"])
     # 0.6/0.3 = 2; 0.1/0.5 = 0.2 -> clipped 0.25; unknown -> 1; 3.0/0.2 = 15 -> clipped 4; no SOL rows -> 1
     np.testing.assert_allclose(got, [[2.0, 0.25, 1.0], [1.0, 4.0, 1.0]])
+
+
+def test_cash_rate_is_earned_by_the_equity(short_settings):
+    """PERPFOLIO_CASH_RATE=0.05: every bar earns 5%/8760 on the equity before it."""
+    materialize(replace(short_settings, cash_rate=0.05))
+    book = read_tables(short_settings.warehouse)["backtest.equity"].filter(pl.col("strategy") == "min_variance").sort("ts")
+    before = np.concatenate([[1.0], book["equity"].to_numpy()[:-1]])
+    np.testing.assert_allclose(book["interest"].to_numpy(), 0.05 / 8760 * before, rtol=1e-12)
+    assert Settings.from_env({"PERPFOLIO_CASH_RATE": "0.05"}).cash_rate == 0.05
