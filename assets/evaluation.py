@@ -17,8 +17,8 @@ from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
 from assets.features import ESTIMATES, NET_RETURNS, aligned_returns
 from assets.portfolio import WEIGHTS
-from assets.signals import SIGNALS
-from perpfolio import backtest, report, returns, stress
+from assets.signals import SIGNALS, regime_at
+from perpfolio import backtest, estimators, report, returns, stress
 from perpfolio.errors import ConfigError, DataError, SolverError
 from perpfolio.optimize import efficient_frontier, load_strategies
 from pipelines.settings import Settings
@@ -65,9 +65,7 @@ def books(weights: pl.DataFrame, settings: Settings) -> tuple[dict[str, tuple[li
 
 def regime_flags(signals: pl.DataFrame, asofs: list[datetime]) -> np.ndarray:
     """True where signals.signals says the market was turbulent at the asof (unknown = calm)."""
-    per_asof = signals.group_by("as_of").agg(pl.col("regime").first())
-    flags = pl.DataFrame({"as_of": asofs}).join(per_asof, on="as_of", how="left")["regime"]
-    return (flags == "turbulent").fill_null(False).to_numpy()
+    return (regime_at(signals, asofs) == "turbulent").fill_null(False).to_numpy()
 
 
 SLIPPAGE_SCALE_RANGE = (0.25, 4.0)
@@ -87,7 +85,7 @@ def volatility_scale(signals: pl.DataFrame, asofs: list[datetime], symbols: list
 
 
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
-    stamps = np.array([np.datetime64(a.replace(tzinfo=None), "us") for a in asofs])
+    stamps = estimators.to_datetime64(asofs)
     idx = np.searchsorted(ts, stamps)
     bad = (idx >= len(ts)) | (ts[np.minimum(idx, len(ts) - 1)] != stamps)
     if bad.any():

@@ -29,8 +29,7 @@ def aligned_returns(frame: pl.DataFrame, symbols: list[str], column: str = "net_
 
 def window_ends(ts: np.ndarray, asofs: list) -> np.ndarray:
     """Index of the last bar at or before each asof (-1 when there is none): nothing later is seen."""
-    stamps = np.array([np.datetime64(a.replace(tzinfo=None), "us") for a in asofs])
-    return np.searchsorted(ts, stamps, side="right") - 1
+    return np.searchsorted(ts, estimators.to_datetime64(asofs), side="right") - 1
 
 
 RESET_ESTIMATORS = ("sample", "ledoit_wolf")

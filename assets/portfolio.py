@@ -10,7 +10,7 @@ from assets import schemas
 from assets.checks import table_asset, validated
 from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, window_ends
 from assets.raw import CANDLES
-from assets.signals import SIGNALS
+from assets.signals import SIGNALS, regime_at
 from perpfolio import estimators, returns
 from perpfolio.optimize import AsofInputs, EstimateSet, load_strategies, optimize_walk_forward, validate_for_universe
 from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
@@ -70,7 +70,7 @@ def asof_inputs(
     per_asof = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
     vrp = per_asof.select(pl.col(s) if s in per_asof.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
     vrp = vrp.cast(pl.Float64).to_numpy()  # null (no usable implied vol) becomes NaN: a zero tilt downstream
-    regimes = stamps.join(signals.group_by("as_of").agg(pl.col("regime").first()), on="as_of", how="left")["regime"]
+    regimes = regime_at(signals, stamps["as_of"].to_list())
     ts, matrix = aligned_returns(net_returns, symbols)
     ends = window_ends(ts, stamps["as_of"].to_list())
     window = settings.window_bars

@@ -18,6 +18,14 @@ IV_LOOKBACK_DAYS = 2
 FUNDING_FIT_DAYS = 30
 
 
+def regime_at(signals: pl.DataFrame, asofs: list) -> pl.Series:
+    """The market regime ("calm" / "turbulent", null where unknown) at each asof, in order.
+
+    The regime is market-wide, so every symbol's row of an asof carries the same value."""
+    per_asof = signals.group_by("as_of").agg(pl.col("regime").first())
+    return pl.DataFrame({"as_of": asofs}).join(per_asof, on="as_of", how="left")["regime"]
+
+
 def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     trailing_days = max(settings.vrp_z_days, FUNDING_FIT_DAYS + 1)  # daily grid of the z-score and the AR(1)

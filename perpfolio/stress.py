@@ -366,7 +366,7 @@ def liquidation_levels(
     if margin_mode not in ("cross", "isolated"):
         raise ConfigError(f"liquidation_levels: margin_mode must be 'cross' or 'isolated', got {margin_mode!r}")
     if not (leverage > 0 and equity > 0 and account_notional > 0):
-        raise ConfigError(f"liquidation_levels: leverage, equity and account_notional must be > 0")
+        raise ConfigError("liquidation_levels: leverage, equity and account_notional must be > 0")
     held = w != 0
     tier_lists = _tier_lists(symbols, held, tiers, default_mmr, "liquidation_levels")
     floors, mmr, cum, caps = _bracket_arrays(tier_lists)
