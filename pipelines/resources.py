@@ -7,44 +7,21 @@ column name; an empty frame still creates the table so downstream reads never hi
 table.
 """
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
-import duckdb
 import polars as pl
 from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, TableSlice
 from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
 from perpfolio.errors import ConfigError
+from perpfolio.warehouse import connect_waiting
 from perpfolio.sources.archive import gap_report, read_archive, empty_data
 from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
-
-
-LOCK_WAIT_SECONDS = 600.0  # how long a writer waits for another process's DuckDB file lock
-
-
-def connect_waiting(database: str, config: dict, *, read_only: bool = False, wait_s: float = LOCK_WAIT_SECONDS):
-    """`duckdb.connect`, waiting (capped exponential backoff, 0.05 s to 1 s) while another process
-    holds the file lock, for up to `wait_s` seconds; any other error is raised at once.
-
-    The warehouse pool (dagster.yaml) already runs one writer step at a time across runs of one
-    DAGSTER_HOME; this covers what the pool does not see: readers and writers outside Dagster
-    (the `duckdb` CLI, `make run`'s summary) or runs of another DAGSTER_HOME.
-    """
-    deadline, delay = time.monotonic() + wait_s, 0.05
-    while True:
-        try:
-            return duckdb.connect(database, read_only=read_only, config=config)
-        except duckdb.IOException as exc:
-            if "could not set lock" not in str(exc).lower() or time.monotonic() + delay > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(1.0, delay * 2)
 
 
 class _TransactionalClient(DuckDbClient):

@@ -21,7 +21,7 @@ import polars as pl
 from dagster._core.definitions.dependency import NodeHandle
 
 from pipelines.definitions import build_definitions
-from pipelines.resources import connect_waiting
+from perpfolio.warehouse import connect_waiting
 from pipelines.settings import Settings
 
 COMPARISON = """

@@ -32,7 +32,8 @@ from assets.portfolio import WEIGHTS, previous_weights
 from perpfolio.errors import ConfigError
 from pipelines.definitions import build_definitions
 from pipelines.freshness import staleness_hours
-from pipelines.resources import RawMarket, WarehouseIOManager, as_utc, connect_waiting
+from perpfolio.warehouse import connect_waiting
+from pipelines.resources import RawMarket, WarehouseIOManager, as_utc
 from pipelines.run import RunFailed, materialize_range
 from pipelines.settings import PROJECT_ROOT, Settings
 
