@@ -16,7 +16,7 @@ import polars as pl
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
 from assets.features import ESTIMATES, NET_RETURNS, aligned_returns
-from assets.portfolio import WEIGHTS
+from assets.portfolio import WEIGHTS, _ordered
 from assets.signals import SIGNALS, regime_at
 from perpfolio import backtest, estimators, report, returns, stress
 from perpfolio.errors import ConfigError, DataError, SolverError
@@ -84,6 +84,18 @@ def volatility_scale(signals: pl.DataFrame, asofs: list[datetime], symbols: list
     return np.where(np.isfinite(out), out, 1.0)
 
 
+def predicted_covariances(estimates: pl.DataFrame, estimator: str, asofs: list[datetime], symbols: list[str]) -> np.ndarray:
+    """K x N x N annualized covariances of features.estimates' ``estimator`` at each asof (configured
+    symbol order); NaN where it has none (the sizing then leaves that rebalance unlevered)."""
+    stored, found, moments = estimators.moments_from_long(estimates, estimator=estimator)
+    if sorted(found) != sorted(symbols):
+        raise ValueError(f"features.estimates ({estimator}) holds symbols {found}, expected the configured {symbols}")
+    cov = _ordered(moments, found, symbols)[1]
+    stamps = estimators.to_datetime64(asofs)
+    idx = np.minimum(np.searchsorted(stored, stamps), len(stored) - 1)
+    return np.where((stored[idx] == stamps)[:, None, None], cov[idx], np.nan)
+
+
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
     stamps = estimators.to_datetime64(asofs)
     idx = np.searchsorted(ts, stamps)
@@ -97,22 +109,27 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
     stop = "off" if settings.stop_loss is None else f"{settings.stop_loss:g} of entry notional"
+    sizing = settings.sizing_rule()
+    sizing_text = "off" if sizing is None else f"{sizing.describe()} ({settings.sizing_estimator} covariance)"
+    equity_ins = {"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "signals": dg.AssetIn(SIGNALS)}
+    if sizing is not None and sizing.needs_covariance:  # only then does the backtest read the predicted covariances
+        equity_ins["estimates"] = dg.AssetIn(ESTIMATES)
 
     @table_asset(
         EQUITY, schemas.Equity,
-        ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "signals": dg.AssetIn(SIGNALS)},
+        ins=equity_ins,
         group_name="backtest", kinds={"duckdb", "numpy"},
         description=f"Walk-forward equity per bar and book (strategies and baselines {', '.join(settings.baselines)}): "
         f"{settings.rebalance} rebalancing, trade at the close of the bar after each asof, taker fee {settings.fee_bps:g} bps "
         f"+ slippage {settings.slippage_bps:g} bps{' x volatility scale' if settings.slippage_vol_scaled else ''} on traded "
         f"notional, funding paid or received by position sign, equity earning {settings.cash_rate:g} a year, "
-        f"positions drift between rebalances, stop-loss {stop}.",
+        f"positions drift between rebalances, stop-loss {stop}, position sizing {sizing_text}.",
     )
-    def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame):
+    def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame, **sizing_inputs: pl.DataFrame):
         ts, price = aligned_returns(net_returns, symbols, "price_return")
         _, funding = aligned_returns(net_returns, symbols, "funding_return")
         plans, skipped = books(weights, settings)
-        paths = []
+        paths, unpredicted = [], 0
         for name, (asofs, targets) in plans.items():
             bars = bar_index(ts, asofs)
             start = int(bars[0])
@@ -122,15 +139,21 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             scale = None
             if settings.slippage_vol_scaled:  # the same plan selects the matching rows of the multipliers
                 _, scale = backtest.rebalance_plan(bars - start, volatility_scale(signals, asofs, symbols), **plan)
+            cov = None
+            if "estimates" in sizing_inputs:  # predicted covariance at each asof, rows chosen by the same plan
+                by_asof = predicted_covariances(sizing_inputs["estimates"], settings.sizing_estimator, asofs, symbols)
+                unpredicted += int((~np.isfinite(by_asof).all(axis=(1, 2))).sum())
+                _, cov = backtest.rebalance_plan(bars - start, by_asof, **plan)
             path = backtest.simulate(
                 ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
                 slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
-                slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / ppy,
+                slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / ppy, sizing=sizing, predicted_cov=cov,
             )
             paths.append(path.with_columns(strategy=pl.lit(name)))
         frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)
         final = frame.group_by("strategy").agg(pl.col("equity").last()).sort("strategy")
-        meta = {"books": len(paths), "rebalance": settings.rebalance, "stop_loss": stop,
+        meta = {"books": len(paths), "rebalance": settings.rebalance, "stop_loss": stop, "sizing": sizing_text,
+                **({"sizing_unpredicted_asofs": unpredicted} if "estimates" in sizing_inputs else {}),
                 **{f"baseline_skipped_{k}": v for k, v in skipped.items()},
                 **{f"final_equity_{s}": float(e) for s, e in final.iter_rows()}}
         yield from validated(frame, schemas.Equity, EQUITY, metadata=meta)

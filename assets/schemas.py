@@ -200,6 +200,10 @@ class Equity(Table):
     drawdown: float = pa.Field(le=0, description="equity / running max - 1")
     stops: int = pa.Field(ge=0, description="positions closed by the stop-loss in the bar (0 when it is off)")
     interest: float = pa.Field(description="interest earned on equity in the bar (PERPFOLIO_CASH_RATE; 0 by default)")
+    sizing_leverage: float = pa.Field(gt=0, description="vol-target multiplier lambda of the latest rebalance "
+                                      "(PERPFOLIO_TARGET_VOL, capped at PERPFOLIO_MAX_LEVERAGE; 1 when off)")
+    cash_fraction: float = pa.Field(ge=0, lt=1, description="cash buffer c of the latest rebalance: the book runs "
+                                    "sizing_leverage x (1 - cash_fraction) of its weights (PERPFOLIO_CASH_BUFFER; 0 when off)")
 
     @pa.dataframe_check(error="duplicate (ts, strategy)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -234,6 +238,8 @@ class Metrics(Table):
     ret_costs: float = pa.Field(le=0, description="attribution: -(fees + slippage) / initial equity")
     ret_interest: float = pa.Field(description="attribution: interest on equity / initial equity; the four add up to total_return")
     stops: int = pa.Field(ge=0, description="positions closed by the stop-loss")
+    avg_sizing_leverage: float = pa.Field(gt=0, description="mean vol-target multiplier lambda over the bars (1 without sizing)")
+    avg_cash_fraction: float = pa.Field(ge=0, lt=1, description="mean cash-buffer fraction over the bars (0 without a buffer)")
     fallbacks: int = pa.Field(ge=0, description="rebalances whose weights came from a fallback (0 for baselines)")
 
 

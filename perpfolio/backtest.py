@@ -15,7 +15,8 @@ Accounting (exact; every number in the output follows from these lines):
 * Weights decided at the asof bar ``k = rebalance_bars[j]`` (fractions of equity, negative = short)
   are executed at the CLOSE of bar ``k + lag_bars`` (``lag_bars=1``: the bar after the asof still
   earns the old, drifted positions). With ``E_pre`` the equity after that bar's pnl, the target is
-  ``x* = w E_pre`` (``x* = 0`` once ``E_pre <= 0``: a ruined account does not trade again), and
+  ``x* = m w E_pre`` (``x* = 0`` once ``E_pre <= 0``: a ruined account does not trade again), with
+  the sizing multiplier ``m = 1`` unless a sizing rule is given (below), and
 
       traded   = sum_i |x*_i - x_i|          (account currency)
       fees     = fee_bps / 1e4 * traded
@@ -29,6 +30,20 @@ Accounting (exact; every number in the output follows from these lines):
 * Output per bar: ``turnover = traded / E_pre`` (0 on bars without a trade);
   ``gross_leverage = sum_i |x_i| / E`` at the bar's close, after any trade;
   ``drawdown = E / max(initial_equity, running max E) - 1`` (<= 0).
+
+* Optional position sizing (``sizing``, a :class:`perpfolio.optimize.sizing.SizingRule`; off by
+  default): ``m_j = lambda_j (1 - c_j)`` at execution j, from what is known at its decision asof
+  ``k_j`` only. ``lambda_j = min(L_max, sigma* / sqrt(w_j' S_j w_j))`` with ``S_j`` the predicted
+  (annualized) covariance of asof ``k_j`` (``predicted_cov``; 1 with vol targeting off);
+  ``c_j = min(c_max, c_0 + k_dd |DD_j| + k_vol (sigma_hat_j / sigma* - 1)^+)`` (0 with the cash
+  buffer off), where ``DD_j`` is the account's OWN drawdown at the close of bar ``k_j`` (bar
+  ``k_j - 1`` when ``lag_bars = 0``, whose asof bar is the execution bar; 0 before bar 0), i.e.
+  ``E / max(initial_equity, running max E) - 1`` through that bar. Within a holding segment the
+  drawdown only needs the segment's per-bar equity, computed vectorized when the buffer is on.
+  The notional not deployed (``1 - m`` of the target) stays as equity earning the cash rate like
+  the rest (perpetuals are unfunded: the whole equity is collateral). Output per bar:
+  ``sizing_leverage = lambda`` and ``cash_fraction = c`` of the latest execution at or before the
+  bar (1 and 0 before the first execution and without sizing).
 
 * Optional stop-loss (``stop_loss``, off by default): a position opened (or resized) at an
   execution is closed at the CLOSE of the first later bar where its price move since that
@@ -55,6 +70,7 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
+from perpfolio.optimize.sizing import SizingRule
 
 Frequency = Literal["hourly", "daily", "weekly", "adaptive"]
 ADAPTIVE_TURBULENT_EVERY = 7  # adaptive: in a turbulent regime, trade at most every 7th decision
@@ -153,6 +169,8 @@ def simulate(
     stop_loss: float | None = None,
     slippage_scale: np.ndarray | None = None,
     cash_rate_per_bar: float = 0.0,
+    sizing: SizingRule | None = None,
+    predicted_cov: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
@@ -173,11 +191,15 @@ def simulate(
             stop-loss closes of the positions it opened; None (default) = 1 everywhere.
         cash_rate_per_bar: interest on the account's equity per bar (collateral earning a rate),
             ``interest_t = c E_{t-1}``; 0 (default) = cash earns nothing.
+        sizing: scale each target by ``lambda (1 - c)`` (module docstring); None (default) = as given.
+        predicted_cov: K x N x N predicted ANNUALIZED covariances at each asof (rows as
+            ``rebalance_bars``), required when ``sizing.target_vol`` is set; NaN rows = unknown.
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
         (equity units, per bar), turnover (traded / pre-cost equity), gross_leverage, drawdown
-        (fractions), stops (positions closed by the stop-loss in the bar), interest (equity units).
+        (fractions), stops (positions closed by the stop-loss in the bar), interest (equity units),
+        sizing_leverage and cash_fraction (the sizing in force: lambda and c).
     """
     if stop_loss is not None and not 0 < stop_loss < 1:
         raise DataError(f"simulate: stop_loss must be in (0, 1) or None, got {stop_loss}")
@@ -190,9 +212,11 @@ def simulate(
     scale = np.ones_like(w) if slippage_scale is None else np.asarray(slippage_scale, dtype=float)
     if scale.shape != w.shape or not (np.isfinite(scale).all() and (scale > 0).all()):
         raise DataError(f"simulate: slippage_scale must be {w.shape} finite positive multipliers, got shape {scale.shape}")
+    lev, vol = _sizing_inputs(sizing, predicted_cov, w)
     exec_bars = reb + lag_bars
     keep = exec_bars < n_bars
-    exec_bars, w, scale = exec_bars[keep], w[keep], scale[keep]
+    exec_bars, w, scale, lev, vol = exec_bars[keep], w[keep], scale[keep], lev[keep], vol[keep]
+    dd_bars = reb[keep] - (1 if lag_bars == 0 else 0)  # the bar whose close gives each decision's drawdown
     # held[t]: index of the last execution strictly before bar t (-1: flat, before the first trade).
     held = np.searchsorted(exec_bars, np.arange(n_bars), side="left") - 1
     missing = np.isnan(r) | np.isnan(f)
@@ -221,30 +245,38 @@ def simulate(
     n_exec = len(exec_bars)
     growth_cash = (1.0 + cash_rate_per_bar) ** np.arange(1, n_bars + 1)  # D_t: one bar of interest per bar
     disc = 1.0 / growth_cash[:, None]
-    seg_pnl_coef = (np.add.reduceat(((price_coef + fund_coef) * disc)[: exec_bars[-1] + 1],
-                                    np.append(0, exec_bars[:-1] + 1), axis=0)
+    pnl_disc, stop_disc = (price_coef + fund_coef) * disc, stop_coef * disc
+    seg_pnl_coef = (np.add.reduceat(pnl_disc[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
                     if n_exec else np.zeros((0, n_sym)))
-    seg_stop_coef = (np.add.reduceat((stop_coef * disc)[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
+    seg_stop_coef = (np.add.reduceat(stop_disc[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
                      if n_exec else np.zeros((0, n_sym)))
     x0 = np.zeros((n_exec + 1, n_sym))  # row j: positions right after execution j; last row: flat
     scale_rows = np.vstack([scale, np.ones((1, n_sym))])  # slippage multipliers, same rows as x0
     traded = np.zeros(n_exec)
     traded_scaled = np.zeros(n_exec)  # sum_i scale_ji |trade_i|: the notional slippage is charged on
     e_pre = np.zeros(n_exec)
+    cash = np.zeros(n_exec)  # c_j of each execution (0 without a cash buffer)
+    drawdown_path = _DrawdownPath(n_bars, initial_equity) if sizing is not None and sizing.cash_buffer else None
     equity, d_prev = float(initial_equity), 1.0  # equity after the previous execution, and D there
     x_prev, s_prev = x0[-1], scale_rows[-1]
     for j, e in enumerate(exec_bars):
+        if drawdown_path is not None:  # equity of the bars before e (positions x_prev), then c_j from DD at dd_bars[j]
+            cost_weights = np.abs(x_prev) * (fee_rate + slip_rate * s_prev)
+            drawdown_path.extend(e, equity / d_prev, growth_cash, pnl_disc, stop_disc, x_prev, cost_weights)
+            cash[j] = sizing.cash_fraction(drawdown_path.at(dd_bars[j]), vol[j])
         stopped = np.abs(x_prev) * seg_stop_coef[j]
         discounted = equity / d_prev + x_prev @ seg_pnl_coef[j] - fee_rate * stopped.sum() - slip_rate * (s_prev @ stopped)
         equity, d_prev = growth_cash[e] * discounted, growth_cash[e]
         drifted = x_prev * growth[e]
-        target = w[j] * equity if equity > 0 else np.zeros(n_sym)
+        target = (lev[j] * (1.0 - cash[j])) * w[j] * equity if equity > 0 else np.zeros(n_sym)
         trade = np.abs(target - drifted)
         traded[j], traded_scaled[j] = trade.sum(), scale[j] @ trade
         e_pre[j] = equity
         equity -= fee_rate * traded[j] + slip_rate * traded_scaled[j]
         x0[j] = target
         x_prev, s_prev = target, scale[j]
+        if drawdown_path is not None:
+            drawdown_path.close_execution(e, equity)
 
     x_held = x0[held]  # held == -1 picks the flat last row
     price_pnl = np.einsum("tn,tn->t", x_held, price_coef)
@@ -266,6 +298,7 @@ def simulate(
     gross = np.abs(x_held * growth).sum(axis=1)
     gross[exec_bars] = np.abs(x0[:n_exec]).sum(axis=1)
     peak = np.maximum(np.maximum.accumulate(eq), initial_equity)
+    in_force = np.searchsorted(exec_bars, np.arange(n_bars), side="right") - 1  # latest execution at or before t
     return pl.DataFrame({
         "ts": pl.Series(bar_ts).dt.replace_time_zone("UTC"),
         "equity": eq,
@@ -279,7 +312,58 @@ def simulate(
         "drawdown": eq / peak - 1.0,
         "stops": stops.astype(np.int64),
         "interest": interest,
+        "sizing_leverage": np.append(lev, 1.0)[in_force],
+        "cash_fraction": np.append(cash, 0.0)[in_force],
     })
+
+
+def _sizing_inputs(sizing: SizingRule | None, predicted_cov: np.ndarray | None, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lambda, predicted book vol) per rebalance: (1, NaN) without sizing; validates ``predicted_cov``."""
+    k, n = w.shape
+    if sizing is None:
+        if predicted_cov is not None:
+            raise DataError("simulate: predicted_cov is given but no sizing rule uses it (pass sizing=SizingRule(...))")
+        return np.ones(k), np.full(k, np.nan)
+    cov = None
+    if predicted_cov is not None:
+        cov = np.asarray(predicted_cov, dtype=float)
+        if cov.shape != (k, n, n):
+            raise DataError(f"simulate: predicted_cov must be {k} x {n} x {n} (one covariance per rebalance), got {cov.shape}")
+        if np.isinf(cov).any():
+            raise DataError(f"simulate: predicted_cov at rebalance {int(np.argwhere(np.isinf(cov))[0, 0])} is infinite")
+    return sizing.leverage(w, cov)
+
+
+class _DrawdownPath:
+    """Per-bar equity and running peak, filled one holding segment at a time inside the execution loop.
+
+    ``extend(e, ...)`` fills the bars not filled yet before bar ``e`` held at positions ``x`` (the same
+    closed form as the output: ``E_t = D_t (E_a/D_a + sum g_s / D_s)``, ``g = x . pnl + stop costs``);
+    ``close_execution(e, E)`` records the post-trade equity of the execution bar; ``at(t)`` is
+    ``E_t / max(E_init, max_{s<=t} E_s) - 1`` (0 for t < 0).
+    """
+
+    def __init__(self, n_bars: int, initial_equity: float) -> None:
+        self.equity = np.empty(n_bars)
+        self.peak = np.empty(n_bars)
+        self.filled = 0  # bars [0, filled) are known
+        self.running_peak = float(initial_equity)
+
+    def extend(self, e, start_discounted, growth_cash, pnl_disc, stop_disc, x, cost_weights) -> None:
+        a = self.filled
+        if a >= e:
+            return
+        g = pnl_disc[a:e] @ x - stop_disc[a:e] @ cost_weights
+        self.equity[a:e] = growth_cash[a:e] * (start_discounted + np.cumsum(g))
+        self.peak[a:e] = np.maximum(np.maximum.accumulate(self.equity[a:e]), self.running_peak)
+        self.running_peak, self.filled = float(self.peak[e - 1]), e
+
+    def close_execution(self, e, equity: float) -> None:
+        self.running_peak = max(self.running_peak, equity)
+        self.equity[e], self.peak[e], self.filled = equity, self.running_peak, e + 1
+
+    def at(self, t: int) -> float:
+        return 0.0 if t < 0 else float(self.equity[t] / self.peak[t] - 1.0)
 
 
 def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dict[str, float]:
@@ -308,6 +392,8 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
       interest / E_{-1} (0 without a cash rate or an ``interest`` column);
       ret_price + ret_funding + ret_costs + ret_interest = total_return exactly (the accounting identity)
     * stops: positions closed by the stop-loss (0 without one)
+    * avg_sizing_leverage, avg_cash_fraction: means over the bars of sizing_leverage (lambda) and
+      cash_fraction (c) of the sizing rule (1 and 0 without sizing or without those columns)
     """
     missing = [c for c in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage", "turnover",
                            "gross_leverage") if c not in equity.columns]
@@ -341,6 +427,8 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     daily = np.concatenate([[start], day_end])
     price, funding = float(equity["price_pnl"].sum()), float(equity["funding_pnl"].sum())
     stops = float(equity["stops"].sum()) if "stops" in equity.columns else 0.0
+    lam = float(equity["sizing_leverage"].mean()) if "sizing_leverage" in equity.columns else 1.0
+    cash = float(equity["cash_fraction"].mean()) if "cash_fraction" in equity.columns else 0.0
     return {
         "total_return": float(path[-1] / path[0] - 1.0),
         "sharpe": float(ret.mean() / std * np.sqrt(ppy)) if std > 0 else float("nan"),
@@ -365,6 +453,8 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
         "ret_costs": -float(fees.sum() + slip.sum()) / start,
         "ret_interest": _interest(equity) / start,
         "stops": stops,
+        "avg_sizing_leverage": lam,
+        "avg_cash_fraction": cash,
     }
 
 

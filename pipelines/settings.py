@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from perpfolio.errors import ConfigError
+from perpfolio.estimators import ESTIMATORS
+from perpfolio.optimize.sizing import SizingRule
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +89,15 @@ class Settings:
     stop_loss: float | None = None
     cash_rate: float = 0.0  # annual rate earned by the account's equity (collateral), nominal, per bar = rate / bars a year
     slippage_vol_scaled: bool = False  # slippage x (predicted EWMA vol / window realized vol) per symbol
+    # Position sizing in the backtest (perpfolio.optimize.sizing.SizingRule): book = lambda (1 - c) x weights.
+    target_vol: float | None = None  # annualized target vol sigma*; lambda = min(max_leverage, sigma*/predicted vol); None = off
+    max_leverage: float = 3.0  # cap of lambda (used with target_vol)
+    cash_buffer: bool = False  # c = min(max, base + per_drawdown |DD| + per_excess_vol (vol/sigma* - 1)^+); off = 0
+    cash_buffer_base: float = 0.0
+    cash_buffer_per_drawdown: float = 1.0
+    cash_buffer_per_excess_vol: float = 0.5  # the excess-vol term needs target_vol (no term without it)
+    cash_buffer_max: float = 0.5
+    sizing_estimator: str = "ewma"  # features.estimates covariance that predicts each book's vol at the asof
     baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
     scenarios_file: Path = PROJECT_ROOT / "config" / "scenarios.toml"
@@ -118,6 +129,20 @@ class Settings:
             raise ConfigError(f"PERPFOLIO_SYMBOLS must list distinct symbols, got {self.symbols}")
         if not -1 < self.cash_rate < 1:
             raise ConfigError(f"PERPFOLIO_CASH_RATE must be an annual decimal rate in (-1, 1), got {self.cash_rate}")
+        if self.target_vol is not None and not (math.isfinite(self.target_vol) and self.target_vol > 0):
+            raise ConfigError(f"PERPFOLIO_TARGET_VOL must be an annualized decimal > 0 (0.2 = 20% a year) or 'off', "
+                              f"got {self.target_vol}")
+        if not (math.isfinite(self.max_leverage) and self.max_leverage > 0):
+            raise ConfigError(f"PERPFOLIO_MAX_LEVERAGE must be a finite number > 0, got {self.max_leverage}")
+        if not 0 <= self.cash_buffer_base <= self.cash_buffer_max < 1:
+            raise ConfigError(f"need 0 <= PERPFOLIO_CASH_BUFFER_BASE ({self.cash_buffer_base}) <= "
+                              f"PERPFOLIO_CASH_BUFFER_MAX ({self.cash_buffer_max}) < 1")
+        if not (0 <= self.cash_buffer_per_drawdown < math.inf and 0 <= self.cash_buffer_per_excess_vol < math.inf):
+            raise ConfigError(f"PERPFOLIO_CASH_BUFFER_PER_DRAWDOWN and PERPFOLIO_CASH_BUFFER_PER_EXCESS_VOL must be finite "
+                              f"and >= 0, got {self.cash_buffer_per_drawdown}, {self.cash_buffer_per_excess_vol}")
+        if self.sizing_estimator.removesuffix("_reset") not in ESTIMATORS:
+            raise ConfigError(f"PERPFOLIO_SIZING_ESTIMATOR must be one of {sorted(ESTIMATORS)} (optionally with the "
+                              f"suffix _reset), got {self.sizing_estimator!r}")
         if self.rebalance not in ("hourly", "daily", "weekly", "adaptive"):
             raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily, weekly or adaptive, got {self.rebalance!r}")
         if self.stop_loss is not None and not 0 < self.stop_loss < 1:
@@ -139,6 +164,16 @@ class Settings:
         missing_iv = [str(p) for p in self.iv_csv if not Path(p).is_file()]
         if missing_iv:
             raise ConfigError(f"PERPFOLIO_IV_CSV: no such file(s) {missing_iv}")
+
+    def sizing_rule(self) -> SizingRule | None:
+        """The backtest's position sizing, or None when vol targeting and the cash buffer are both off."""
+        if self.target_vol is None and not self.cash_buffer:
+            return None
+        return SizingRule(
+            target_vol=self.target_vol, max_leverage=self.max_leverage, cash_buffer=self.cash_buffer,
+            cash_buffer_base=self.cash_buffer_base, cash_buffer_per_drawdown=self.cash_buffer_per_drawdown,
+            cash_buffer_per_excess_vol=self.cash_buffer_per_excess_vol, cash_buffer_max=self.cash_buffer_max,
+        )
 
     @property
     def origin(self) -> datetime:
@@ -202,6 +237,14 @@ class Settings:
             "stop_loss": lambda v: None if v.lower() in ("off", "none", "0") else float(v),
             "slippage_vol_scaled": _flag,
             "cash_rate": float,
+            "target_vol": lambda v: None if v.lower() in ("off", "none") else float(v),
+            "max_leverage": float,
+            "cash_buffer": _flag,
+            "cash_buffer_base": float,
+            "cash_buffer_per_drawdown": float,
+            "cash_buffer_per_excess_vol": float,
+            "cash_buffer_max": float,
+            "sizing_estimator": str,
             "baselines": lambda v: tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"),
             "static_weights": _parse_static_weights,
             "scenarios_file": Path,

@@ -240,6 +240,8 @@ class TestMetrics:
             "ret_costs": -1.5 * fees.sum() / e0,
             "ret_interest": 0.0,  # the frame has no interest column: cash earns nothing
             "stops": 0.0,
+            "avg_sizing_leverage": 1.0,  # no sizing columns: the weights ran as given
+            "avg_cash_fraction": 0.0,
             "sharpe": ret.mean() / ret.std(ddof=1) * np.sqrt(ppy),
             "sortino": ret.mean() / np.sqrt(np.mean(np.minimum(ret, 0) ** 2)) * np.sqrt(ppy),
             "ann_return": np.prod(1 + ret) ** (ppy / n) - 1,
