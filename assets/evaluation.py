@@ -16,11 +16,12 @@ import polars as pl
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
 from assets.features import ESTIMATES, NET_RETURNS, aligned_returns
+from assets.frontier import FRONTIER, frontier_figure, frontier_strategy
 from assets.portfolio import WEIGHTS, _ordered
 from assets.signals import SIGNALS, regime_at
 from perpfolio import backtest, estimators, report, returns, stress
-from perpfolio.errors import ConfigError, DataError, SolverError
-from perpfolio.optimize import efficient_frontier, load_strategies
+from perpfolio.errors import ConfigError
+from perpfolio.optimize import load_strategies
 from pipelines.settings import Settings
 
 EQUITY = dg.AssetKey(["backtest", "equity"])
@@ -263,11 +264,12 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         key=REPORT,
         ins={name: dg.AssetIn(key) for name, key in
              {"metrics": METRICS, "comparison": COMPARISON, "equity": EQUITY, "weights": WEIGHTS, "signals": SIGNALS,
-              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES}.items()},
+              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES, "frontier": FRONTIER}.items()},
         group_name="report", kinds={"html", "matplotlib"},
         description=f"Self-contained HTML report with plots under {settings.reports_dir}; the plots also show here.",
     )
-    def strategy_report(metrics, comparison, equity, weights, signals, stress, liquidation, estimates) -> dg.MaterializeResult:
+    def strategy_report(metrics, comparison, equity, weights, signals, stress, liquidation, estimates,
+                        frontier) -> dg.MaterializeResult:
         levs = sorted(settings.stress_leverages)
         lev = levs[len(levs) // 2]
         latest = stress.filter((pl.col("as_of") == pl.col("as_of").max().over("strategy")) & (pl.col("leverage") == lev)
@@ -288,10 +290,10 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 title=f"Stress: worst equity after over every rebalance at {lev:g}x, cross margin"),
             "liquidation_distance": report.plot_liquidation(liquidation, leverage=lev),
         }
-        bounds = load_strategies(settings.strategies_file)[0].constraints
-        frontier = _frontier_figure(estimates, weights, symbols, bounds.min_weight, bounds.max_weight)
-        if frontier is not None:
-            figures["efficient_frontier"] = frontier
+        estimator = frontier_strategy(load_strategies(settings.strategies_file)).estimator
+        frontier_png = frontier_figure(frontier, estimates, weights, symbols, estimator)  # the stored portfolio.frontier
+        if frontier_png is not None:
+            figures["efficient_frontier"] = frontier_png
         path = report.write_report(settings.reports_dir, title="perpfolio strategy report", metrics=metrics,
                                    figures=figures, tables={"Comparison": comparison})
         return dg.MaterializeResult(metadata={
@@ -302,29 +304,3 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
 
     return [equity, metrics, monthly, stress_tests, liquidation, comparison, strategy_report]
 
-
-def _frontier_figure(estimates: pl.DataFrame, weights: pl.DataFrame, symbols: list[str], min_weight: float,
-                     max_weight: float) -> bytes | None:
-    """Frontier at the latest asof with a full 'sample' estimate (budget 1 and the first configured
-    strategy's weight bounds), with each strategy's weights of that asof and each single asset placed
-    on it; None when no such estimate exists (e.g. every window is still warming up)."""
-    ok = estimates.filter((pl.col("estimator") == "sample") & (pl.col("status") == "ok"))
-    if ok.is_empty():
-        return None
-    as_of = ok["as_of"].max()
-    now = ok.filter(pl.col("as_of") == as_of)
-    mean = dict(now.filter(pl.col("quantity") == "mean").select("symbol", "value").iter_rows())
-    cov_rows = now.filter(pl.col("quantity") == "cov")
-    cell = {(a, b): v for a, b, v in cov_rows.select("symbol", "symbol_j", "value").iter_rows()}
-    mu = np.array([mean[s] for s in symbols])
-    cov = np.array([[cell[(a, b)] for b in symbols] for a in symbols])
-    try:
-        rets, vols, _ = efficient_frontier(mu, cov, n_points=20, budget=1.0, min_weight=min_weight, max_weight=max_weight)
-    except (SolverError, DataError):
-        return None  # the report shows every other plot; the frontier is illustrative
-    points = {}
-    for (strategy,), part in weights.filter(pl.col("as_of") == as_of).group_by("strategy"):
-        w = np.array([dict(part.select("symbol", "weight").iter_rows()).get(s, 0.0) for s in symbols])
-        points[strategy] = (float(np.sqrt(w @ cov @ w)), float(mu @ w))
-    assets = {s: (float(np.sqrt(cov[i, i])), float(mu[i])) for i, s in enumerate(symbols)}
-    return report.plot_frontier(vols, rets, points, assets=assets, as_of=f"{as_of:%Y-%m-%d %H:%M} UTC")

@@ -183,6 +183,67 @@ class Weights(Table):
         total = pl.col("weight").sum().over("as_of", "strategy")
         return data.lazyframe.select((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE)
 
+FRONTIER_TOLERANCE = 1e-6  # bounds, target and monotonicity of portfolio.frontier (the optimizer's verification tolerance)
+
+
+class Frontier(Table):
+    """portfolio.frontier: the efficient frontier per rebalance asof, min variance (point 0) to the
+    highest attainable expected return (last point), one row per point and symbol. A point that failed
+    to solve keeps its rows with a failed:<reason> status and null weight / return / volatility."""
+
+    as_of: DateTime = _ts("decision time: open time of the last bar of the estimation window, UTC")
+    point: int = pa.Field(ge=0, description="0 = min variance .. PERPFOLIO_FRONTIER_POINTS - 1 = max return")
+    target_return: float = pa.Field(nullable=True, description="required expected return mu'w >= target, annualized "
+                                    "decimal; null when the min-variance point failed (no target range)")
+    expected_return: float = pa.Field(nullable=True, description="mu'w, annualized decimal; null unless optimal")
+    volatility: float = pa.Field(nullable=True, ge=0, description="sqrt(w'Sigma w), annualized decimal; null unless optimal")
+    sharpe: float = pa.Field(nullable=True, description="expected_return / volatility (risk-free 0); null unless "
+                             "optimal or at zero volatility")
+    symbol: str = pa.Field(description="exchange symbol")
+    weight: float = pa.Field(nullable=True, ge=-10, le=10, description="fraction of equity; null unless optimal")
+    min_weight: float = pa.Field(description="lower weight bound the point was solved under (min_variance strategy)")
+    max_weight: float = pa.Field(description="upper weight bound the point was solved under (min_variance strategy)")
+    status: str = pa.Field(str_matches=r"^(optimal|failed:.+)$", description="optimal or failed:<reason> "
+                           "(failed:min_variance:<reason> when the whole asof had no min-variance portfolio)")
+
+    @pa.dataframe_check(error="duplicate (as_of, point, symbol)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "point", "symbol"])
+
+    @pa.dataframe_check(error="weight, expected_return and volatility must be present exactly when status is optimal")
+    def values_iff_optimal(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        optimal = pl.col("status") == "optimal"
+        return data.lazyframe.select(pl.all_horizontal(
+            pl.col(c).is_not_null() == optimal for c in ("weight", "expected_return", "volatility")
+        ))
+
+    @pa.dataframe_check(error="weights of an optimal (as_of, point) do not sum to 1 within 1e-6")
+    def budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        total = pl.col("weight").sum().over("as_of", "point")
+        return data.lazyframe.select((pl.col("status") != "optimal") | ((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE))
+
+    @pa.dataframe_check(error="weight outside [min_weight, max_weight] (tolerance 1e-6)")
+    def bounds(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        w = pl.col("weight")
+        inside = (w >= pl.col("min_weight") - FRONTIER_TOLERANCE) & (w <= pl.col("max_weight") + FRONTIER_TOLERANCE)
+        return data.lazyframe.select((pl.col("status") != "optimal") | inside)
+
+    @pa.dataframe_check(error="expected_return below target_return (tolerance 1e-6)")
+    def target_reached(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(
+            (pl.col("status") != "optimal") | (pl.col("expected_return") >= pl.col("target_return") - FRONTIER_TOLERANCE)
+        )
+
+    @pa.dataframe_check(error="volatility decreases as expected return rises within an as_of (not on the efficient "
+                        "branch; tolerance 1e-6)")
+    def efficient_branch(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        # the highest volatility among this as_of's optimal points of lower or equal expected return
+        # (failed points have null volatility, which cum_max skips)
+        running = pl.col("volatility").cum_max().over("as_of", order_by="expected_return")
+        return data.lazyframe.select(
+            (pl.col("status") != "optimal") | (pl.col("volatility") >= running - FRONTIER_TOLERANCE)
+        )
+
 
 class Equity(Table):
     """backtest.equity: the walk-forward equity path per bar and strategy (equity units, start 1.0)."""

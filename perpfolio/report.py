@@ -135,14 +135,14 @@ def plot_liquidation(levels: pl.DataFrame, *, leverage: float) -> bytes:
 
 
 def plot_frontier(vols: np.ndarray, rets: np.ndarray, points: dict[str, tuple[float, float]], *, as_of: str,
-                  assets: dict[str, tuple[float, float]] | None = None) -> bytes:
+                  assets: dict[str, tuple[float, float]] | None = None, estimator: str = "sample") -> bytes:
     """Efficient frontier (annualized vol vs annualized expected return, %) with the books at
     ``points`` and the single assets at ``assets`` ({name: (vol, return)}, annualized decimals)
-    placed on the same axes."""
+    placed on the same axes; ``estimator`` names the estimates in the title."""
     vols, rets = np.asarray(vols, dtype=float), np.asarray(rets, dtype=float)
     if vols.shape != rets.shape or vols.size < 2 or not (np.isfinite(vols).all() and np.isfinite(rets).all()):
         raise DataError(f"plot_frontier: need >= 2 finite (vol, return) points, got {vols.shape}, {rets.shape}")
-    fig, ax = _figure(f"Efficient frontier at {as_of} (sample estimates, annualized)", "expected return (%)")
+    fig, ax = _figure(f"Efficient frontier at {as_of} ({estimator} estimates, annualized)", "expected return (%)")
     ax.plot(100 * vols, 100 * rets, "-o", color="black", ms=3, lw=1.2, label="frontier")
     for k, (name, (v, r)) in enumerate(sorted(points.items())):
         ax.scatter([100 * v], [100 * r], s=40, color=f"C{k % 10}", label=name, zorder=3, alpha=0.8)

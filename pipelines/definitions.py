@@ -6,7 +6,7 @@ PERPFOLIO_* environment (see pipelines/settings.py and the README).
 
 import dagster as dg
 
-from assets import evaluation, features, portfolio, raw, signals
+from assets import evaluation, features, frontier, portfolio, raw, signals
 from perpfolio.errors import ConfigError
 from pipelines import freshness, schedules
 from pipelines.partitions import daily_partitions
@@ -44,6 +44,7 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
             *features.build(settings, partitions),
             *signals.build(settings, partitions),
             *portfolio.build(settings, partitions),
+            *frontier.build(settings, partitions),
             *evaluation.build(settings),
         ],
         asset_checks=freshness.build(partitions, list(settings.symbols), settings.max_staleness_hours),

@@ -83,6 +83,7 @@ class Settings:
     margin_buffer: float = 0.05
     min_quote_volume: float | None = None  # liquidity filter: trailing mean quote volume per bar (None = off)
     top_k: int | None = None  # liquidity filter: trade only the K most liquid symbols (None = off)
+    frontier_points: int = 20  # points of portfolio.frontier per asof (min variance .. max return)
     executor: Literal["in_process", "multiprocess", "celery", "k8s"] = "in_process"  # Dagster executor (scale-out)
     max_staleness_hours: float = 2.0  # raw.candles freshness check: allowed lag of the latest bar
     rebalance: Literal["hourly", "daily", "weekly", "adaptive"] = "daily"
@@ -153,6 +154,9 @@ class Settings:
         if (self.min_quote_volume is not None and self.min_quote_volume < 0) or (self.top_k is not None and self.top_k < 1):
             raise ConfigError(f"PERPFOLIO_MIN_QUOTE_VOLUME must be >= 0 and PERPFOLIO_TOP_K >= 1, got "
                               f"{self.min_quote_volume}, {self.top_k}")
+        if isinstance(self.frontier_points, bool) or not isinstance(self.frontier_points, int) or self.frontier_points < 2:
+            raise ConfigError(f"PERPFOLIO_FRONTIER_POINTS must be an integer >= 2 (min variance and max return at least), "
+                              f"got {self.frontier_points!r}")
         if self.executor not in ("in_process", "multiprocess", "celery", "k8s"):
             raise ConfigError(
                 f"PERPFOLIO_EXECUTOR must be in_process, multiprocess, celery or k8s, got {self.executor!r}"
@@ -231,6 +235,7 @@ class Settings:
             "margin_buffer": float,
             "min_quote_volume": float,
             "top_k": int,
+            "frontier_points": int,
             "executor": str,
             "max_staleness_hours": float,
             "rebalance": str,

@@ -39,7 +39,7 @@ from pipelines.settings import PROJECT_ROOT, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WALK_FORWARD_TABLES = {"raw.candles", "raw.funding", "raw.implied_vol", "features.net_returns",
-                       "features.estimates", "signals.signals", "portfolio.weights"}
+                       "features.estimates", "signals.signals", "portfolio.weights", "portfolio.frontier"}
 VOLATILE_COLUMNS = {"solve_ms"}  # wall-clock timings differ between two runs of the same data
 
 

@@ -23,7 +23,6 @@ from perpfolio.optimize import (
     AsofInputs,
     PortfolioProblem,
     SolveData,
-    efficient_frontier,
     load_strategies,
     optimize_walk_forward,
     parse_strategies,
@@ -271,19 +270,6 @@ class TestSecondSolver:
         df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, m)])
         assert df.filter(pl.col("strategy") == "b")["solver"].unique().item() == "OSQP"
         np.testing.assert_allclose(weights_of(df, "b"), weights_of(df, "a"), atol=1e-6)
-
-    def test_efficient_frontier_points_match_target_return_solves(self):
-        m = market(5, 4)
-        rets, vols, ws = efficient_frontier(m["mu"], m["cov"], n_points=6, max_weight=0.5)
-        assert np.all(np.diff(rets) > 0) and np.all(np.diff(vols) >= -1e-9)
-        assert vols[0] ** 2 == pytest.approx(reference("min_variance", m), rel=1e-5)
-        # the top point is the greedy max-return portfolio: best two assets at 50% each
-        assert rets[-1] == pytest.approx(np.sort(m["mu"])[-2:].sum() / 2, abs=1e-6)
-        for r, w in zip(rets[1:-1], ws[1:-1]):
-            x = cp.Variable(4)
-            cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(m["cov"]))),
-                       [cp.sum(x) == 1, x >= 0, x <= 0.5, m["mu"] @ x >= r]).solve(**OSQP_REF)
-            assert w @ m["cov"] @ w == pytest.approx(x.value @ m["cov"] @ x.value, rel=1e-5)
 
 
 class TestDirectOSQP:

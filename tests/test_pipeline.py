@@ -26,6 +26,7 @@ TABLES = {
     "features.estimates": ["as_of", "estimator", "quantity", "symbol", "symbol_j"],
     "signals.signals": ["as_of", "symbol"],
     "portfolio.weights": ["as_of", "strategy", "symbol"],
+    "portfolio.frontier": ["as_of", "point", "symbol"],
     "backtest.equity": ["ts", "strategy"],
     "backtest.metrics": ["strategy"],
     "backtest.monthly": ["strategy", "month"],
@@ -78,7 +79,7 @@ class TestWholeChain:
     def test_every_table_satisfies_its_schema(self, pipeline):
         _, tables = pipeline
         models = dict(zip(TABLES, [schemas.Candles, schemas.Funding, schemas.ImpliedVol, schemas.NetReturns,
-                                   schemas.Estimates, schemas.Signals, schemas.Weights, schemas.Equity,
+                                   schemas.Estimates, schemas.Signals, schemas.Weights, schemas.Frontier, schemas.Equity,
                                    schemas.Metrics, schemas.Monthly, schemas.Comparison, schemas.Stress,
                                    schemas.Liquidation, schemas.DataQuality]))
         for name, frame in tables.items():
@@ -230,6 +231,7 @@ def test_definitions_load_with_the_designed_lineage():
         "features/estimates": {"features/net_returns"},
         "signals/signals": {"features/net_returns", "raw/implied_vol"},
         "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights", "features/net_returns", "raw/candles"},  # previous day's weights seed the walk-forward
+        "portfolio/frontier": {"features/estimates", "portfolio/weights"},
         "backtest/equity": {"features/net_returns", "portfolio/weights", "signals/signals"},
         "backtest/metrics": {"backtest/equity", "portfolio/weights"},
         "backtest/monthly": {"backtest/equity"},
@@ -237,7 +239,7 @@ def test_definitions_load_with_the_designed_lineage():
         "risk/stress": {"features/net_returns", "portfolio/weights"},
         "risk/liquidation": {"portfolio/weights"},
         "report": {"backtest/metrics", "backtest/comparison", "backtest/equity", "portfolio/weights", "signals/signals",
-                   "risk/stress", "risk/liquidation", "features/estimates"},
+                   "risk/stress", "risk/liquidation", "features/estimates", "portfolio/frontier"},
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {(k, "schema") for k in deps if k != "report"} | {("raw/candles", "fresh")}  # + non-blocking freshness (issue 8)

@@ -4,6 +4,7 @@
 - :mod:`~perpfolio.optimize.terms`: objective and constraint terms (compile once, update per solve).
 - :mod:`~perpfolio.optimize.problem`: one DPP problem per (strategy, n_assets), verified solves.
 - :mod:`~perpfolio.optimize.walk_forward`: the walk-forward loop with its fallback chain.
+- :mod:`~perpfolio.optimize.frontier`: the efficient frontier as a warm-started sweep of targets.
 
 All inputs are ANNUALIZED (``perpfolio.estimators.annualize``); the problems rescale them again
 internally so that the solver sees unit-order numbers whatever the input scale.
@@ -18,6 +19,7 @@ from perpfolio.optimize.config import (
     parse_strategies,
     validate_for_universe,
 )
+from perpfolio.optimize.frontier import FRONTIER_SCHEMA, EfficientFrontier, FrontierPoint, frontier_walk, max_return_portfolio
 from perpfolio.optimize.problem import PortfolioProblem, SolveResult, build_terms
 from perpfolio.optimize.terms import SolveData, constraint_violations, psd_factor
 from perpfolio.optimize.walk_forward import (
@@ -27,17 +29,19 @@ from perpfolio.optimize.walk_forward import (
     EstimateSet,
     ProblemCache,
     decide,
-    efficient_frontier,
     optimize_walk_forward,
 )
 
 __all__ = [
+    "FRONTIER_SCHEMA",
     "OBJECTIVES",
     "WEIGHTS_SCHEMA",
     "AsofInputs",
     "Constraints",
     "Decision",
+    "EfficientFrontier",
     "EstimateSet",
+    "FrontierPoint",
     "Parameters",
     "PortfolioProblem",
     "ProblemCache",
@@ -47,8 +51,9 @@ __all__ = [
     "build_terms",
     "constraint_violations",
     "decide",
-    "efficient_frontier",
+    "frontier_walk",
     "load_strategies",
+    "max_return_portfolio",
     "optimize_walk_forward",
     "parse_strategies",
     "psd_factor",

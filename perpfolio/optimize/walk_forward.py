@@ -1,4 +1,4 @@
-"""Walk-forward optimization with a recorded fallback chain, and the efficient frontier.
+"""Walk-forward optimization with a recorded fallback chain (the efficient frontier: ``frontier.py``).
 
 Per asof and strategy the decision is the first of:
 
@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError, SolverError
-from perpfolio.optimize.config import Constraints, Parameters, StrategySpec, validate_for_universe
+from perpfolio.optimize.config import StrategySpec, validate_for_universe
 from perpfolio.optimize.problem import TOLERANCE, PortfolioProblem, base_constraints, min_variance_fallback
 from perpfolio.optimize.terms import SolveData
 
@@ -254,56 +254,3 @@ def _check_inputs(item: AsofInputs, n: int, last: datetime | None) -> datetime:
         raise DataError(f"{where}: status must be a string, got {item.status!r}")
     return asof
 
-
-def efficient_frontier(
-    mu: np.ndarray,
-    cov: np.ndarray,
-    *,
-    n_points: int = 20,
-    budget: float = 1.0,
-    min_weight: float = 0.0,
-    max_weight: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    r"""Efficient frontier :math:`\min_w w^\top\Sigma w` s.t. :math:`\mu^\top w \ge \mu_p`, budget,
-    bounds, for ``n_points`` targets :math:`\mu_p` from the min-variance portfolio's return to the
-    highest attainable return, all solved on ONE compiled problem.
-
-    ``mu`` (N) and ``cov`` (N x N) are annualized. Returns (annualized expected returns (P),
-    annualized volatilities (P), weights (P x N)).
-    """
-    mu, cov = np.asarray(mu, dtype=float), np.asarray(cov, dtype=float)
-    n = mu.shape[0]
-    if not (np.isfinite(mu).all() and np.isfinite(cov).all()) or cov.shape != (n, n):
-        raise DataError(
-            f"efficient_frontier: mu {mu.shape} and cov {cov.shape} must be finite, N and N x N"
-        )
-    if n_points < 2:
-        raise DataError(f"efficient_frontier: n_points={n_points} must be >= 2")
-    spec = StrategySpec(
-        name="frontier",
-        objective="target_return",
-        parameters=Parameters(target_return=0.0),  # replaced per point
-        constraints=Constraints(budget=budget, min_weight=min_weight, max_weight=max_weight),
-    )
-    validate_for_universe([spec], n)
-    # the greedy portfolio (fill the best assets up to max_weight) attains the highest return
-    w_top = np.full(n, min_weight)
-    room = budget - n * min_weight
-    for i in np.argsort(-mu):
-        step = min(max_weight - min_weight, room)
-        w_top[i] += step
-        room -= step
-    problem = PortfolioProblem(spec, n)
-    zeros = np.zeros(n)
-    data = SolveData(mu=mu, cov=cov, downside=zeros, semicov=cov, vrp=zeros)
-
-    def solve(target: float) -> np.ndarray:
-        result = problem.solve(dataclasses.replace(data, target_return=target))
-        if result.status != "optimal":
-            raise SolverError(f"efficient_frontier: target_return={target:.6g} failed: {result.status}")
-        return result.weights
-
-    w_min_var = solve(float(-np.abs(mu).sum() * max(abs(min_weight), abs(max_weight)) - 1.0))
-    targets = np.linspace(float(mu @ w_min_var), float(mu @ w_top), n_points)
-    w = np.array([w_min_var] + [solve(t) for t in targets[1:]])
-    return w @ mu, np.sqrt(np.einsum("pi,ij,pj->p", w, cov, w)), w
