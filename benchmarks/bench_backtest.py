@@ -2,8 +2,9 @@
 
 4 strategies x 100 symbols x 17520 hourly bars (2 years), daily rebalancing (730 asofs, lag 1),
 random returns/funding/weights. Compares perpfolio.backtest.simulate (vectorized within holding
-segments) with two per-bar loops (numpy over symbols; plain Python); times hourly rebalancing and a
-stop-loss; then runs the stress test at every rebalance (730 asofs x 4 strategies x the 5 scenarios of
+segments) with two per-bar loops (numpy over symbols; plain Python); times hourly rebalancing, a
+stop-loss and position sizing (vol target on a predicted covariance per asof, then with the drawdown
+cash buffer, which fills each segment's equity path inside the execution loop); then runs the stress test at every rebalance (730 asofs x 4 strategies x the 5 scenarios of
 config/scenarios.toml x cross and isolated margin at 3x, betas and vols over the 30-day window ending
 at each asof) and the liquidation prices of every book.
 
@@ -19,6 +20,7 @@ import numpy as np
 from pathlib import Path
 
 from perpfolio.backtest import performance_metrics, rebalance_plan, simulate
+from perpfolio.optimize.sizing import SizingRule
 from perpfolio.stress import liquidation_levels, load_leverage_tiers, load_scenarios, rolling_betas, stress_test
 
 SCENARIOS, _ = load_scenarios(Path(__file__).parents[1] / "config" / "scenarios.toml")
@@ -89,6 +91,16 @@ def main() -> None:
     t_hourly, _ = best_of(lambda: [simulate(ts, r, f, hb, hw, **kw) for hb, hw in hourly], 1)
     t_stop, stopped = best_of(lambda: [simulate(ts, r, f, reb, w, stop_loss=0.05, **kw) for w in weights])
     n_stops = sum(int(fr["stops"].sum()) for fr in stopped)
+    # predicted annualized covariances, one per asof: a fixed correlated matrix scaled by a vol regime
+    loadings = rng.normal(0, 0.5, (N_SYM, 3))
+    base_cov = (loadings @ loadings.T + np.diag(rng.uniform(0.2, 0.6, N_SYM))) * 0.5
+    covs = base_cov[None] * rng.uniform(0.5, 2.0, len(reb))[:, None, None]
+    vol_target = SizingRule(target_vol=0.5, max_leverage=3.0)
+    buffered = SizingRule(target_vol=0.5, max_leverage=3.0, cash_buffer=True, cash_buffer_base=0.05)
+    t_vt, vt_frames = best_of(lambda: [simulate(ts, r, f, reb, w, sizing=vol_target, predicted_cov=covs, **kw) for w in weights])
+    t_buf, buf_frames = best_of(lambda: [simulate(ts, r, f, reb, w, sizing=buffered, predicted_cov=covs, **kw) for w in weights])
+    mean_lev = np.mean([fr["sizing_leverage"].mean() for fr in vt_frames])
+    mean_cash = np.mean([fr["cash_fraction"].mean() for fr in buf_frames])
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"] + [f"S{i:03d}USDT" for i in range(3, N_SYM)]
     tiers = load_leverage_tiers()
@@ -130,6 +142,9 @@ def main() -> None:
     print(f"| performance_metrics (best of {REPEATS}) | {t_met:.4f} | {N_STRAT} strategies |")
     print(f"| simulate, hourly rebalancing (once) | {t_hourly:.3f} | {N_STRAT} x {len(hourly[0][0])} rebalances |")
     print(f"| simulate, stop-loss 5% (best of {REPEATS}) | {t_stop:.3f} | {n_stops} positions stopped |")
+    print(f"| simulate, sizing: vol target (best of {REPEATS}) | {t_vt:.3f} | mean leverage {mean_lev:.2f} |")
+    print(f"| simulate, sizing: vol target + drawdown cash buffer (best of {REPEATS}) | {t_buf:.3f} | "
+          f"mean cash fraction {mean_cash:.3f} |")
     print(f"| rolling_betas and vols, {WINDOW}-bar window | {t_beta:.3f} | {len(reb)} asofs |")
     print(f"| stress_test, cross + isolated | {t_stress:.3f} | {n_exec} books x {len(SCENARIOS)} scenarios x 2 modes -> "
           f"{rows} rows, {1e6 * t_stress / rows:.0f} us/row |")

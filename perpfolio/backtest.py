@@ -212,7 +212,7 @@ def simulate(
     scale = np.ones_like(w) if slippage_scale is None else np.asarray(slippage_scale, dtype=float)
     if scale.shape != w.shape or not (np.isfinite(scale).all() and (scale > 0).all()):
         raise DataError(f"simulate: slippage_scale must be {w.shape} finite positive multipliers, got shape {scale.shape}")
-    lev, vol = _sizing_inputs(sizing, predicted_cov, w)
+    lev, vol = _sizing_inputs(sizing, predicted_cov, w, reb)
     exec_bars = reb + lag_bars
     keep = exec_bars < n_bars
     exec_bars, w, scale, lev, vol = exec_bars[keep], w[keep], scale[keep], lev[keep], vol[keep]
@@ -317,7 +317,8 @@ def simulate(
     })
 
 
-def _sizing_inputs(sizing: SizingRule | None, predicted_cov: np.ndarray | None, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sizing_inputs(sizing: SizingRule | None, predicted_cov: np.ndarray | None, w: np.ndarray,
+                   rebalance_bars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lambda, predicted book vol) per rebalance: (1, NaN) without sizing; validates ``predicted_cov``."""
     k, n = w.shape
     if sizing is None:
@@ -329,8 +330,11 @@ def _sizing_inputs(sizing: SizingRule | None, predicted_cov: np.ndarray | None, 
         cov = np.asarray(predicted_cov, dtype=float)
         if cov.shape != (k, n, n):
             raise DataError(f"simulate: predicted_cov must be {k} x {n} x {n} (one covariance per rebalance), got {cov.shape}")
-        if np.isinf(cov).any():
-            raise DataError(f"simulate: predicted_cov at rebalance {int(np.argwhere(np.isinf(cov))[0, 0])} is infinite")
+        unknown = ~np.isfinite(cov).all(axis=(1, 2))
+        if unknown.any() and np.isinf(cov[unknown]).any():
+            j = int(np.flatnonzero(unknown)[np.isinf(cov[unknown]).any(axis=(1, 2))][0])
+            raise DataError(f"simulate: predicted_cov at rebalance {j} (asof bar {rebalance_bars[j]}) is infinite; "
+                            "NaN marks an unknown prediction")
     return sizing.leverage(w, cov)
 
 

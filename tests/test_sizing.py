@@ -251,6 +251,17 @@ class TestDefaultsUnchanged:
             simulate(hourly(4), r, r, np.array([0]), w, sizing=SizingRule(target_vol=0.2), predicted_cov=np.zeros((2, 2)))
         with pytest.raises(DataError, match="predicted covariance per rebalance"):
             simulate(hourly(4), r, r, np.array([0]), w, sizing=SizingRule(target_vol=0.2))
+        cov = np.zeros((2, 2, 2))
+        cov[1, 0, 1] = np.inf
+        with pytest.raises(DataError, match=r"rebalance 1 \(asof bar 2\) is infinite"):
+            simulate(hourly(4), r, r, np.array([0, 2]), np.full((2, 2), 0.5), sizing=SizingRule(target_vol=0.2),
+                     predicted_cov=cov)
+
+    def test_unknown_prediction_runs_unlevered(self):
+        r, w = np.full((4, 2), 0.01), np.full((2, 2), 0.5)
+        cov = np.stack([np.eye(2) * 1e-4, np.full((2, 2), np.nan)])  # asof 0: capped at 3; asof 2: unknown
+        out = simulate(hourly(4), r, r * 0, np.array([0, 2]), w, sizing=SizingRule(target_vol=0.2), predicted_cov=cov)
+        assert out["sizing_leverage"].to_list() == [1.0, 3.0, 3.0, 1.0]
 
 
 class TestSettings:

@@ -38,9 +38,9 @@ def predicted_vol(weights: np.ndarray, predicted_cov: np.ndarray) -> np.ndarray:
     if w.ndim != 2 or cov.shape != (*w.shape, w.shape[1]):
         raise DataError(f"predicted_vol: need K x N weights and K x N x N covariances, got {w.shape} and {cov.shape}")
     known = np.isfinite(w).all(axis=1) & np.isfinite(cov).all(axis=(1, 2))
-    variance = np.einsum("kn,knm,km->k", np.where(known[:, None], w, 0.0),
-                         np.where(known[:, None, None], cov, 0.0), np.where(known[:, None], w, 0.0))
-    return np.where(known, np.sqrt(np.maximum(variance, 0.0)), np.nan)
+    with np.errstate(invalid="ignore", over="ignore"):  # row k depends on row k only: unknown rows become NaN below
+        variance = np.einsum("km,km->k", np.matmul(w[:, None, :], cov)[:, 0, :], w)
+    return np.where(known, np.sqrt(np.maximum(variance, 0.0, where=known, out=np.zeros_like(variance))), np.nan)
 
 
 def vol_target_leverage(
