@@ -94,7 +94,8 @@ def rebalance_plan(
       regime only a decision at least ``turbulent_every`` decisions after the last trade (the
       first decision always trades). ``turbulent`` holds one bool per decision (unknown = calm).
 
-    Returns (rebalance_bars, target weights), the inputs of :func:`simulate`.
+    Returns (rebalance_bars, target weights), the inputs of :func:`simulate`. ``decision_weights`` may
+    be any per-decision array (K x ...): the same plan picks, e.g., the K x N x N predicted covariances.
     """
     bars = np.asarray(decision_bars, dtype=np.int64)
     w = np.asarray(decision_weights, dtype=float)

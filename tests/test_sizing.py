@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from perpfolio import estimators
-from perpfolio.backtest import performance_metrics, simulate
+from perpfolio.backtest import performance_metrics, rebalance_plan, simulate
 from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize.sizing import SizingRule, drawdown_cash_buffer, predicted_vol
 from pipelines.definitions import build_definitions
@@ -262,6 +262,19 @@ class TestDefaultsUnchanged:
         cov = np.stack([np.eye(2) * 1e-4, np.full((2, 2), np.nan)])  # asof 0: capped at 3; asof 2: unknown
         out = simulate(hourly(4), r, r * 0, np.array([0, 2]), w, sizing=SizingRule(target_vol=0.2), predicted_cov=cov)
         assert out["sizing_leverage"].to_list() == [1.0, 3.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("frequency", ["daily", "weekly", "hourly", "adaptive"])
+def test_rebalance_plan_picks_the_covariance_of_each_traded_decision(frequency):
+    """The equity asset runs the same plan over the K x N x N covariances as over the weights."""
+    bars = np.arange(5, 200, 24)
+    w = np.arange(len(bars) * 2, dtype=float).reshape(-1, 2)
+    cov = w[:, :, None] * np.ones((1, 1, 2))  # row k holds w[k] in each column
+    plan = dict(n_bars=200, frequency=frequency, turbulent=np.arange(len(bars)) % 3 == 1)
+    reb_w, picked_w = rebalance_plan(bars, w, **plan)
+    reb_c, picked_c = rebalance_plan(bars, cov, **plan)
+    np.testing.assert_array_equal(reb_w, reb_c)
+    np.testing.assert_array_equal(picked_c[:, :, 0], picked_w)
 
 
 class TestSettings:
