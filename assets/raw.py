@@ -1,5 +1,5 @@
-"""raw.candles, raw.funding, raw.implied_vol: market data for each UTC day, as the source gives it;
-raw.data_quality: the gaps, duplicates and out-of-order rows found while reading it."""
+"""raw.candles, raw.funding, raw.implied_vol, raw.reference_prices: market data for each UTC day, as
+the source gives it; raw.data_quality: the gaps, duplicates and out-of-order rows found while reading it."""
 
 import dagster as dg
 import polars as pl
@@ -13,11 +13,14 @@ CANDLES = dg.AssetKey(["raw", "candles"])
 FUNDING = dg.AssetKey(["raw", "funding"])
 IMPLIED_VOL = dg.AssetKey(["raw", "implied_vol"])
 DATA_QUALITY = dg.AssetKey(["raw", "data_quality"])
+REFERENCE_PRICES = dg.AssetKey(["raw", "reference_prices"])
 
 _TABLES = {
     "candles": (CANDLES, schemas.Candles, "ts", "Hourly OHLCV bars per symbol; ts is the bar open time (UTC)."),
     "funding": (FUNDING, schemas.Funding, "bar_ts", "Funding events per symbol (rate per interval; + = longs pay), partitioned by the bar they settle in."),
     "implied_vol": (IMPLIED_VOL, schemas.ImpliedVol, "ts", "Implied-volatility index per underlying, annualized decimal."),
+    "reference_prices": (REFERENCE_PRICES, schemas.ReferencePrices, "ts", "Hourly mark and index (spot composite) "
+                         "price bars per symbol; empty for symbols whose source has none (see metadata missing_reference)."),
     "data_quality": (DATA_QUALITY, schemas.DataQuality, "from_ts", "Data-quality issues of the raw layer per symbol and "
                      "UTC day: missing hours (reported, never filled), duplicates dropped, rows out of order. Empty = clean."),
 }
@@ -31,14 +34,24 @@ def time_range(frame: pl.DataFrame, column: str = "ts") -> str:
 
 def quality_metadata(quality: pl.DataFrame, table: str) -> dict:
     """Counts of the data-quality rows that concern `table` (gap runs, bars missing, duplicates, out of order)."""
-    dataset = {"candles": "candles", "funding": "funding"}.get(table)
-    if dataset is None:
+    datasets = {"candles": ["candles"], "funding": ["funding"], "reference_prices": ["mark", "index"]}.get(table)
+    if datasets is None:
         return {"issues": quality.height} if table == "data_quality" else {}
-    rows = quality.filter(pl.col("dataset") == dataset)
+    rows = quality.filter(pl.col("dataset").is_in(datasets))
     meta = {"duplicates_fixed": int(rows["duplicates_dropped"].sum()), "out_of_order_fixed": int(rows["out_of_order"].sum())}
-    if dataset == "candles":
+    if table == "candles":
         meta |= {"gap_count": rows.filter(pl.col("issue") == "gap").height, "bars_missing": int(rows["bars_missing"].sum())}
     return meta
+
+
+def missing_reference(reference: pl.DataFrame, symbols: list[str]) -> str:
+    """'SYMBOL:kind' for every configured symbol and kind (mark, index) without a row, or 'none'.
+
+    A source without mark or index prices is not an error; the hedge overlay records such symbols
+    as missing_data."""
+    have = set(reference.select("symbol", "kind").unique().iter_rows())
+    missing = [f"{s}:{k}" for s in symbols for k in ("mark", "index") if (s, k) not in have]
+    return ", ".join(missing) or "none"
 
 
 def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
@@ -55,14 +68,15 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     )
     def raw_market(context: dg.AssetExecutionContext, market: RawMarket):
         window = context.partition_time_window
-        frames = dict(zip(_TABLES, market.fetch_with_quality(window.start, window.end)))
-        quality = frames["data_quality"]
+        data = market.fetch_with_quality(window.start, window.end)
         for name, (key, model, expr, _) in _TABLES.items():
-            frame = frames[name]
+            frame = getattr(data, name)
             meta = {"time_range": time_range(frame, expr), "source": market.source}
             if "symbol" in frame.columns:
                 meta["symbols"] = ", ".join(sorted(frame["symbol"].unique()))
-            meta |= quality_metadata(quality, name)
+            if name == "reference_prices":
+                meta["missing_reference"] = missing_reference(frame, market.symbols)
+            meta |= quality_metadata(data.data_quality, name)
             yield from validated(frame, model, key, output_name=name, metadata=meta)
 
     return [raw_market]

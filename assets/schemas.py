@@ -29,6 +29,12 @@ def _unique_key(data: pa.PolarsData, key: list[str]) -> pl.LazyFrame:
     return data.lazyframe.select(~pl.struct(key).is_duplicated())
 
 
+def _ohlc_consistent(data: pa.PolarsData) -> pl.LazyFrame:
+    return data.lazyframe.select(
+        (pl.col("high") >= pl.max_horizontal("open", "close")) & (pl.col("low") <= pl.min_horizontal("open", "close"))
+    )
+
+
 class Table(pa.DataFrameModel):
     """Base of every table: strict columns, no coercion, every float finite (null where allowed)."""
 
@@ -59,9 +65,7 @@ class Candles(Table):
 
     @pa.dataframe_check(error="high < max(open, close) or low > min(open, close)")
     def ohlc_consistent(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(
-            (pl.col("high") >= pl.max_horizontal("open", "close")) & (pl.col("low") <= pl.min_horizontal("open", "close"))
-        )
+        return _ohlc_consistent(data)
 
 
 class Funding(Table):
@@ -90,6 +94,28 @@ class ImpliedVol(Table):
     @pa.dataframe_check(error="duplicate (ts, underlying)")
     def unique_obs(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return _unique_key(data, ["ts", "underlying"])
+
+
+class ReferencePrices(Table):
+    """raw.reference_prices: hourly mark and index price bars per symbol (the index is the exchange's
+    spot composite, the spot series of the hedge overlay); ts is the bar open time (UTC)."""
+
+    ts: DateTime = _ts("bar open time, UTC")
+    symbol: str = pa.Field(description="exchange symbol of the perpetual, e.g. BTCUSDT")
+    kind: str = pa.Field(isin=["mark", "index"], description="mark: the price margin and PnL are marked at; index: the spot composite")
+    open: float = pa.Field(gt=0, description="open price, quote currency")
+    high: float = pa.Field(gt=0, description="high price, >= open and close")
+    low: float = pa.Field(gt=0, description="low price, <= open and close")
+    close: float = pa.Field(gt=0, description="close price")
+    source: str = pa.Field(description="where the row came from (synthetic, exchange, archive)")
+
+    @pa.dataframe_check(error="duplicate (ts, symbol, kind)")
+    def unique_bar(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["ts", "symbol", "kind"])
+
+    @pa.dataframe_check(error="high < max(open, close) or low > min(open, close)")
+    def ohlc_consistent(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _ohlc_consistent(data)
 
 
 class NetReturns(Table):
@@ -183,6 +209,7 @@ class Weights(Table):
         total = pl.col("weight").sum().over("as_of", "strategy")
         return data.lazyframe.select((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE)
 
+
 FRONTIER_TOLERANCE = 1e-6  # bounds, target and monotonicity of portfolio.frontier (the optimizer's verification tolerance)
 
 
@@ -243,6 +270,44 @@ class Frontier(Table):
         return data.lazyframe.select(
             (pl.col("status") != "optimal") | (pl.col("volatility") >= running - FRONTIER_TOLERANCE)
         )
+
+
+class SpotHedge(Table):
+    """risk.spot_hedge: minimum-variance hedge of each spot position (and of the whole spot book) with
+    perps at each daily asof: h* = Cov(r_spot, r_perp) / Var(r_perp) (single) or Sigma_FF^-1 Sigma_FS
+    (cross), spot = index-price simple returns, perps = net returns with funding; null values unless status is ok."""
+
+    as_of: DateTime = _ts("open time of the last bar of the fitting window, UTC")
+    symbol: str = pa.Field(description="spot position: the symbol whose index price is the spot, or 'book' (all positions)")
+    hedge: str = pa.Field(isin=["single", "cross"], description="single: with the symbol's own perp; cross: with every perp")
+    perp: str = pa.Field(description="perp the row's ratio and notional are for")
+    spot_notional: float = pa.Field(description="spot position, USDT (negative = short spot; the book's is its gross notional)")
+    hedge_ratio: float = pa.Field(nullable=True, description="h*: USDT of this perp SHORTED per USDT of spot, unitless")
+    hedge_notional: float = pa.Field(nullable=True, description="perp position of the hedge, USDT = -hedge_ratio x spot_notional (negative = short)")
+    effectiveness: float = pa.Field(nullable=True, le=1 + 1e-9, description="in sample 1 - Var(hedged) / Var(spot) over the window (= R^2)")
+    effectiveness_oos: float = pa.Field(nullable=True, le=1 + 1e-9, description="out of sample: the hedge fitted one day earlier "
+                                        "over this day's bars; negative = it added risk; null when not computable")
+    spot_vol: float = pa.Field(nullable=True, ge=0, description="volatility of the unhedged spot return over the window, annualized")
+    hedged_vol: float = pa.Field(nullable=True, ge=0, description="volatility of the hedged return over the window, annualized")
+    n_obs: int = pa.Field(ge=0, description="bars with the spot and every perp present in the window")
+    window_bars: int = pa.Field(gt=0, description="bars in the fitting window (PERPFOLIO_WINDOW_BARS)")
+    status: str = pa.Field(isin=["ok", "insufficient_history", "missing_data", "degenerate"],
+                           description="ok, or why there is no hedge (missing_data: e.g. no index prices from the source)")
+    basis_mean: float = pa.Field(nullable=True, description="mean hourly basis perp close / index close - 1 over the window, "
+                                 "decimal (+ = perp premium); null for the book or when an hour is missing")
+    basis_std: float = pa.Field(nullable=True, ge=0, description="standard deviation of that hourly basis, decimal")
+    basis_last: float = pa.Field(nullable=True, description="basis of the asof's last hour, decimal")
+
+    @pa.dataframe_check(error="duplicate (as_of, symbol, hedge, perp)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "symbol", "hedge", "perp"])
+
+    @pa.dataframe_check(error="hedge_ratio, hedge_notional, effectiveness and vols must be present exactly when status is ok")
+    def values_iff_ok(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        ok = pl.col("status") == "ok"
+        return data.lazyframe.select(pl.all_horizontal(
+            pl.col(c).is_not_null() == ok for c in ("hedge_ratio", "hedge_notional", "effectiveness", "spot_vol", "hedged_vol")
+        ))
 
 
 class Equity(Table):
@@ -390,7 +455,8 @@ class DataQuality(Table):
     crossing midnight is two rows). No row means the day was read clean. Gaps are reported, never filled."""
 
     symbol: str = pa.Field(description="exchange symbol")
-    dataset: str = pa.Field(isin=["candles", "funding"], description="which raw table the issue is in")
+    dataset: str = pa.Field(isin=["candles", "funding", "mark", "index"],
+                            description="which raw table the issue is in (mark / index: raw.reference_prices rows of that kind)")
     issue: str = pa.Field(isin=["gap", "duplicates", "out_of_order"], description="gap: hourly bars missing; duplicates: "
                           "repeated (ts, symbol) rows dropped, first kept; out_of_order: rows earlier than the row before them, sorted")
     from_ts: DateTime = _ts("first affected hour (gap: first missing bar open), UTC")

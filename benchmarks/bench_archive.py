@@ -95,8 +95,8 @@ def stages(root: Path) -> list[tuple[str, float]]:
     out.append(("CSV parse (polars, strings)", t))
     per_symbol = [([f for f in files if f.symbol == s and f.dataset == ds], s, ds) for s in SYMBOLS
                   for ds in ("klines", "fundingRate")]
-    t, _ = best(lambda: [(archive._read_klines if ds == "klines" else archive._read_funding)(fs, s, False)
-                         for fs, s, ds in per_symbol])
+    t, _ = best(lambda: [archive._read_bars(fs, s, False, archive._KLINE_COLS) if ds == "klines"
+                         else archive._read_funding(fs, s, False) for fs, s, ds in per_symbol])
     out.append(("unzip + CSV parse + validate + convert (no checksums)", t))
     return out
 

@@ -6,7 +6,7 @@ PERPFOLIO_* environment (see pipelines/settings.py and the README).
 
 import dagster as dg
 
-from assets import evaluation, features, frontier, portfolio, raw, signals
+from assets import evaluation, features, frontier, hedge, portfolio, raw, signals
 from perpfolio.errors import ConfigError
 from pipelines import freshness, schedules
 from pipelines.partitions import daily_partitions
@@ -45,6 +45,7 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
             *signals.build(settings, partitions),
             *portfolio.build(settings, partitions),
             *frontier.build(settings, partitions),
+            *hedge.build(settings, partitions),
             *evaluation.build(settings),
         ],
         asset_checks=freshness.build(partitions, list(settings.symbols), settings.max_staleness_hours),

@@ -9,6 +9,7 @@ table.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -19,7 +20,7 @@ from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
 from perpfolio.errors import ConfigError
 from perpfolio.warehouse import connect_waiting
-from perpfolio.sources.archive import gap_report, read_archive, empty_data
+from perpfolio.sources.archive import ArchiveData, empty_data, gap_report, read_archive
 from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
 
@@ -91,17 +92,52 @@ class WarehouseIOManager(DuckDBPolarsIOManager):
         )
 
 
+@dataclass(frozen=True)
+class RawData:
+    """The raw layer of one window as a source gives it: one frame per raw table (assets/raw.py),
+    in the schemas of perpfolio.sources.archive (CANDLES_, FUNDING_, REFERENCE_, QUALITY_SCHEMA) and
+    perpfolio.sources.implied_vol. ``reference_prices`` is empty for symbols whose source has no
+    mark or index prices; ``data_quality`` empty means the window was read clean."""
+
+    candles: pl.DataFrame
+    funding: pl.DataFrame
+    implied_vol: pl.DataFrame
+    reference_prices: pl.DataFrame
+    data_quality: pl.DataFrame
+
+    @classmethod
+    def of(cls, data: ArchiveData, implied_vol: pl.DataFrame) -> "RawData":
+        """A source's ArchiveData (the container every reader returns) and its implied vol."""
+        return cls(data.candles, data.funding, implied_vol, data.reference_prices, data.quality)
+
+    @classmethod
+    def empty(cls) -> "RawData":
+        return cls.of(empty_data(), read_implied_vol([]))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name}={getattr(self, name).height} rows" for name in self.__dataclass_fields__)
+        return f"RawData({counts})"
+
+
+# sources whose reader reports its own gaps, duplicates and disorder; the others get gap_report
+_REPORTS_OWN_QUALITY = frozenset({"archive"})
+
+
 class RawMarket(dg.ConfigurableResource):
-    """Where raw candles, funding and implied vol come from (PERPFOLIO_SOURCE).
+    """Where the raw layer comes from (PERPFOLIO_SOURCE): candles, funding, implied vol, mark and
+    index prices, and the data-quality rows.
 
-    `fetch(start, end)` returns bars with ts in [start, end), funding events whose bar_ts is in
-    [start, end) and implied-vol observations with ts in [start, end), for `symbols`. Nothing
-    after the last closed hour is returned, so a day in progress holds only the bars that exist.
-    `fetch_with_quality` adds the data-quality rows (gaps, duplicates dropped, rows out of order).
+    `fetch(start, end)` returns a `RawData` of bars with ts in [start, end), funding events whose
+    bar_ts is in [start, end) and implied-vol observations with ts in [start, end), for `symbols`.
+    Nothing after the last closed hour is returned, so a day in progress holds only the bars that
+    exist. `fetch_with_quality` adds the data-quality rows (gaps, duplicates dropped, rows out of
+    order) for sources that do not report their own.
 
-    source "synthetic": the built-in market (`origin`, `seed`). source "archive": Binance archive
-    files under `archive_dir` (perpfolio.sources.archive) and implied vol from the `iv_csv` files
+    source "synthetic": the built-in market (`origin`, `seed`), index and mark prices included.
+    source "archive": Binance archive files under `archive_dir` (perpfolio.sources.archive; mark
+    and index klines where the archive has them) and implied vol from the `iv_csv` files
     (perpfolio.sources.implied_vol); an underlying without a file gets the labelled proxy downstream.
+    A new source is one more branch of `fetch` returning `RawData.of(<its ArchiveData>, <implied vol>)`.
     """
 
     source: str = "synthetic"
@@ -111,36 +147,37 @@ class RawMarket(dg.ConfigurableResource):
     archive_dir: str = ""  # source "archive": root of the futures/um/... layout
     iv_csv: list[str] = []  # source "archive": DVOL or ts,underlying,iv CSV files
 
-    def fetch(self, start: datetime, end: datetime) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        if self.source == "archive":
-            return self.fetch_with_quality(start, end)[:3]
-        origin = datetime.fromisoformat(self.origin)
+    def fetch(self, start: datetime, end: datetime) -> RawData:
         end = _closed(end)
-        market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed)
-        in_window = lambda col: pl.col(col).is_between(start, end, closed="left")  # noqa: E731
-        return (
-            market.candles.filter(in_window("ts")),
-            market.funding.filter(in_window("bar_ts")),
-            market.implied_vol.filter(in_window("ts")),
-        )
-
-    def fetch_with_quality(
-        self, start: datetime, end: datetime
-    ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-        """`fetch` plus the data-quality frame (perpfolio.sources.archive.QUALITY_SCHEMA) of [start, end)."""
-        end = _closed(end)
+        if self.source == "synthetic":
+            return self._synthetic(start, end)
         if self.source == "archive":
             if end <= start:
-                empty = empty_data()
-                return empty.candles, empty.funding, read_implied_vol([]), empty.quality
-            data = read_archive(self.archive_dir, self.symbols, start, end)
-            iv = read_implied_vol(self.iv_csv, start, end)
-            return data.candles, data.funding, iv, data.quality
-        if self.source != "synthetic":
-            raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose 'synthetic' or 'archive'")
-        candles, funding, iv = self.fetch(start, end)
-        quality = gap_report(candles, self.symbols, start, end) if end > start else empty_data().quality
-        return candles, funding, iv, quality
+                return RawData.empty()
+            return RawData.of(read_archive(self.archive_dir, self.symbols, start, end),
+                              read_implied_vol(self.iv_csv, start, end))
+        raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose 'synthetic' or 'archive'")
+
+    def fetch_with_quality(self, start: datetime, end: datetime) -> RawData:
+        """`fetch` with `data_quality` of [start, end) (perpfolio.sources.archive.QUALITY_SCHEMA)."""
+        data = self.fetch(start, end)
+        if self.source in _REPORTS_OWN_QUALITY:
+            return data
+        end = _closed(end)
+        quality = gap_report(data.candles, self.symbols, start, end) if end > start else empty_data().quality
+        return replace(data, data_quality=quality)
+
+    def _synthetic(self, start: datetime, end: datetime) -> RawData:
+        origin = datetime.fromisoformat(self.origin)
+        market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed)
+        in_window = lambda col: pl.col(col).is_between(start, end, closed="left")  # noqa: E731
+        return RawData(
+            candles=market.candles.filter(in_window("ts")),
+            funding=market.funding.filter(in_window("bar_ts")),
+            implied_vol=market.implied_vol.filter(in_window("ts")),
+            reference_prices=market.reference_prices.filter(in_window("ts")),
+            data_quality=empty_data().quality,
+        )
 
 
 def _closed(end: datetime) -> datetime:

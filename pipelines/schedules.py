@@ -4,10 +4,10 @@ import dagster as dg
 
 from assets.evaluation import EVALUATION_KEYS
 from assets.features import NET_RETURNS
-from assets.raw import CANDLES, DATA_QUALITY, FUNDING, IMPLIED_VOL
+from assets.raw import CANDLES, DATA_QUALITY, FUNDING, IMPLIED_VOL, REFERENCE_PRICES
 
 EVALUATION = dg.AssetSelection.assets(*EVALUATION_KEYS)  # backtest.*, risk.*, report
-MARKET_DATA = dg.AssetSelection.assets(CANDLES, FUNDING, IMPLIED_VOL, DATA_QUALITY, NET_RETURNS)
+MARKET_DATA = dg.AssetSelection.assets(CANDLES, FUNDING, IMPLIED_VOL, REFERENCE_PRICES, DATA_QUALITY, NET_RETURNS)
 
 
 def build(partitions: dg.PartitionsDefinition) -> tuple[list, list[dg.ScheduleDefinition]]:

@@ -101,6 +101,7 @@ class Settings:
     sizing_estimator: str = "ewma"  # features.estimates covariance that predicts each book's vol at the asof
     baselines: tuple[str, ...] = ("equal_weight", "btc_only", "static")
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
+    spot_notional: tuple[tuple[str, float], ...] = ()  # spot book of risk.spot_hedge, USDT per symbol; () = 1 USDT long each
     scenarios_file: Path = PROJECT_ROOT / "config" / "scenarios.toml"
 
     def __post_init__(self) -> None:
@@ -148,6 +149,11 @@ class Settings:
             raise ConfigError(f"PERPFOLIO_REBALANCE must be hourly, daily, weekly or adaptive, got {self.rebalance!r}")
         if self.stop_loss is not None and not 0 < self.stop_loss < 1:
             raise ConfigError(f"PERPFOLIO_STOP_LOSS must be in (0, 1) or 'off', got {self.stop_loss}")
+        spot_symbols = [s for s, _ in self.spot_notional]
+        if len(set(spot_symbols)) != len(spot_symbols) or not set(spot_symbols) <= set(self.symbols) or not all(
+                math.isfinite(v) and v != 0 for _, v in self.spot_notional):
+            raise ConfigError(f"PERPFOLIO_SPOT_NOTIONAL must give distinct configured symbols {list(self.symbols)} a finite, "
+                              f"non-zero USDT notional (negative = short spot), got {dict(self.spot_notional)}")
         unknown = set(self.baselines) - {"equal_weight", "btc_only", "static"}
         if unknown:
             raise ConfigError(f"PERPFOLIO_BASELINES: unknown {sorted(unknown)}; choose from equal_weight, btc_only, static")
@@ -183,6 +189,12 @@ class Settings:
     def origin(self) -> datetime:
         """First bar of the history (00:00 UTC of `start`)."""
         return datetime(self.start.year, self.start.month, self.start.day, tzinfo=timezone.utc)
+
+    @property
+    def spot_book(self) -> dict[str, float]:
+        """Spot positions hedged by risk.spot_hedge, USDT notional per symbol: PERPFOLIO_SPOT_NOTIONAL,
+        or 1 USDT long of every configured symbol (hedge notionals then read per USDT of spot)."""
+        return dict(self.spot_notional) if self.spot_notional else dict.fromkeys(self.symbols, 1.0)
 
     @property
     def lookback_days(self) -> int:
@@ -252,6 +264,7 @@ class Settings:
             "sizing_estimator": str,
             "baselines": lambda v: tuple(x.strip() for x in v.split(",") if x.strip() and x.strip() != "none"),
             "static_weights": _parse_static_weights,
+            "spot_notional": _parse_static_weights,
             "scenarios_file": Path,
         }
         values = {}

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.sources.archive import archive_files, find_gaps, read_archive
+from perpfolio.sources.archive import REFERENCE_SCHEMA, archive_files, empty_data, find_gaps, read_archive
 from tests.conftest import REAL_DATA
 
 UTC = timezone.utc
@@ -65,6 +65,12 @@ def daily_klines(sym: str, day: str) -> str:
 
 def funding_file(sym: str, month: str) -> str:
     return f"futures/um/monthly/fundingRate/{sym}/{sym}-fundingRate-{month}.csv"
+
+
+def reference_file(kind: str, sym: str, period: str) -> str:
+    """markPriceKlines / indexPriceKlines file of a month (YYYY-MM) or a day (YYYY-MM-DD)."""
+    granularity = "daily" if len(period) == 10 else "monthly"
+    return f"futures/um/{granularity}/{kind}PriceKlines/{sym}/1h/{sym}-1h-{period}.csv"
 
 
 class TestFormats:
@@ -258,6 +264,72 @@ class TestDataQuality:
         assert data.candles.filter(pl.col("ts") == T0 + timedelta(hours=24))["close"].item() == 124.0  # first read wins
 
 
+class TestReferencePrices:
+    """markPriceKlines and indexPriceKlines: the klines reader's rules; absent folders are no rows, not an error."""
+
+    def test_mark_and_index_read_with_the_kline_rules(self, tmp_path):
+        write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), kline_rows(T0, 48))
+        # mark: monthly, headerless, microseconds, zipped with a good checksum; its daily file is shadowed
+        write(tmp_path, reference_file("mark", "AAAUSDT", "2025-03"), kline_rows(T0, 48, price=200.0, unit="us"),
+              as_zip=True, checksum="good")
+        write(tmp_path, reference_file("mark", "AAAUSDT", "2025-03-01"), kline_rows(T0, 24, price=999.0))
+        # index: two daily files with a header, milliseconds; volume fields empty (they are not read)
+        day2 = T0 + timedelta(days=1)
+        for day, start in (("2025-03-01", T0), ("2025-03-02", day2)):
+            rows = [",".join(r.split(",")[:5] + [""] * 7) for r in kline_rows(start, 24, price=99.0 + (start == day2) * 24)]
+            write(tmp_path, reference_file("index", "AAAUSDT", day), rows, header=KLINE_HEADER)
+        data = read_archive(tmp_path, ["AAAUSDT"], T0, T0 + timedelta(hours=48))
+        ref = data.reference_prices
+        assert ref.schema == pl.Schema(REFERENCE_SCHEMA) and set(ref["source"]) == {"archive"}
+        mark = ref.filter(pl.col("kind") == "mark")
+        index = ref.filter(pl.col("kind") == "index")
+        hours = [T0 + timedelta(hours=i) for i in range(48)]
+        assert mark["ts"].to_list() == hours and mark["close"].to_list() == [200.0 + i for i in range(48)]
+        assert index["ts"].to_list() == hours and index["close"].to_list() == [99.0 + i for i in range(48)]
+        assert ref.sort("symbol", "kind", "ts").equals(ref) and data.quality.is_empty()
+        names = sorted(p.name for p in data.files if "PriceKlines" in str(p))
+        assert names == ["AAAUSDT-1h-2025-03-01.csv", "AAAUSDT-1h-2025-03-02.csv", "AAAUSDT-1h-2025-03.zip"]
+
+    def test_missing_folders_are_no_rows_not_an_error(self, tmp_path):
+        write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), kline_rows(T0, 5))
+        write(tmp_path, monthly_klines("BBBUSDT", "2025-03"), kline_rows(T0, 5))
+        write(tmp_path, reference_file("index", "BBBUSDT", "2025-03"), kline_rows(T0, 5))
+        data = read_archive(tmp_path, ["AAAUSDT", "BBBUSDT"], T0, T0 + timedelta(hours=5))
+        assert data.reference_prices.select("symbol", "kind").unique().rows() == [("BBBUSDT", "index")]
+        assert data.quality.is_empty() and data.candles.height == 10
+        assert empty_data().reference_prices.schema == pl.Schema(REFERENCE_SCHEMA)
+
+    def test_bad_checksum_names_the_file(self, tmp_path):
+        write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), kline_rows(T0, 5))
+        path = write(tmp_path, reference_file("index", "AAAUSDT", "2025-03"), kline_rows(T0, 5), as_zip=True, checksum="bad")
+        with pytest.raises(DataError, match=rf"indexPriceKlines/AAAUSDT/1h/{path.name}: sha256 .* does not match"):
+            read_archive(tmp_path, ["AAAUSDT"], T0, T0 + timedelta(hours=5))
+
+    @pytest.mark.parametrize(("bad", "field"), [
+        ("{t},100,101,99,abc,0,0,0,0,0,0,0", "field close is not a finite number: 'abc'"),
+        ("{t},100,99,98,100,0,0,0,0,0,0,0", "field high is below max(open, close)"),
+        ("{t},100,101,99,-3,0,0,0,0,0,0,0", "field close must be > 0"),
+        ("{t},100,101", "field 4 is missing"),
+    ])
+    def test_malformed_row_names_file_line_and_field(self, tmp_path, bad, field):
+        write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), kline_rows(T0, 6))
+        rows = kline_rows(T0, 6)
+        rows[3] = bad.format(t=ms(T0 + timedelta(hours=3)))
+        write(tmp_path, reference_file("mark", "AAAUSDT", "2025-03-01"), rows)  # headerless: data row 3 is line 4
+        with pytest.raises(DataError, match=r"markPriceKlines/AAAUSDT/1h/AAAUSDT-1h-2025-03-01.csv: line 4") as info:
+            read_archive(tmp_path, ["AAAUSDT"], T0, T0 + timedelta(hours=6))
+        assert field in str(info.value)
+
+    def test_duplicates_are_dropped_and_counted_per_kind(self, tmp_path):
+        write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), kline_rows(T0, 6))
+        rows = kline_rows(T0, 6)
+        write(tmp_path, reference_file("mark", "AAAUSDT", "2025-03"), rows[:4] + [rows[2]] + rows[4:])
+        data = read_archive(tmp_path, ["AAAUSDT"], T0, T0 + timedelta(hours=6))
+        assert data.reference_prices.height == 6
+        assert data.quality.select("dataset", "issue", "duplicates_dropped", "out_of_order").rows() == [
+            ("mark", "duplicates", 1, 0), ("mark", "out_of_order", 0, 1)]
+
+
 class TestRealArchive:
     @pytest.fixture(scope="class")
     def real(self):
@@ -315,7 +387,10 @@ def test_whole_chain_on_the_real_archive(tmp_path):
         tables = {f"{s}.{t}": as_utc(con.sql(f"SELECT * FROM {s}.{t}").pl())
                   for s, t in con.sql("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()}
     empty = {name for name, frame in tables.items() if frame.is_empty()}
-    assert empty == {"raw.data_quality"}  # the real archive has no gap, duplicate or disorder
+    # the real archive has no gap, duplicate or disorder, and no mark/index klines (no spot series)
+    assert empty == {"raw.data_quality", "raw.reference_prices"}
+    hedge = tables["risk.spot_hedge"]
+    assert hedge.height > 0 and set(hedge["status"]) == {"missing_data"} and hedge["hedge_ratio"].null_count() == hedge.height
     assert {"raw.candles", "raw.funding", "raw.implied_vol", "features.net_returns", "portfolio.weights",
             "backtest.equity", "backtest.metrics", "risk.stress"} <= set(tables)
     candles = tables["raw.candles"]
@@ -344,23 +419,27 @@ class TestRawMarketSource:
         iv_path.write_text(f"ts,underlying,iv\n{T0.isoformat()},AAA,0.6\n")
         market = RawMarket(source="archive", symbols=["AAAUSDT"], origin=T0.isoformat(), archive_dir=str(tmp_path),
                            iv_csv=[str(iv_path)])
-        candles, funding, iv, quality = market.fetch_with_quality(T0, T0 + timedelta(days=1))
+        data = market.fetch_with_quality(T0, T0 + timedelta(days=1))
+        candles, funding, iv, quality = data.candles, data.funding, data.implied_vol, data.data_quality
         assert candles.height == 22 and funding.height == 1 and iv["iv"].to_list() == [0.6]
         assert quality.select("issue", "from_ts", "bars_missing").rows() == [("gap", T0 + timedelta(hours=10), 2)]
+        assert data.reference_prices.is_empty()  # no mark/index folders: no rows, no error
         for frame, model in ((candles, schemas.Candles), (funding, schemas.Funding), (iv, schemas.ImpliedVol),
-                             (quality, schemas.DataQuality)):
+                             (quality, schemas.DataQuality), (data.reference_prices, schemas.ReferencePrices)):
             assert check_frame(schemas.conform(frame, model), model, dg.AssetKey(["raw", "x"])).passed, model.__name__
-        assert [f.height for f in market.fetch(T0, T0 + timedelta(days=1))] == [22, 1, 1]
+        fetched = market.fetch(T0, T0 + timedelta(days=1))
+        assert [fetched.candles.height, fetched.funding.height, fetched.implied_vol.height] == [22, 1, 1]
 
     def test_synthetic_source_is_unchanged_and_reports_no_gap(self):
         from pipelines.resources import RawMarket
         from perpfolio.sources.synthetic import generate_market
 
         market = RawMarket(symbols=["BTCUSDT", "ETHUSDT"], origin=T0.isoformat(), seed=3)
-        candles, funding, iv, quality = market.fetch_with_quality(T0, T0 + timedelta(days=2))
+        data = market.fetch_with_quality(T0, T0 + timedelta(days=2))
         direct = generate_market(["BTCUSDT", "ETHUSDT"], T0, T0 + timedelta(days=2), seed=3)
-        assert candles.equals(direct.candles) and quality.is_empty()
-        assert iv.equals(direct.implied_vol)
+        assert data.candles.equals(direct.candles) and data.data_quality.is_empty()
+        assert data.implied_vol.equals(direct.implied_vol)
+        assert data.reference_prices.equals(direct.reference_prices) and data.reference_prices.height == 2 * 2 * 48
 
     def test_settings_read_the_archive_variables(self, tmp_path):
         from pipelines.settings import Settings

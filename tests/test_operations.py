@@ -39,7 +39,8 @@ from pipelines.settings import PROJECT_ROOT, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 WALK_FORWARD_TABLES = {"raw.candles", "raw.funding", "raw.implied_vol", "features.net_returns",
-                       "features.estimates", "signals.signals", "portfolio.weights", "portfolio.frontier"}
+                       "features.estimates", "signals.signals", "portfolio.weights", "portfolio.frontier",
+                       "raw.reference_prices", "risk.spot_hedge"}
 VOLATILE_COLUMNS = {"solve_ms"}  # wall-clock timings differ between two runs of the same data
 
 
@@ -442,9 +443,9 @@ class _LateMarket(RawMarket):
     late_hours: int
 
     def fetch(self, start, end):
-        candles, funding, iv = super().fetch(start, end)
+        data = super().fetch(start, end)
         cut = end - timedelta(hours=self.late_hours)
-        return candles.filter((pl.col("symbol") != "BTCUSDT") | (pl.col("ts") < cut)), funding, iv
+        return replace(data, candles=data.candles.filter((pl.col("symbol") != "BTCUSDT") | (pl.col("ts") < cut)))
 
 
 class TestObservability:
@@ -478,8 +479,8 @@ class TestObservability:
     def test_a_failed_run_names_asset_partition_and_reason(self, short, tmp_path):
         class Broken(RawMarket):
             def fetch(self, start, end):
-                candles, funding, iv = super().fetch(start, end)
-                return pl.concat([candles, candles.slice(5, 1)]), funding, iv
+                data = super().fetch(start, end)
+                return replace(data, candles=pl.concat([data.candles, data.candles.slice(5, 1)]))
 
         settings = settings_in(tmp_path, replace(short, end=date(2025, 1, 2)))
         defs = build_definitions(settings, market=Broken(symbols=list(settings.symbols), origin=settings.origin.isoformat()))

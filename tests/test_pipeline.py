@@ -34,6 +34,8 @@ TABLES = {
     "risk.stress": ["as_of", "strategy", "scenario", "leverage", "margin_mode"],
     "risk.liquidation": ["as_of", "strategy", "leverage", "margin_mode", "symbol"],
     "raw.data_quality": ["symbol", "dataset", "issue", "from_ts"],
+    "raw.reference_prices": ["ts", "symbol", "kind"],
+    "risk.spot_hedge": ["as_of", "symbol", "hedge", "perp"],
 }
 MAY_BE_EMPTY = {"raw.data_quality"}  # no row = the raw data was read clean (the synthetic market has no gaps)
 VOLATILE_COLUMNS = {"solve_ms"}  # wall-clock timings differ between two runs of the same data
@@ -81,7 +83,8 @@ class TestWholeChain:
         models = dict(zip(TABLES, [schemas.Candles, schemas.Funding, schemas.ImpliedVol, schemas.NetReturns,
                                    schemas.Estimates, schemas.Signals, schemas.Weights, schemas.Frontier, schemas.Equity,
                                    schemas.Metrics, schemas.Monthly, schemas.Comparison, schemas.Stress,
-                                   schemas.Liquidation, schemas.DataQuality]))
+                                   schemas.Liquidation, schemas.DataQuality, schemas.ReferencePrices,
+                                   schemas.SpotHedge]))
         for name, frame in tables.items():
             assert check_frame(schemas.conform(frame, models[name]), models[name], dg.AssetKey(name.split("."))).passed, name
 
@@ -154,14 +157,15 @@ class _CorruptCandles(RawMarket):
     corruption: str  # "nan_close" | "duplicate_bar"
 
     def fetch(self, start, end):
-        candles, funding, iv = super().fetch(start, end)
+        data = super().fetch(start, end)
+        candles = data.candles
         if self.corruption == "nan_close":
             candles = candles.with_row_index().with_columns(
                 close=pl.when(pl.col("index") == 5).then(float("nan")).otherwise(pl.col("close"))
             ).drop("index")
         else:
             candles = pl.concat([candles, candles.slice(5, 1)])
-        return candles, funding, iv
+        return replace(data, candles=candles)
 
 
 class _ShiftedFuture(RawMarket):
@@ -170,7 +174,8 @@ class _ShiftedFuture(RawMarket):
     cutoff: str
 
     def fetch(self, start, end):
-        candles, funding, iv = super().fetch(start, end)
+        data = super().fetch(start, end)
+        candles, funding, iv, reference = data.candles, data.funding, data.implied_vol, data.reference_prices
         cut = datetime.fromisoformat(self.cutoff)
         later = pl.col("ts") >= cut
         candles = candles.with_columns(
@@ -178,7 +183,10 @@ class _ShiftedFuture(RawMarket):
         )
         funding = funding.with_columns(rate=pl.when(pl.col("bar_ts") >= cut).then(-pl.col("rate")).otherwise(pl.col("rate")))
         iv = iv.with_columns(iv=pl.when(later).then(pl.col("iv") * 2).otherwise(pl.col("iv")))
-        return candles, funding, iv
+        reference = reference.with_columns(
+            [pl.when(later).then(pl.col(c) * 1.3).otherwise(pl.col(c)) for c in ("open", "high", "low", "close")]
+        )
+        return replace(data, candles=candles, funding=funding, implied_vol=iv, reference_prices=reference)
 
 
 class TestGuards:
@@ -227,6 +235,8 @@ def test_definitions_load_with_the_designed_lineage():
             for key in graph.get_all_asset_keys()}
     assert deps == {
         "raw/candles": set(), "raw/funding": set(), "raw/implied_vol": set(), "raw/data_quality": set(),
+        "raw/reference_prices": set(),
+        "risk/spot_hedge": {"features/net_returns", "raw/reference_prices", "raw/candles"},
         "features/net_returns": {"raw/candles", "raw/funding"},
         "features/estimates": {"features/net_returns"},
         "signals/signals": {"features/net_returns", "raw/implied_vol"},
@@ -269,9 +279,10 @@ class TestLiveWindow:
         now = datetime.now(timezone.utc)
         market = RawMarket(**{**market_for(short_settings), "origin": (now - timedelta(days=2)).replace(
             minute=0, second=0, microsecond=0).isoformat()})
-        candles, funding, _ = market.fetch(now - timedelta(days=1), now + timedelta(days=1))
-        assert candles["ts"].max() < now - timedelta(hours=1) + timedelta(seconds=1)
-        assert funding["bar_ts"].max() < now
+        data = market.fetch(now - timedelta(days=1), now + timedelta(days=1))
+        for frame in (data.candles, data.reference_prices):
+            assert frame["ts"].max() < now - timedelta(hours=1) + timedelta(seconds=1)
+        assert data.funding["bar_ts"].max() < now
 
     def test_a_day_in_progress_has_bars_but_no_rebalance_yet(self, tmp_path):
         today = datetime.now(timezone.utc).date()

@@ -104,7 +104,7 @@ class TestSchema:
 class TestDeterminism:
     def test_same_seed_same_frames(self, market):
         again = generate_market(MAJORS, START, END)
-        for name in ("candles", "funding", "implied_vol", "events"):
+        for name in ("candles", "funding", "implied_vol", "events", "reference_prices"):
             assert getattr(again, name).equals(getattr(market, name)), name
 
     def test_other_seed_differs(self, market):
@@ -122,12 +122,14 @@ class TestPrefixStability:
     """Backfills per daily partition must not rewrite history."""
 
     def assert_prefix(self, short: SyntheticMarket, long: SyntheticMarket, symbol: str, cut: datetime):
-        """Bars of `symbol` with ts < cut and its funding events with ts <= cut are identical."""
+        """Bars (candles, mark and index) of `symbol` with ts < cut and its funding events with ts <= cut are identical."""
         candles = short.candles.filter(pl.col("symbol") == symbol)
         funding = short.funding.filter(pl.col("symbol") == symbol)
-        assert candles.height > 0 and funding.height > 0
+        reference = short.reference_prices.filter(pl.col("symbol") == symbol)
+        assert candles.height > 0 and funding.height > 0 and reference.height == 2 * candles.height
         assert candles.equals(long.candles.filter((pl.col("symbol") == symbol) & (pl.col("ts") < cut)))
         assert funding.equals(long.funding.filter((pl.col("symbol") == symbol) & (pl.col("ts") <= cut)))
+        assert reference.equals(long.reference_prices.filter((pl.col("symbol") == symbol) & (pl.col("ts") < cut)))
 
     def test_end_extended(self):
         cut = datetime(2025, 3, 13, 17, tzinfo=UTC)  # inside the first episode, after its crash
@@ -297,6 +299,64 @@ class TestImpliedVol:
         rv = realized_var_30d(log_returns(market.candles, "BTCUSDT"))
         window = slice(CRASH_BARS[0], CRASH_BARS[0] + 240)
         assert np.mean(iv[window] ** 2 < rv[window]) > 0.5
+
+
+class TestReferencePrices:
+    """Index (spot composite) and mark prices: basis over the index tied to funding, mark close to the perp."""
+
+    @staticmethod
+    def kind(market: SyntheticMarket, kind: str, symbol: str) -> pl.DataFrame:
+        return market.reference_prices.filter((pl.col("kind") == kind) & (pl.col("symbol") == symbol)).sort("ts")
+
+    def test_schema_and_contract(self, market):
+        from assets.schemas import ReferencePrices
+
+        r = market.reference_prices
+        assert r.schema == pl.Schema({"ts": pl.Datetime("us", "UTC"), "symbol": pl.String, "kind": pl.String,
+                                      "open": pl.Float64, "high": pl.Float64, "low": pl.Float64, "close": pl.Float64,
+                                      "source": pl.String})
+        assert r.height == 2 * 3 * N_HOURS and r["source"].unique().to_list() == ["synthetic"]
+        ReferencePrices.validate(r)  # prices > 0, OHLC consistent, unique (ts, symbol, kind)
+        assert r.sort("symbol", "kind", "ts").equals(r)
+
+    def test_bars_open_at_the_previous_close(self, market):
+        for sym, p0 in (("BTCUSDT", 95_000.0), ("SOLUSDT", 190.0)):
+            for kind, first in (("index", p0 / (1 + 1e-4)), ("mark", p0)):
+                bars = self.kind(market, kind, sym)
+                assert bars["open"][0] == pytest.approx(first, rel=1e-15)
+                np.testing.assert_array_equal(bars["open"].to_numpy()[1:], bars["close"].to_numpy()[:-1])
+
+    def test_basis_follows_funding(self, market):
+        """basis = perp close / index close - 1 against the per-8h funding rate at the bar's close: positive
+        funding goes with a premium and negative with a discount (the AR(1) target is the rate itself)."""
+        f = market.funding.select("bar_ts", "symbol", rate_8h=pl.col("rate") * 8 / pl.col("interval_hours"))
+        index = market.reference_prices.filter(pl.col("kind") == "index").select("ts", "symbol", index=pl.col("close"))
+        joined = market.candles.join(index, on=["ts", "symbol"]).with_columns(basis=pl.col("close") / pl.col("index") - 1)
+        joined = joined.join(f, left_on=["ts", "symbol"], right_on=["bar_ts", "symbol"])
+        basis, rate = joined["basis"].to_numpy(), joined["rate_8h"].to_numpy()
+        assert np.corrcoef(basis, rate)[0, 1] > 0.3
+        assert 0.5 < np.cov(basis, rate)[0, 1] / np.var(rate, ddof=1) < 1.5  # slope ~1: premium ~ rate per 8h
+        assert basis[rate < 0].mean() < 0 < basis[rate > 5e-4].mean()
+        assert basis[rate > 5e-4].mean() > 3e-4
+        assert np.abs(basis).max() < 0.01  # small: spot and perp move together
+
+    def test_mark_tracks_the_perp_more_closely_than_the_index(self, market):
+        perp = market.candles.filter(pl.col("symbol") == "ETHUSDT").sort("ts")["close"].to_numpy()
+        mark = self.kind(market, "mark", "ETHUSDT")["close"].to_numpy()
+        index = self.kind(market, "index", "ETHUSDT")["close"].to_numpy()
+        mark_gap, index_gap = np.abs(mark / perp - 1), np.abs(index / perp - 1)
+        assert mark_gap.max() < 2e-3 and mark_gap.mean() < 1e-4 < index_gap.mean()
+
+    def test_existing_series_unchanged(self, market):
+        """Regression (issue 6): adding mark and index prices drew from a NEW random stream; the candles,
+        funding and implied vol of the built-in market are the values generated before they existed."""
+        c = market.candles
+        assert c.filter(pl.col("symbol") == "BTCUSDT")["close"][-1] == pytest.approx(51903.85276905333, rel=1e-9)
+        assert c.filter(pl.col("symbol") == "SOLUSDT")["high"][3000] == pytest.approx(62.5120891481225, rel=1e-9)
+        assert c["volume"].sum() == pytest.approx(14138944959.769857, rel=1e-9)
+        assert market.funding["rate"].sum() == pytest.approx(0.18927046117778198, rel=1e-9)
+        assert market.funding.filter(pl.col("symbol") == "ETHUSDT")["rate"][500] == pytest.approx(0.0001152084862396182, rel=1e-9)
+        assert market.implied_vol["iv"].sum() == pytest.approx(8153.018582005672, rel=1e-9)
 
 
 class TestBadArguments:

@@ -1,16 +1,25 @@
-"""Binance USD-M public data archive reader: hourly klines and funding events from files on disk.
+"""Binance USD-M public data archive reader: hourly klines, funding events and the mark and index
+price klines (reference prices) from files on disk.
 
 Layout under a root directory (the layout of data.binance.vision)::
 
     futures/um/monthly/klines/<SYMBOL>/1h/<SYMBOL>-1h-<YYYY-MM>.zip|.csv
     futures/um/daily/klines/<SYMBOL>/1h/<SYMBOL>-1h-<YYYY-MM-DD>.zip|.csv
     futures/um/monthly/fundingRate/<SYMBOL>/<SYMBOL>-fundingRate-<YYYY-MM>.zip|.csv
+    futures/um/{monthly,daily}/markPriceKlines/<SYMBOL>/1h/<SYMBOL>-1h-<period>.zip|.csv
+    futures/um/{monthly,daily}/indexPriceKlines/<SYMBOL>/1h/<SYMBOL>-1h-<period>.zip|.csv
+
+Mark and index klines are optional: a symbol without their folders simply has no reference rows
+(the index price is the exchange's spot composite, the mark price the price margin and PnL are
+marked at; see ``REFERENCE_SCHEMA``).
 
 File formats (columns by POSITION; a header row is optional — older files have none, it is
 recognised by a first field that is not a number):
 
 - klines: ``open_time, open, high, low, close, volume, close_time, ...`` (12 columns in the
   archive; only the first six are read). ``open_time`` is the bar's open time.
+- markPriceKlines, indexPriceKlines: the same 12-column layout; only the first five are read (their
+  volume fields carry nothing).
 - fundingRate: ``calc_time, funding_interval_hours, last_funding_rate``; the rate is a decimal per
   funding interval, positive = longs pay shorts.
 
@@ -32,13 +41,14 @@ Which files are read, for a window ``[start, end)``:
 ``<file>.CHECKSUM`` next to a file (``"<sha256 hex>  <file name>"``) is verified when present; a
 mismatch raises. Every invalid value raises :class:`~perpfolio.errors.DataError` naming the file,
 line, symbol and field: unparsable or missing fields, a wrong number of columns, NaN/inf, prices
-``<= 0``, ``volume < 0``, ``high < max(open, close)`` or ``low > min(open, close)``, a candle not on
+``<= 0``, ``volume < 0`` (klines), ``high < max(open, close)`` or ``low > min(open, close)``, a candle not on
 the hour, a funding interval ``<= 0``; a corrupt zip names the file.
 
 Data-quality policy (nothing is invented): duplicates are dropped and counted, out-of-order rows
 are sorted and counted, missing hours are REPORTED (never filled) — see :func:`find_gaps` — and
 every issue is a row of :attr:`ArchiveData.quality`, split at UTC midnight so that a row describes
-one day (daily partitions store their own rows).
+one day (daily partitions store their own rows). Gaps are reported for candles only; mark and index
+rows get the duplicate and out-of-order rows (dataset ``mark`` / ``index``).
 
 Funding ``bar_ts`` (the bar whose interval ``(bar_ts, bar_ts + 1h]`` holds the event) is
 ``ceil_to_hour(ts) - 1h``: an event exactly on the hour settles in the bar that ENDS then, and an
@@ -66,7 +76,8 @@ _TS = pl.Datetime("us", "UTC")
 _HOUR_US = 3_600_000_000
 _US_MIN = 10**14  # epoch values at or above this are microseconds
 _MS_MIN = 10**11  # ... between this and _US_MIN milliseconds; below: malformed
-_KLINE_COLS = ("open_time", "open", "high", "low", "close", "volume")
+_PRICE_COLS = ("open_time", "open", "high", "low", "close")
+_KLINE_COLS = (*_PRICE_COLS, "volume")
 _FUNDING_COLS = ("calc_time", "funding_interval_hours", "last_funding_rate")
 
 CANDLES_SCHEMA = {
@@ -76,6 +87,14 @@ CANDLES_SCHEMA = {
 FUNDING_SCHEMA = {
     "ts": _TS, "bar_ts": _TS, "symbol": pl.String, "rate": pl.Float64, "interval_hours": pl.Int64, "source": pl.String,
 }
+REFERENCE_SCHEMA = {
+    "ts": _TS, "symbol": pl.String, "kind": pl.String, "open": pl.Float64, "high": pl.Float64, "low": pl.Float64,
+    "close": pl.Float64, "source": pl.String,
+}
+"""raw.reference_prices: one hourly bar per (ts, symbol, kind); kind "mark" (the exchange's mark price)
+or "index" (its spot composite); prices > 0 with high >= max(open, close) and low <= min(open, close)."""
+REFERENCE_DATASETS = {"mark": "markPriceKlines", "index": "indexPriceKlines"}  # kind -> archive folder
+_KLINE_LAYOUT = ("klines", *REFERENCE_DATASETS.values())  # datasets in the 1h kline layout
 QUALITY_SCHEMA = {
     "symbol": pl.String, "dataset": pl.String, "issue": pl.String, "from_ts": _TS, "to_ts": _TS,
     "bars_missing": pl.Int64, "duplicates_dropped": pl.Int64, "out_of_order": pl.Int64,
@@ -84,7 +103,8 @@ QUALITY_SCHEMA = {
 
 @dataclass(frozen=True)
 class ArchiveFile:
-    """One archive file: its symbol, dataset (klines | fundingRate), granularity and period [start, end)."""
+    """One archive file: its symbol, dataset (klines | fundingRate | markPriceKlines | indexPriceKlines),
+    granularity and period [start, end)."""
 
     path: Path
     symbol: str
@@ -101,15 +121,19 @@ class ArchiveData:
     ``candles``: ts, symbol, open, high, low, close, volume, source — bars with ts in [start, end),
     sorted by (symbol, ts), unique per key. ``funding``: ts, bar_ts, symbol, rate (decimal per
     interval), interval_hours, source — events with bar_ts in [start, end). ``quality``: one row per
-    issue and UTC day: symbol, dataset (candles | funding), issue (gap | duplicates | out_of_order),
-    from_ts, to_ts (first and last affected hour, inclusive), bars_missing, duplicates_dropped,
-    out_of_order (the count that applies to the issue, 0 in the others). ``files``: the files read.
+    issue and UTC day: symbol, dataset (candles | funding | mark | index), issue (gap | duplicates |
+    out_of_order), from_ts, to_ts (first and last affected hour, inclusive), bars_missing,
+    duplicates_dropped, out_of_order (the count that applies to the issue, 0 in the others).
+    ``files``: the files read. ``reference_prices``: ``REFERENCE_SCHEMA`` bars with ts in
+    [start, end), sorted by (symbol, kind, ts), unique per (ts, symbol, kind); a symbol or kind the
+    source does not provide has no rows (not an error).
     """
 
     candles: pl.DataFrame
     funding: pl.DataFrame
     quality: pl.DataFrame
     files: tuple[Path, ...]
+    reference_prices: pl.DataFrame
 
     @property
     def gaps(self) -> pl.DataFrame:
@@ -118,48 +142,61 @@ class ArchiveData:
 
     def __repr__(self) -> str:
         return (f"ArchiveData(candles={self.candles.height} rows, funding={self.funding.height} rows, "
-                f"quality={self.quality.height} issues, files={len(self.files)})")
+                f"reference_prices={self.reference_prices.height} rows, quality={self.quality.height} issues, "
+                f"files={len(self.files)})")
 
 
 def read_archive(
     root: Path | str, symbols: Sequence[str], start: datetime, end: datetime, *, verify_checksums: bool = True
 ) -> ArchiveData:
-    """Candles, funding and data-quality rows of ``symbols`` for bars in ``[start, end)`` (module docstring).
+    """Candles, funding, mark/index prices and data-quality rows of ``symbols`` for bars in
+    ``[start, end)`` (module docstring).
 
     ``start``/``end``: tz-aware UTC datetimes on the hour. A symbol with no klines folder at all
     raises DataError (a misspelt symbol or root); a window the files do not cover is reported as gaps.
+    A symbol without mark or index files has no reference rows of that kind.
     """
     root = Path(root)
     _check_window(start, end)
     if isinstance(symbols, str) or not symbols:
         raise ConfigError(f"symbols must be a non-empty sequence of exchange ids, got {symbols!r}")
-    candles, funding, quality, files = [], [], [], []
+    candles, funding, reference, quality, files = [], [], [], [], []
     for symbol in symbols:
         c_files = archive_files(root, symbol, "klines", start, end)
         f_files = archive_files(root, symbol, "fundingRate", start, end + timedelta(hours=1))
         files += [f.path for f in c_files + f_files]
-        c, c_quality = _combine(_read_klines(c_files, symbol, verify_checksums), symbol, "candles", start, end,
-                                CANDLES_SCHEMA)
+        c, c_quality = _combine(_read_bars(c_files, symbol, verify_checksums, _KLINE_COLS), symbol, "candles",
+                                start, end, CANDLES_SCHEMA)
         fu, f_quality = _combine(_read_funding(f_files, symbol, verify_checksums), symbol, "funding", start, end,
                                  FUNDING_SCHEMA, window_col="bar_ts")
         candles.append(c)
         funding.append(fu)
         quality += [c_quality, f_quality, find_gaps(c, symbol, start, end)]
+        for kind, dataset in REFERENCE_DATASETS.items():
+            r_files = archive_files(root, symbol, dataset, start, end)
+            files += [f.path for f in r_files]
+            bars = _read_bars(r_files, symbol, verify_checksums, _PRICE_COLS).with_columns(kind=pl.lit(kind))
+            r, r_quality = _combine(bars, symbol, kind, start, end, REFERENCE_SCHEMA)
+            reference.append(r)
+            quality.append(r_quality)
     quality_frame = pl.concat(quality).sort("symbol", "dataset", "from_ts", "issue")
-    return ArchiveData(pl.concat(candles), pl.concat(funding), quality_frame, tuple(files))
+    return ArchiveData(candles=pl.concat(candles), funding=pl.concat(funding), quality=quality_frame,
+                       files=tuple(files), reference_prices=pl.concat(reference).sort("symbol", "kind", "ts"))
 
 
 def archive_files(root: Path | str, symbol: str, dataset: str, start: datetime, end: datetime) -> list[ArchiveFile]:
     """Files of ``symbol``/``dataset`` whose period overlaps ``[start, end)``, in reading order.
 
     Monthly before daily, each by period; a ``.zip`` shadows the ``.csv`` of the same period and a
-    monthly file shadows the daily files of its month.
+    monthly file shadows the daily files of its month. Only a missing klines folder is an error:
+    funding, mark and index folders may be absent (no files).
     """
     root = Path(root)
-    if dataset not in ("klines", "fundingRate"):
-        raise ConfigError(f"dataset must be 'klines' or 'fundingRate', got {dataset!r}")
-    sub = ("1h",) if dataset == "klines" else ()
-    stem = f"{symbol}-1h-" if dataset == "klines" else f"{symbol}-fundingRate-"
+    if dataset not in (*_KLINE_LAYOUT, "fundingRate"):
+        raise ConfigError(f"dataset must be one of {[*_KLINE_LAYOUT, 'fundingRate']}, got {dataset!r}")
+    kline_layout = dataset in _KLINE_LAYOUT
+    sub = ("1h",) if kline_layout else ()
+    stem = f"{symbol}-1h-" if kline_layout else f"{symbol}-fundingRate-"
     monthly_dir = root.joinpath("futures", "um", "monthly", dataset, symbol, *sub)
     daily_dir = root.joinpath("futures", "um", "daily", dataset, symbol, *sub)
     if dataset == "klines" and not monthly_dir.is_dir() and not daily_dir.is_dir():
@@ -230,8 +267,9 @@ def gap_report(candles: pl.DataFrame, symbols: Sequence[str], start: datetime, e
 
 def empty_data() -> ArchiveData:
     """No rows, the right schemas (a window that lies entirely in the future)."""
-    return ArchiveData(pl.DataFrame(schema=CANDLES_SCHEMA), pl.DataFrame(schema=FUNDING_SCHEMA),
-                       pl.DataFrame(schema=QUALITY_SCHEMA), ())
+    return ArchiveData(candles=pl.DataFrame(schema=CANDLES_SCHEMA), funding=pl.DataFrame(schema=FUNDING_SCHEMA),
+                       quality=pl.DataFrame(schema=QUALITY_SCHEMA), files=(),
+                       reference_prices=pl.DataFrame(schema=REFERENCE_SCHEMA))
 
 
 # --- reading one file -------------------------------------------------------------------------
@@ -369,21 +407,24 @@ def _fail_where(frame: pl.DataFrame, condition: pl.Expr, paths: Sequence[Path], 
         raise DataError(f"{_where(paths, row)}: symbol {symbol}: ts {row['ts']}: {what} ({values})")
 
 
-def _read_klines(files: Sequence[ArchiveFile], symbol: str, verify: bool) -> pl.DataFrame:
-    frame, paths = _load(files, _KLINE_COLS, verify)
-    prices = ("open", "high", "low", "close")
+def _read_bars(files: Sequence[ArchiveFile], symbol: str, verify: bool, names: Sequence[str]) -> pl.DataFrame:
+    """Bars of files in the kline layout: ``names`` is ``_KLINE_COLS`` (candles) or ``_PRICE_COLS``
+    (mark and index klines, whose volume fields are not read). Returns ts, symbol, the float fields,
+    source, line, file; DataError naming file, line, symbol and field for any invalid value."""
+    frame, paths = _load(files, names, verify)
+    floats = tuple(names[1:])
     ts = _epoch_us(frame, "open_time", paths, symbol)
-    frame = _floats(frame, (*prices, "volume"), paths, symbol).with_columns(ts=ts)
+    frame = _floats(frame, floats, paths, symbol).with_columns(ts=ts)
     checks = [
         (pl.col("ts").dt.epoch("us") % _HOUR_US != 0, "open_time is not on the hour", ["open_time"]),
-        *((pl.col(p) <= 0, f"field {p} must be > 0", [p]) for p in prices),
-        (pl.col("volume") < 0, "field volume must be >= 0", ["volume"]),
+        *((pl.col(p) <= 0, f"field {p} must be > 0", [p]) for p in ("open", "high", "low", "close")),
+        *([(pl.col("volume") < 0, "field volume must be >= 0", ["volume"])] if "volume" in floats else []),
         (pl.col("high") < pl.max_horizontal("open", "close"), "field high is below max(open, close)", ["open", "high", "close"]),
         (pl.col("low") > pl.min_horizontal("open", "close"), "field low is above min(open, close)", ["open", "low", "close"]),
     ]
     _fail_any(frame, checks, paths, symbol)
     return frame.select(
-        "ts", pl.lit(symbol).alias("symbol"), *prices, "volume", pl.lit(SOURCE).alias("source"), "line", "file"
+        "ts", pl.lit(symbol).alias("symbol"), *floats, pl.lit(SOURCE).alias("source"), "line", "file"
     )
 
 

@@ -1,4 +1,5 @@
-"""Synthetic hourly perpetual-futures market: candles, funding events and an implied-vol index.
+"""Synthetic hourly perpetual-futures market: candles, funding events, an implied-vol index and the
+mark and index (spot) prices of every perpetual.
 
 Returns (symbol i, hourly bar t opened at ``start + t h``; LOG returns per bar)::
 
@@ -63,6 +64,21 @@ event-risk premium (about half the average variance the planted turbulence and c
 average;
 ``0.1 E_10d[m^2]`` is the partial, lagged reaction to an episode, which leaves iv below the
 realized vol for days after a crash. ``x``: AR(1) noise, coefficient 0.98, stationary sd 3 %.
+
+Reference prices (index = the spot composite, mark = the price margin is marked at), per symbol::
+
+    b(t) = 0.9 b(t-1) + 0.1 f(t+1) + 3e-4 sqrt(1 - 0.9^2) u(t),   b(-1) = 1e-4 (the funding mean)
+    index_close(t) = close(t) / (1 + b(t))
+    mark_close(t)  = index_close(t) (1 + E_1h[b](t))
+
+``b`` is the perp's basis (premium over spot, decimal): an AR(1) with a half-life of about 6.6 h
+pulled toward the per-8h funding rate ``f`` at the bar's close, plus N(0, 1) noise ``u`` (stationary
+sd 3 bp), so a positive funding goes with a perp premium and a negative one with a discount.
+``E_1h`` is an EWMA with a half-life of 1 h started at ``b(-1)``: the mark follows the perp with a
+short smoothing lag, as the exchange's mark (index plus a moving average of the basis) does. Each
+series opens at its previous close (first bar: ``price0 / (1 + b(-1))`` for the index, ``price0``
+for the mark) and borrows the perp bar's excursion: ``high = max(open, close) x high_perp /
+max(open_perp, close_perp)`` and likewise ``low`` with min, so OHLC is consistent by construction.
 
 Determinism: every random stream is ``np.random.default_rng(SeedSequence([seed, key,
 component]))`` with ``key = zlib.crc32(symbol)`` (0 for the market factor) and draws one value per
@@ -130,8 +146,13 @@ _IV_EVENT_PREMIUM = 0.3
 _IV_NOISE_PHI = 0.98
 _IV_NOISE_SD = 0.03
 
+# Basis of the perp over its index (reference prices).
+_BASIS_PHI = 0.9  # per hour: half-life log(0.5) / log(0.9) = 6.6 h
+_BASIS_SD = 3e-4  # stationary sd of the noise part, decimal
+_MARK_HL_H = 1.0  # EWMA half-life of the basis in the mark price, hours
+
 # Random-stream components (market uses key 0 and its own component ids).
-_PARAMS, _IDIO, _JUMP_U, _JUMP_N, _RANGE, _VOLUME, _FUNDING, _IV_NOISE = range(8)
+_PARAMS, _IDIO, _JUMP_U, _JUMP_N, _RANGE, _VOLUME, _FUNDING, _IV_NOISE, _BASIS = range(9)
 _MARKET = 100
 
 
@@ -162,6 +183,8 @@ class SyntheticMarket:
     market-wide), start, end (the planned end, may lie after the requested end); every event that
     starts in [start, end). Funding regimes are the scheduled windows; the interval itself switches
     at the first funding event on or after the window edge.
+    ``reference_prices``: ts, symbol, kind ("index" | "mark"), open, high, low, close, source —
+    every symbol's index and mark bars with ts in [start, end), sorted by symbol, kind, ts.
     Candles, funding and implied_vol are sorted by symbol (underlying), then ts.
     """
 
@@ -169,18 +192,21 @@ class SyntheticMarket:
     funding: pl.DataFrame
     implied_vol: pl.DataFrame
     events: pl.DataFrame
+    reference_prices: pl.DataFrame
 
     def __repr__(self) -> str:
         return (
             f"SyntheticMarket(candles={self.candles.height} rows, funding={self.funding.height} rows, "
-            f"implied_vol={self.implied_vol.height} rows, events={self.events.height} rows)"
+            f"implied_vol={self.implied_vol.height} rows, events={self.events.height} rows, "
+            f"reference_prices={self.reference_prices.height} rows)"
         )
 
 
 def generate_market(
     symbols: Sequence[str], start: datetime, end: datetime, *, seed: int = 7
 ) -> SyntheticMarket:
-    """Generate hourly candles, funding events and an implied-vol index (see module docstring).
+    """Generate hourly candles, funding events, an implied-vol index and the mark and index prices
+    (see module docstring).
 
     ``start``/``end`` are tz-aware UTC datetimes on the hour; bars cover [start, end), funding
     events (start, end]. Deterministic in ``seed`` and prefix-stable in ``end`` and ``symbols``.
@@ -222,11 +248,14 @@ def generate_market(
     )
     r[crash_bars] = np.log1p(crash_simple)
 
-    candles = _candles(syms, params, start, r, s_h, mult, seed)
-    funding = _funding(syms, params, start, start_hod, r, s_h, ramp, crash_bars, seed)
+    bars = _bars(syms, params, r, s_h, mult, seed)
+    candles = _candles(syms, params, start, r, s_h, bars, seed)
+    rate_8h = _funding_rate_8h(syms, r, s_h, ramp, crash_bars, seed)
+    funding = _funding(syms, params, start, start_hod, rate_8h)
     implied_vol = _implied_vol(syms, params, start, h_m, h_i, mult, seed)
     events = _events(syms, params, start, n_hours, crash_bars)
-    return SyntheticMarket(candles, funding, implied_vol, events)
+    reference = _reference_prices(syms, params, start, bars, rate_8h, seed)
+    return SyntheticMarket(candles, funding, implied_vol, events, reference)
 
 
 def _check_args(symbols: Sequence[str], start: datetime, end: datetime, seed: int) -> list[str]:
@@ -360,30 +389,77 @@ def _symbol_series(name: str, syms: list[str], index: np.ndarray) -> pl.Series:
     return pl.Series(name, syms, dtype=pl.String).gather(index)
 
 
-def _candles(syms, params, start, r, s_h, mult, seed) -> pl.DataFrame:
-    n_hours, n = r.shape
+@dataclass(frozen=True)
+class _Bars:
+    """Hours x symbols arrays of the perp bars: open, close, and the intra-bar excursion factors
+    ``up = high / max(open, close) >= 1`` and ``down = low / min(open, close) <= 1``."""
+
+    open: np.ndarray
+    close: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+
+
+def _bars(syms, params, r, s_h, mult, seed) -> _Bars:
+    n_hours = r.shape[0]
     price0 = np.array([p.price0 for p in params])
     close = price0 * np.exp(np.cumsum(r, axis=0))
     open_ = np.vstack([price0, close[:-1]])
     rng_range = _per_symbol(syms, seed, _RANGE, lambda g: g.standard_normal((n_hours, 2)).ravel())
     span = 0.6 * mult[:, None] * s_h
-    high = np.maximum(open_, close) * np.exp(span * np.abs(rng_range[0::2]))
-    low = np.minimum(open_, close) * np.exp(-span * np.abs(rng_range[1::2]))
-    noise = _per_symbol(syms, seed, _VOLUME, lambda g: g.standard_normal(n_hours))
-    notional = np.array([p.notional_per_hour for p in params])
-    volume = notional / close * (0.5 + np.abs(r) / s_h) * np.exp(0.4 * noise - 0.08)
-    sym_idx = np.repeat(np.arange(n), n_hours)
+    return _Bars(open_, close, np.exp(span * np.abs(rng_range[0::2])), np.exp(-span * np.abs(rng_range[1::2])))
+
+
+def _ohlc_frame(start, syms, open_, high, low, close) -> pl.DataFrame:
+    """ts, symbol, open, high, low, close of hours x symbols arrays, sorted by symbol, ts."""
+    n_hours, n = close.shape
     return pl.DataFrame(
         [
             _ts_series("ts", start, np.tile(np.arange(n_hours), n)),
-            _symbol_series("symbol", syms, sym_idx),
+            _symbol_series("symbol", syms, np.repeat(np.arange(n), n_hours)),
             pl.Series("open", open_.T.ravel()),
             pl.Series("high", high.T.ravel()),
             pl.Series("low", low.T.ravel()),
             pl.Series("close", close.T.ravel()),
-            pl.Series("volume", volume.T.ravel()),
         ]
-    ).with_columns(source=pl.lit(SOURCE))
+    )
+
+
+def _candles(syms, params, start, r, s_h, bars: _Bars, seed) -> pl.DataFrame:
+    n_hours = r.shape[0]
+    open_, close = bars.open, bars.close
+    high = np.maximum(open_, close) * bars.up
+    low = np.minimum(open_, close) * bars.down
+    noise = _per_symbol(syms, seed, _VOLUME, lambda g: g.standard_normal(n_hours))
+    notional = np.array([p.notional_per_hour for p in params])
+    volume = notional / close * (0.5 + np.abs(r) / s_h) * np.exp(0.4 * noise - 0.08)
+    return _ohlc_frame(start, syms, open_, high, low, close).with_columns(
+        volume=pl.Series(volume.T.ravel()), source=pl.lit(SOURCE)
+    )
+
+
+def _reference_prices(syms, params, start, bars: _Bars, rate_8h, seed) -> pl.DataFrame:
+    """Index and mark bars (module docstring): the basis AR(1) toward the per-8h funding rate."""
+    n_hours, n = bars.close.shape
+    u = _per_symbol(syms, seed, _BASIS, lambda g: g.standard_normal(n_hours))
+    drive = (1.0 - _BASIS_PHI) * rate_8h + _BASIS_SD * np.sqrt(1.0 - _BASIS_PHI**2) * u
+    b0 = np.full(n, _FUND_MEAN)
+    basis = _affine_scan(np.broadcast_to(_BASIS_PHI, drive.shape), drive, b0)
+    smooth = _ewma(basis, _MARK_HL_H, b0)
+    price0 = np.array([p.price0 for p in params])
+    index_close = bars.close / (1.0 + basis)
+    mark_close = index_close * (1.0 + smooth)
+    frames = []
+    for kind, close, first_open in (("index", index_close, price0 / (1.0 + b0)), ("mark", mark_close, price0)):
+        open_ = np.vstack([first_open, close[:-1]])
+        high = np.maximum(open_, close) * bars.up
+        low = np.minimum(open_, close) * bars.down
+        frames.append(_ohlc_frame(start, syms, open_, high, low, close).with_columns(kind=pl.lit(kind)))
+    return (
+        pl.concat(frames)
+        .select("ts", "symbol", "kind", "open", "high", "low", "close", source=pl.lit(SOURCE))
+        .sort("symbol", "kind", "ts")
+    )
 
 
 def _desired_interval(tau: int, *, fast: bool, four_h: bool) -> int:
@@ -414,7 +490,8 @@ def _event_schedule(start_hod: int, n_hours: int, *, fast: bool, four_h: bool):
         intervals.append(step)
 
 
-def _funding(syms, params, start, start_hod, r, s_h, ramp, crash_bars, seed) -> pl.DataFrame:
+def _funding_rate_8h(syms, r, s_h, ramp, crash_bars, seed) -> np.ndarray:
+    """Hours x symbols: row k-1 is f(k), the per-8h funding rate at ``start + k`` hours (clipped AR(1))."""
     n_hours, n = r.shape
     cum = np.vstack([np.zeros(n), np.cumsum(r, axis=0)])  # cum[k] = log return of bars < k
     k = np.arange(1, n_hours + 1)
@@ -426,12 +503,16 @@ def _funding(syms, params, start, start_hod, r, s_h, ramp, crash_bars, seed) -> 
     target = _FUND_MEAN + _FUND_UP * np.maximum(z - _FUND_UP_Z, 0.0) - _FUND_STRESS * stress[:, None]
     eps = _per_symbol(syms, seed, _FUNDING, lambda g: g.standard_normal(n_hours))
     drive = (1.0 - _FUND_PHI) * target + _FUND_NOISE * eps
-    rate_8h = np.clip(
+    return np.clip(
         _affine_scan(np.broadcast_to(_FUND_PHI, drive.shape), drive, np.full(n, _FUND_MEAN)),
         -_FUND_CLIP,
         _FUND_CLIP,
-    )  # row k-1 = f(k), the per-8h rate at start + k hours
+    )
 
+
+def _funding(syms, params, start, start_hod, rate_8h) -> pl.DataFrame:
+    """Funding events of every symbol on its interval schedule; ``rate = f(k) interval / 8``."""
+    n_hours = rate_8h.shape[0]
     frames = []
     schedules: dict[tuple[bool, bool], tuple[np.ndarray, np.ndarray]] = {}
     for j, (sym, p) in enumerate(zip(syms, params)):
