@@ -442,6 +442,21 @@ class TestRawMarketSource:
         assert data.implied_vol.equals(direct.implied_vol)
         assert data.reference_prices.equals(direct.reference_prices) and data.reference_prices.height == 2 * 2 * 48
 
+    def test_reference_metadata_names_what_is_missing_and_counts_fixes(self):
+        from assets.raw import missing_reference, quality_metadata
+        from perpfolio.sources.archive import QUALITY_SCHEMA
+
+        reference = pl.DataFrame({"symbol": ["AAAUSDT", "AAAUSDT", "BBBUSDT"], "kind": ["mark", "index", "index"]})
+        assert missing_reference(reference, ["AAAUSDT", "BBBUSDT", "CCCUSDT"]) == "BBBUSDT:mark, CCCUSDT:mark, CCCUSDT:index"
+        assert missing_reference(reference, ["AAAUSDT"]) == "none"
+        quality = pl.DataFrame([
+            ("AAAUSDT", "mark", "duplicates", T0, T0, 0, 2, 0), ("AAAUSDT", "index", "out_of_order", T0, T0, 0, 0, 1),
+            ("AAAUSDT", "candles", "gap", T0, T0, 3, 0, 0),
+        ], schema=QUALITY_SCHEMA, orient="row")
+        assert quality_metadata(quality, "reference_prices") == {"duplicates_fixed": 2, "out_of_order_fixed": 1}
+        assert quality_metadata(quality, "candles") == {"duplicates_fixed": 0, "out_of_order_fixed": 0, "gap_count": 1,
+                                                        "bars_missing": 3}
+
     def test_settings_read_the_archive_variables(self, tmp_path):
         from pipelines.settings import Settings
 
