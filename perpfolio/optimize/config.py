@@ -5,7 +5,7 @@ A strategy is one objective, its parameters and a set of constraints::
     [[strategy]]
     name = "downside"                 # unique; the ``strategy`` column of portfolio.weights
     objective = "downside"            # one of OBJECTIVES
-    solver = "CLARABEL"               # optional: "CLARABEL" (default) | "OSQP" (warm-started)
+    solver = "CLARABEL"               # optional: "CLARABEL" (default) | "OSQP" (warm-started; quadratic programs, so no robust_kappa)
     fallback_in_turbulence = false    # optional: in a turbulent regime use min-variance instead
     estimator = "sample"              # optional: mean/covariance estimator by name (features.estimates)
     [strategy.parameters]
@@ -344,3 +344,9 @@ def _check_feasible(s: StrategySpec) -> None:
                 f"strategy {s.name!r}: constraints.cost_bps={c.cost_bps} is not supported with "
                 f"objective 'max_sharpe' (the cost is not scale-invariant); use 0"
             )
+    if s.solver == "OSQP" and s.parameters.robust_kappa:
+        raise ConfigError(
+            f"strategy {s.name!r}: parameters.robust_kappa={s.parameters.robust_kappa} adds the cone term "
+            f"kappa * ||G w||_2, which solver 'OSQP' (quadratic programs only) cannot solve; "
+            f"use solver = \"CLARABEL\" or robust_kappa = 0"
+        )

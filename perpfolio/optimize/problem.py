@@ -60,6 +60,10 @@ SOLVER_OPTIONS: dict[str, dict] = {
     "CLARABEL": {},
     "OSQP": {"warm_start": True, "eps_abs": 1e-9, "eps_rel": 1e-9, "polish": True, "max_iter": 100_000},
 }
+# OSQP asked for 1e-9 may stop at its iteration limit (ADMM converges slowly on the LP-like rows of
+# |w| terms); an iterate whose residuals meet OSQP's default 1e-6 (the stop of the direct path) is
+# kept, verified like any solution, and labelled "OSQP:user_limit".
+ITERATION_LIMIT_RESIDUAL = 1e-6
 _FAILED_STATUS = {
     cp.INFEASIBLE: "infeasible",
     cp.INFEASIBLE_INACCURATE: "infeasible",
@@ -73,7 +77,8 @@ class SolveResult:
     """Outcome of one solve: ``status`` is "optimal" or the failure reason
     ("nonfinite_input", "missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
     "nonfinite_solution", "verification_failed"); ``weights`` is None unless optimal.
-    ``solver`` gets the suffix ":optimal_inaccurate" when such a solution passed verification."""
+    ``solver`` gets the suffix ":optimal_inaccurate" (or ":user_limit", an OSQP iterate at its
+    iteration limit within ``ITERATION_LIMIT_RESIDUAL``) when such a solution passed verification."""
 
     weights: np.ndarray | None
     status: str
@@ -162,13 +167,8 @@ class PortfolioProblem:
         if not self.problem.is_dpp():
             raise SolverError(f"strategy {spec.name!r}: compiled problem is not DPP; terms {self.terms}")
         self.risk_matrix = "semicov" if spec.objective == "semivariance" else "cov"
-        p = spec.parameters
-        needs = {self.risk_matrix}
-        if spec.objective in ("max_sharpe", "vrp_tilt", "hybrid") or p.target_return is not None:
-            needs.add("mu")
-        if spec.objective in ("downside", "hybrid"):
-            needs.add("downside")
-        self.needs = tuple(sorted(needs))
+        # every moment any term reads, constraints included (a stress limit reads cov's betas)
+        self.needs = tuple(sorted({key for term in self.terms for key in term.reads}))
         # solver "OSQP" on a plain QP skips cvxpy per solve; everything else goes through cvxpy
         direct = spec.solver == "OSQP" and not sharpe and DirectQP.supports(self.objective_terms, self.constraints)
         self.direct = DirectQP(self.objective_terms, self.constraints, n_assets) if direct else None
@@ -181,7 +181,7 @@ class PortfolioProblem:
         return f"PortfolioProblem({self.spec.name!r}, n_assets={self.n_assets}, terms={self.terms})"
 
     def inputs_finite(self, data: SolveData) -> bool:
-        """True when every input the objective reads is finite (VRP may be NaN, never inf)."""
+        """True when every input a term reads (``needs``) is finite (VRP may be NaN, never inf)."""
         finite = all(np.isfinite(getattr(data, k)).all() for k in self.needs)
         if self.spec.objective in ("vrp_tilt", "hybrid"):
             finite = finite and not np.isinf(data.vrp).any()
@@ -240,10 +240,20 @@ class PortfolioProblem:
         status = self.problem.status
         if status in _FAILED_STATUS:
             return None, _FAILED_STATUS[status]
-        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.w.value is None:
+        if status == cp.USER_LIMIT and not self._osqp_residuals_small():
+            return None, "solver_error"
+        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT) or self.w.value is None:
             return None, "solver_error"
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.w.value / (self.kappa.value if self.normalization else 1.0), status
+
+    def _osqp_residuals_small(self) -> bool:
+        """True when the last solve was OSQP's and its primal and dual residuals (scaled problem)
+        are at most ``ITERATION_LIMIT_RESIDUAL``."""
+        info = getattr(self.problem.solver_stats.extra_stats, "info", None)
+        if self.spec.solver != "OSQP" or info is None:
+            return False
+        return max(info.prim_res, info.dual_res) <= ITERATION_LIMIT_RESIDUAL
 
     def constraint_violations(self, w: np.ndarray, data: SolveData) -> dict[str, float]:
         """Violation of every constraint of the strategy at ``w`` in original units."""
@@ -251,13 +261,17 @@ class PortfolioProblem:
 
     def objective_value(self, w: np.ndarray, data: SolveData) -> float | None:
         """The strategy's objective at ``w`` in annualized units (Sharpe ratio for max_sharpe);
-        None when the inputs it needs are not finite."""
+        None when the inputs it needs are not finite or missing (a robust mean without
+        ``window_years``)."""
         if not self.inputs_finite(data):
             return None
         if self.normalization:
             var = float(w @ data.cov @ w)
             return float(w @ data.mu) / np.sqrt(var) if var > 0 else None
-        return float(sum(term.value(w, data) for term in self.objective_terms))
+        try:
+            return float(sum(term.value(w, data) for term in self.objective_terms))
+        except DataError:  # a term's input is absent: the fallback weights are stored without a value
+            return None
 
     def _check_shapes(self, data: SolveData) -> None:
         n = self.n_assets

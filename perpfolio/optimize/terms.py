@@ -5,7 +5,9 @@ Every term has one lifecycle:
 - ``compile(w, kappa)`` runs ONCE per problem and creates the ``cp.Parameter`` s it needs;
 - ``update(data, scale)`` runs before every solve and sets those parameters from the data;
 - constraints have ``violation(w, data) -> float`` in the ORIGINAL units (used to verify a
-  solution), objective terms have ``value(w, data) -> float`` in the original units.
+  solution), objective terms have ``value(w, data) -> float`` in the original units;
+- ``reads`` names the :class:`SolveData` moment fields the term reads, which must be finite
+  before a solve (the problem checks them all, so a NaN never reaches a solver).
 
 Units: ``data`` holds ANNUALIZED moments (mean and D_i as annualized decimals/variances,
 covariances as annualized variances). Before solving, the problem multiplies the whole objective
@@ -96,6 +98,7 @@ class QuadraticRisk:
     def __init__(self, weight: float, *, matrix: Literal["cov", "semicov"] = "cov") -> None:
         self.weight = weight
         self.matrix = matrix
+        self.reads = (matrix,)
 
     def __repr__(self) -> str:
         return f"QuadraticRisk(weight={self.weight}, matrix={self.matrix!r})"
@@ -120,6 +123,8 @@ class QuadraticRisk:
 class LinearDownside:
     r"""Linear downside penalty :math:`c \sum_i w_i D_i`, :math:`D_i = \overline{\min(0, r_i-\tau)^2}`
     annualized (the article's composite; it rewards shorts, so use it long-only)."""
+
+    reads = ("downside",)
 
     def __init__(self, weight: float) -> None:
         self.weight = weight
@@ -150,6 +155,8 @@ class ExpectedReturn:
     r"""Negative expected return :math:`-\tilde\mu^\top w`, :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP}`
     (annualized); minimizing risk terms plus this one maximizes a mean-risk utility."""
 
+    reads = ("mu",)  # and vrp, where NaN means no tilt (never inf; see PortfolioProblem)
+
     def __init__(self, *, beta: float = 0.0) -> None:
         self.beta = beta
 
@@ -178,6 +185,8 @@ class TransactionCost:
     parameter multiplies a parameter-free expression (DPP).
     """
 
+    reads = ()
+
     def __init__(self, cost_bps: float) -> None:
         self.rate = cost_bps * 1e-4
 
@@ -202,6 +211,8 @@ class TransactionCost:
 class L2Regularization:
     r"""Ridge penalty :math:`\gamma \|w\|_2^2` (``l2_gamma``, annualized-variance units): spreads
     weight across assets when the covariance is nearly singular."""
+
+    reads = ()
 
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
@@ -231,6 +242,8 @@ class RobustMean:
     :math:`G^\top G = \Sigma_\mu`; ``kappa`` (``robust_kappa``) is the ellipsoid's radius in
     standard errors."""
 
+    reads = ("cov",)
+
     def __init__(self, kappa: float) -> None:
         self.kappa = kappa
 
@@ -259,6 +272,8 @@ class RobustMean:
 class Budget:
     r"""Budget :math:`\sum_i w_i = b` (fractions of equity; b = 1 fully invested)."""
 
+    reads = ()
+
     def __init__(self, budget: float) -> None:
         self.budget = budget
 
@@ -285,6 +300,7 @@ class Bounds:
     :func:`perpfolio.optimize.universe.liquid_universe`) is held at :math:`w_i = 0`."""
 
     qp_pattern = "identity"  # its QP rows are the identity matrix (see perpfolio.optimize.direct)
+    reads = ()
 
     def __init__(self, min_weight: float, max_weight: float) -> None:
         self.min_weight = min_weight
@@ -317,6 +333,8 @@ class Bounds:
 class GrossLeverage:
     r"""Gross leverage :math:`\sum_i |w_i| \le L`."""
 
+    reads = ()
+
     def __init__(self, max_leverage: float) -> None:
         self.max_leverage = max_leverage
 
@@ -341,6 +359,7 @@ class MaxRebalance:
     """
 
     depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
+    reads = ()
 
     def __init__(self, max_rebalance: float, *, relaxed: float) -> None:
         self.max_rebalance = max_rebalance
@@ -371,6 +390,8 @@ class TargetReturn:
     Compiled as :math:`(s\mu)^\top w \ge s\,\mu_p` with both sides parameters.
     """
 
+    reads = ("mu",)
+
     def __init__(self, target_return: float) -> None:
         self.target_return = target_return
 
@@ -400,6 +421,8 @@ class OverlayCap:
     r"""Overlay cap :math:`\tfrac12 \|w - w^{base}\|_1 \le c`: at most a fraction c of equity
     moves away from the baseline portfolio."""
 
+    reads = ()
+
     def __init__(self, overlay_cap: float) -> None:
         self.overlay_cap = overlay_cap
 
@@ -428,6 +451,8 @@ class MarginBuffer:
     (``margin_buffer``) free to absorb losses and funding before maintenance margin is touched.
     """
 
+    reads = ()
+
     def __init__(self, leverage: float, buffer: float) -> None:
         self.leverage, self.buffer = leverage, buffer
 
@@ -447,8 +472,10 @@ class MarginBuffer:
 def scenario_shocks(cov: np.ndarray, shock: float) -> np.ndarray:
     r"""Instant returns of two scenarios (rows): the reference asset (index 0, BTC by default)
     moves by ``shock`` and asset i by :math:`\beta_i \cdot` shock,
-    :math:`\beta_i = \Sigma_{i0}/\Sigma_{00}`; and every asset moves by ``shock``."""
-    beta = cov[:, 0] / cov[0, 0]
+    :math:`\beta_i = \Sigma_{i0}/\Sigma_{00}`; and every asset moves by ``shock``. A reference asset
+    without variance (:math:`\Sigma_{00} = 0`, so :math:`\Sigma_{i0} = 0` for a PSD matrix) explains
+    no other asset: :math:`\beta = e_0`."""
+    beta = cov[:, 0] / cov[0, 0] if cov[0, 0] > 0 else np.eye(len(cov))[0]
     return np.vstack([beta * shock, np.full(len(beta), shock)])
 
 
@@ -458,6 +485,7 @@ class StressLoss:
     equity. Linear in w: one row per scenario."""
 
     depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
+    reads = ("cov",)  # the betas of the reference-asset scenario
 
     def __init__(self, max_loss: float, shock: float) -> None:
         self.max_loss, self.shock = max_loss, shock
@@ -487,6 +515,7 @@ class CVaRLimit:
     :math:`u_s \ge 0`, :math:`p_s = 1/T` (0 on padding rows when the window is shorter)."""
 
     depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
+    reads = ()  # the scenarios, checked when set (missing or non-finite: DataError)
 
     def __init__(self, alpha: float, limit: float, n_scenarios: int) -> None:
         self.alpha, self.limit, self.n_scenarios = alpha, limit, n_scenarios
@@ -534,6 +563,8 @@ class SharpeNormalization:
     r"""Normalization of the homogenized max-Sharpe problem: :math:`\hat\mu^\top y = 1`,
     :math:`\hat\mu = \mu / \max_i|\mu_i|` (rf = 0; the positive rescaling of μ does not move
     :math:`w = y/\kappa`). Infeasible when no allowed portfolio has positive expected return."""
+
+    reads = ("mu",)
 
     def __repr__(self) -> str:
         return "SharpeNormalization()"
