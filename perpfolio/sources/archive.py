@@ -64,12 +64,13 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
+from perpfolio.sources.window import check_window, day_start
 
 SOURCE = "archive"
 _TS = pl.Datetime("us", "UTC")
@@ -157,7 +158,7 @@ def read_archive(
     A symbol without mark or index files has no reference rows of that kind.
     """
     root = Path(root)
-    _check_window(start, end)
+    check_window(start, end)
     if isinstance(symbols, str) or not symbols:
         raise ConfigError(f"symbols must be a non-empty sequence of exchange ids, got {symbols!r}")
     candles, funding, reference, quality, files = [], [], [], [], []
@@ -226,12 +227,12 @@ def archive_files(root: Path | str, symbol: str, dataset: str, start: datetime, 
             key = (granularity, first)
             if key in found and ext == "csv":
                 continue  # the zip of this period is read
-            found[key] = ArchiveFile(path, symbol, dataset, granularity, _utc(first), _utc(last))
+            found[key] = ArchiveFile(path, symbol, dataset, granularity, day_start(first), day_start(last))
     months = {f.start for (g, _), f in found.items() if g == "monthly"}
     chosen = [
         f for (g, _), f in sorted(found.items(), key=lambda kv: (kv[0][0] != "monthly", kv[0][1]))
         if f.start < end and f.end > start
-        and not (g == "daily" and _utc(f.start.date().replace(day=1)) in months)
+        and not (g == "daily" and day_start(f.start.date().replace(day=1)) in months)
     ]
     return chosen
 
@@ -481,17 +482,3 @@ def _per_day(rows: pl.DataFrame, symbol: str, dataset: str, issue: str) -> pl.Da
         pl.when(pl.lit(issue == "duplicates")).then("n").otherwise(0).alias("duplicates_dropped"),
         pl.when(pl.lit(issue == "out_of_order")).then("n").otherwise(0).alias("out_of_order"),
     ).cast(QUALITY_SCHEMA)
-
-
-def _utc(d: date) -> datetime:
-    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
-
-
-def _check_window(start: datetime, end: datetime) -> None:
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() != timedelta(0):
-            raise ConfigError(f"{name} must be a tz-aware UTC datetime, got {value!r}")
-        if (value.minute, value.second, value.microsecond) != (0, 0, 0):
-            raise ConfigError(f"{name} must be aligned to the hour, got {value.isoformat()}")
-    if end <= start:
-        raise ConfigError(f"end must be after start, got start={start.isoformat()} end={end.isoformat()}")

@@ -99,6 +99,7 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError
+from perpfolio.sources.window import check_window
 
 HOURS_PER_YEAR = 8760
 SOURCE = "synthetic"
@@ -270,15 +271,7 @@ def _check_args(symbols: Sequence[str], start: datetime, end: datetime, seed: in
     dupes = sorted({s for s in syms if syms.count(s) > 1})
     if dupes:
         raise ConfigError(f"symbols contain duplicates: {dupes!r}")
-    for name, value in (("start", start), ("end", end)):
-        if not isinstance(value, datetime):
-            raise ConfigError(f"{name} must be a datetime, got {value!r}")
-        if value.tzinfo is None or value.utcoffset() != timedelta(0):
-            raise ConfigError(f"{name} must be a tz-aware UTC datetime, got {value.isoformat()}")
-        if (value.minute, value.second, value.microsecond) != (0, 0, 0):
-            raise ConfigError(f"{name} must be aligned to the hour, got {value.isoformat()}")
-    if end <= start:
-        raise ConfigError(f"end must be after start, got start={start.isoformat()} end={end.isoformat()}")
+    check_window(start, end)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
     return sorted(syms)
