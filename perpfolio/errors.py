@@ -11,3 +11,7 @@ class ConfigError(ValueError):
 
 class SolverError(RuntimeError):
     """A solve failed or returned a solution that does not satisfy its constraints."""
+
+
+class SourceUnavailable(RuntimeError):
+    """A market-data source kept failing (network, rate limit, server error) after its retries."""

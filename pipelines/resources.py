@@ -8,7 +8,7 @@ table.
 """
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 
@@ -21,6 +21,8 @@ from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 from perpfolio.errors import ConfigError
 from perpfolio.warehouse import connect_waiting
 from perpfolio.sources.archive import ArchiveData, empty_data, gap_report, read_archive
+from perpfolio.sources.exchange import DvolClient, client_for, read_exchange
+from perpfolio.sources.exchange_cache import ExchangeCache
 from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
 
@@ -120,7 +122,7 @@ class RawData:
 
 
 # sources whose reader reports its own gaps, duplicates and disorder; the others get gap_report
-_REPORTS_OWN_QUALITY = frozenset({"archive"})
+_REPORTS_OWN_QUALITY = frozenset({"archive", "exchange"})
 
 
 class RawMarket(dg.ConfigurableResource):
@@ -137,6 +139,10 @@ class RawMarket(dg.ConfigurableResource):
     source "archive": Binance archive files under `archive_dir` (perpfolio.sources.archive; mark
     and index klines where the archive has them) and implied vol from the `iv_csv` files
     (perpfolio.sources.implied_vol); an underlying without a file gets the labelled proxy downstream.
+    source "exchange": `exchange`'s public REST API through ccxt (perpfolio.sources.exchange; trade,
+    mark and index candles and funding), at `exchange_url` when set, with closed days kept in the
+    download cache `exchange_cache` (re-downloaded only with `exchange_refresh`), and Deribit DVOL
+    for BTC and ETH (or the `iv_csv` files when given).
     A new source is one more branch of `fetch` returning `RawData.of(<its ArchiveData>, <implied vol>)`.
     """
 
@@ -145,7 +151,14 @@ class RawMarket(dg.ConfigurableResource):
     origin: str  # ISO datetime of the first bar of the synthetic history (its seed anchor)
     seed: int = 7
     archive_dir: str = ""  # source "archive": root of the futures/um/... layout
-    iv_csv: list[str] = []  # source "archive": DVOL or ts,underlying,iv CSV files
+    iv_csv: list[str] = []  # source "archive": DVOL or ts,underlying,iv CSV files; source "exchange": instead of DVOL
+    exchange: str = "binance"  # source "exchange": binance | bybit | okx
+    exchange_url: str = ""  # source "exchange": API base URL instead of the exchange's own ("" = the exchange's)
+    exchange_cache: str = ""  # source "exchange": download cache file ("" = no cache)
+    exchange_refresh: bool = False
+    exchange_rate_limit: bool = True
+    exchange_timeout_s: float = 10.0
+    exchange_retries: int = 5
 
     def fetch(self, start: datetime, end: datetime) -> RawData:
         end = _closed(end)
@@ -156,7 +169,9 @@ class RawMarket(dg.ConfigurableResource):
                 return RawData.empty()
             return RawData.of(read_archive(self.archive_dir, self.symbols, start, end),
                               read_implied_vol(self.iv_csv, start, end))
-        raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose 'synthetic' or 'archive'")
+        if self.source == "exchange":
+            return RawData.empty() if end <= start else self._exchange(start, end)
+        raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose synthetic, archive or exchange")
 
     def fetch_with_quality(self, start: datetime, end: datetime) -> RawData:
         """`fetch` with `data_quality` of [start, end) (perpfolio.sources.archive.QUALITY_SCHEMA)."""
@@ -166,6 +181,15 @@ class RawMarket(dg.ConfigurableResource):
         end = _closed(end)
         quality = gap_report(data.candles, self.symbols, start, end) if end > start else empty_data().quality
         return replace(data, data_quality=quality)
+
+    def _exchange(self, start: datetime, end: datetime) -> RawData:
+        options = {"base_url": self.exchange_url or None, "timeout_s": self.exchange_timeout_s,
+                   "max_retries": self.exchange_retries, "rate_limit": self.exchange_rate_limit}
+        client = client_for(self.exchange, **options)
+        dvol = None if self.iv_csv else DvolClient(**options)
+        with ExchangeCache(self.exchange_cache) if self.exchange_cache else nullcontext() as cache:
+            read = read_exchange(client, self.symbols, start, end, cache=cache, refresh=self.exchange_refresh, dvol=dvol)
+        return RawData.of(read.data, read_implied_vol(self.iv_csv, start, end) if self.iv_csv else read.implied_vol)
 
     def _synthetic(self, start: datetime, end: datetime) -> RawData:
         origin = datetime.fromisoformat(self.origin)

@@ -58,9 +58,16 @@ class Settings:
     start: date = date(2025, 1, 1)
     end: date | None = date(2025, 7, 29)
     seed: int = 1
-    source: Literal["synthetic", "archive"] = "synthetic"
+    source: Literal["synthetic", "archive", "exchange"] = "synthetic"
     archive_dir: Path | None = None  # root of a Binance archive layout (futures/um/...) when source = "archive"
-    iv_csv: tuple[Path, ...] = ()  # implied-vol CSVs (Deribit DVOL or ts,underlying,iv) for source = "archive"
+    iv_csv: tuple[Path, ...] = ()  # implied-vol CSVs (Deribit DVOL or ts,underlying,iv); source "exchange": instead of DVOL
+    exchange: Literal["binance", "bybit", "okx"] = "binance"  # source = "exchange": whose USDT perpetuals
+    exchange_url: str | None = None  # source = "exchange": API base URL instead of the exchange's (mirror, replay server)
+    exchange_cache: Path = PROJECT_ROOT / "warehouse" / "exchange_cache.duckdb"  # downloaded closed days, for resume
+    exchange_refresh: bool = False  # download the window again even where the cache holds it
+    exchange_rate_limit: bool = True  # ccxt's limiter at the exchange's documented request weights
+    exchange_timeout_s: float = 10.0
+    exchange_retries: int = 5  # retries of a 429 / 5xx / timeout / unreadable response, then the run fails
     warehouse: Path = PROJECT_ROOT / "warehouse" / "perpfolio.duckdb"
     reports_dir: Path = PROJECT_ROOT / "warehouse" / "reports"
     strategies_file: Path = PROJECT_ROOT / "config" / "strategies.toml"
@@ -167,8 +174,13 @@ class Settings:
             raise ConfigError(
                 f"PERPFOLIO_EXECUTOR must be in_process, multiprocess, celery or k8s, got {self.executor!r}"
             )
-        if self.source not in ("synthetic", "archive"):
-            raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; choose 'synthetic' or 'archive'")
+        if self.source not in ("synthetic", "archive", "exchange"):
+            raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; choose synthetic, archive or exchange")
+        if self.exchange not in ("binance", "bybit", "okx"):
+            raise ConfigError(f"PERPFOLIO_EXCHANGE must be binance, bybit or okx, got {self.exchange!r}")
+        if self.exchange_timeout_s <= 0 or self.exchange_retries < 0:
+            raise ConfigError(f"PERPFOLIO_EXCHANGE_TIMEOUT_S must be > 0 and PERPFOLIO_EXCHANGE_RETRIES >= 0, got "
+                              f"{self.exchange_timeout_s}, {self.exchange_retries}")
         if self.source == "archive" and (self.archive_dir is None or not Path(self.archive_dir).is_dir()):
             raise ConfigError(f"PERPFOLIO_SOURCE=archive needs PERPFOLIO_ARCHIVE_DIR to name a folder, got {self.archive_dir}")
         missing_iv = [str(p) for p in self.iv_csv if not Path(p).is_file()]
@@ -225,6 +237,13 @@ class Settings:
             "source": str,
             "archive_dir": Path,
             "iv_csv": lambda v: tuple(Path(x.strip()) for x in v.split(",") if x.strip()),
+            "exchange": lambda v: v.lower(),
+            "exchange_url": str,
+            "exchange_cache": Path,
+            "exchange_refresh": _flag,
+            "exchange_rate_limit": _flag,
+            "exchange_timeout_s": float,
+            "exchange_retries": int,
             "warehouse": Path,
             "reports_dir": Path,
             "strategies_file": Path,

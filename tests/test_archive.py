@@ -468,7 +468,7 @@ class TestRawMarketSource:
         assert (s.source, s.archive_dir, s.iv_csv) == ("archive", tmp_path, (a, b))
         with pytest.raises(ConfigError, match="PERPFOLIO_ARCHIVE_DIR"):
             Settings(source="archive")
-        with pytest.raises(ConfigError, match="choose 'synthetic' or 'archive'"):
-            Settings(source="exchange")
+        with pytest.raises(ConfigError, match="choose synthetic, archive or exchange"):
+            Settings(source="ftx")
         with pytest.raises(ConfigError, match="PERPFOLIO_IV_CSV"):
             Settings(iv_csv=(tmp_path / "missing.csv",))
