@@ -195,6 +195,7 @@ class Weights(Table):
     strategy: str = pa.Field(description="strategy name from the strategies file")
     symbol: str = pa.Field(description="exchange symbol")
     weight: float = pa.Field(ge=-10, le=10, description="fraction of equity; negative is short")
+    budget: float = pa.Field(description="the strategy's constraints.budget: its weights sum to it (1 = fully invested)")
     status: str = pa.Field(str_matches=r"^(optimal|fallback:.+)$", description="optimal or fallback:<which>:<reason>")
     solver: str = pa.Field(description="solver that produced the weights, or the fallback rule")
     objective: float = pa.Field(nullable=True, description="objective value of the solved problem")
@@ -204,10 +205,10 @@ class Weights(Table):
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return _unique_key(data, ["as_of", "strategy", "symbol"])
 
-    @pa.dataframe_check(error="weights of an (as_of, strategy) do not sum to 1 within 1e-6")
-    def budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
+    @pa.dataframe_check(error="weights of an (as_of, strategy) do not sum to its budget within 1e-6")
+    def sums_to_budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
         total = pl.col("weight").sum().over("as_of", "strategy")
-        return data.lazyframe.select((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE)
+        return data.lazyframe.select((total - pl.col("budget")).abs() <= WEIGHT_SUM_TOLERANCE)
 
 
 FRONTIER_TOLERANCE = 1e-6  # bounds, target and monotonicity of portfolio.frontier (the optimizer's verification tolerance)
@@ -228,6 +229,7 @@ class Frontier(Table):
                              "optimal or at zero volatility")
     symbol: str = pa.Field(description="exchange symbol")
     weight: float = pa.Field(nullable=True, ge=-10, le=10, description="fraction of equity; null unless optimal")
+    budget: float = pa.Field(description="sum of the weights the point was solved under (min_variance strategy)")
     min_weight: float = pa.Field(description="lower weight bound the point was solved under (min_variance strategy)")
     max_weight: float = pa.Field(description="upper weight bound the point was solved under (min_variance strategy)")
     status: str = pa.Field(str_matches=r"^(optimal|failed:.+)$", description="optimal or failed:<reason> "
@@ -244,10 +246,10 @@ class Frontier(Table):
             pl.col(c).is_not_null() == optimal for c in ("weight", "expected_return", "volatility")
         ))
 
-    @pa.dataframe_check(error="weights of an optimal (as_of, point) do not sum to 1 within 1e-6")
-    def budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
+    @pa.dataframe_check(error="weights of an optimal (as_of, point) do not sum to its budget within 1e-6")
+    def sums_to_budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
         total = pl.col("weight").sum().over("as_of", "point")
-        return data.lazyframe.select((pl.col("status") != "optimal") | ((total - 1.0).abs() <= WEIGHT_SUM_TOLERANCE))
+        return data.lazyframe.select((pl.col("status") != "optimal") | ((total - pl.col("budget")).abs() <= WEIGHT_SUM_TOLERANCE))
 
     @pa.dataframe_check(error="weight outside [min_weight, max_weight] (tolerance 1e-6)")
     def bounds(cls, data: pa.PolarsData) -> pl.LazyFrame:

@@ -53,9 +53,18 @@ class _TransactionalClient(DuckDbClient):
 
 class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
     def handle_output(self, context: dg.OutputContext, table_slice: TableSlice, obj: pl.DataFrame, connection):
+        """Insert ``obj`` by column name. A column the stored table lacks (a warehouse written by an
+        older version) is added first, null for the rows already stored; a stored column the frame
+        lacks is null in the new rows."""
         table = f"{table_slice.schema}.{table_slice.table}"
         connection.register("perpfolio_frame", obj.to_arrow())
         connection.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM perpfolio_frame LIMIT 0")
+        stored = {name for (name,) in connection.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?",
+            [table_slice.schema, table_slice.table]).fetchall()}
+        for name, dtype, *_ in connection.execute("DESCRIBE SELECT * FROM perpfolio_frame").fetchall():
+            if name not in stored:
+                connection.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {dtype}')
         connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM perpfolio_frame")
         connection.unregister("perpfolio_frame")
         return {"row_count": obj.height}

@@ -218,7 +218,18 @@ class TestSchema:
     def test_weights_not_summing_to_one(self):
         frame = self.valid().with_columns(weight=pl.when(pl.col("symbol") == "A").then(pl.col("weight") + 1e-4)
                                           .otherwise(pl.col("weight")))
-        assert "sum to 1" in self.failures(frame)
+        assert "sum to its budget" in self.failures(frame)
+
+    def test_a_budget_other_than_one_is_checked_against_its_own_budget(self):
+        mu, cov = market(2, 3)
+        frame, _ = frontier_walk([T0], mu[None], cov[None], ["A", "B", "C"], n_points=4,
+                                 constraints=Constraints(budget=0.5, max_weight=0.5))
+        frame = schemas.conform(frame, schemas.Frontier)
+        optimal = frame.filter(pl.col("status") == "optimal")
+        assert optimal.height > 0
+        np.testing.assert_allclose(optimal.group_by("point").agg(pl.col("weight").sum())["weight"], 0.5, atol=1e-6)
+        assert check_frame(frame, schemas.Frontier, FRONTIER).passed
+        assert "sum to its budget" in self.failures(frame.with_columns(budget=pl.lit(1.0)))
 
     def test_bound_violated(self):
         frame = self.valid().with_columns(max_weight=pl.lit(0.2))

@@ -285,6 +285,26 @@ class TestCrashSafety:
         per_day = {d: (n, total) for d, n, total in rows}
         assert per_day == {"2025-01-01": (24, 276.0), "2025-01-02": (24, 276.0)}
 
+    def test_a_column_added_by_a_newer_version_extends_the_stored_table(self, tmp_path):
+        """A warehouse written before a table gained a column (portfolio.weights' budget): the next
+        write adds the column, the rows already stored keep their values with null in it."""
+        parts = dg.DailyPartitionsDefinition(start_date="2025-01-01", end_date="2025-01-03")
+        newer = {"value": False}
+
+        @dg.asset(key=["ops", "t"], partitions_def=parts, metadata={"partition_expr": "ts"})
+        def t(context: dg.AssetExecutionContext) -> pl.DataFrame:
+            ts = [context.partition_time_window.start + timedelta(hours=h) for h in range(3)]
+            frame = pl.DataFrame({"ts": ts, "value": [1.0, 2.0, 3.0]})
+            return frame.with_columns(budget=pl.lit(0.5)) if newer["value"] else frame
+
+        resources = {"io_manager": WarehouseIOManager(database=str(tmp_path / "w.duckdb"))}
+        assert dg.materialize([t], partition_key="2025-01-01", resources=resources).success
+        newer["value"] = True
+        assert dg.materialize([t], partition_key="2025-01-02", resources=resources).success
+        with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as con:
+            rows = con.sql("SELECT ts::DATE::VARCHAR, sum(value), min(budget), count(budget) FROM ops.t GROUP BY 1 ORDER BY 1").fetchall()
+        assert rows == [("2025-01-01", 6.0, None, 0), ("2025-01-02", 6.0, 0.5, 3)]
+
     @pytest.mark.slow
     def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(self, short, reference, tmp_path):
         settings = settings_in(tmp_path, short)

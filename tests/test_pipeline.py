@@ -205,14 +205,21 @@ class TestGuards:
         result = check_frame(frame, schemas.Candles, dg.AssetKey(["raw", "candles"]))
         assert not result.passed and "duplicate" in result.metadata["failures"].value
 
-    def test_weights_not_summing_to_one_fail_the_check(self):
+    def test_weights_not_summing_to_their_budget_fail_the_check(self):
         asof = datetime(2025, 1, 5, 23, tzinfo=timezone.utc)
-        frame = schemas.conform(pl.DataFrame({
-            "as_of": [asof] * 2, "strategy": ["s"] * 2, "symbol": ["BTCUSDT", "ETHUSDT"], "weight": [0.5, 0.49],
-            "status": ["optimal"] * 2, "solver": ["CLARABEL"] * 2, "objective": [0.1] * 2, "solve_ms": [1.0] * 2,
-        }), schemas.Weights)
-        result = check_frame(frame, schemas.Weights, dg.AssetKey(["portfolio", "weights"]))
-        assert not result.passed and "sum to 1" in result.metadata["failures"].value
+
+        def weights(w, budget):
+            return schemas.conform(pl.DataFrame({
+                "as_of": [asof] * 2, "strategy": ["s"] * 2, "symbol": ["BTCUSDT", "ETHUSDT"], "weight": w,
+                "budget": [budget] * 2, "status": ["optimal"] * 2, "solver": ["CLARABEL"] * 2, "objective": [0.1] * 2,
+                "solve_ms": [1.0] * 2,
+            }), schemas.Weights)
+
+        key = dg.AssetKey(["portfolio", "weights"])
+        result = check_frame(weights([0.5, 0.49], 1.0), schemas.Weights, key)
+        assert not result.passed and "sum to its budget" in result.metadata["failures"].value
+        assert check_frame(weights([0.5, -0.5], 0.0), schemas.Weights, key).passed  # market neutral
+        assert not check_frame(weights([0.5, 0.5], 0.0), schemas.Weights, key).passed
 
     def test_weights_do_not_see_the_future(self, short_settings, tmp_path):
         """Perturb every price, funding rate and iv from 2025-01-05 00:00 on: weights up to asof 01-04 23:00 are unchanged."""
@@ -326,6 +333,14 @@ budget = 1.0
 max_weight = 1.0
 
 [[strategy]]
+name = "half"
+objective = "min_variance"
+estimator = "ledoit_wolf"
+[strategy.constraints]
+budget = 0.5
+max_weight = 1.0
+
+[[strategy]]
 name = "robust"
 objective = "vrp_tilt"
 fallback_in_turbulence = true
@@ -344,7 +359,16 @@ max_weight = 1.0
         tables = read_tables(settings.warehouse)
         weights = tables["portfolio.weights"]
         solved = weights.filter(pl.col("status") == "optimal")
-        assert set(solved["strategy"]) == {"min_variance", "shrunk", "robust"}  # every term found its data
+        assert set(solved["strategy"]) == {"min_variance", "shrunk", "half", "robust"}  # every term found its data
+        # half invested: min variance is homogeneous in the budget, so "half" holds half of "shrunk"
+        halves = solved.filter(pl.col("strategy").is_in(["shrunk", "half"])).pivot(
+            on="strategy", index=["as_of", "symbol"], values="weight").drop_nulls()
+        assert halves.height > 0
+        np.testing.assert_allclose(halves["half"], 0.5 * halves["shrunk"], atol=1e-6)
+        assert (weights.filter(pl.col("strategy") == "half").group_by("as_of").agg(pl.col("weight").sum())["weight"]
+                - 0.5).abs().max() <= 1e-6
+        assert "baseline:equal_weight" in set(tables["backtest.metrics"]["strategy"]) and "half" in set(
+            tables["backtest.metrics"]["strategy"])
         pair = solved.filter(pl.col("strategy").is_in(["min_variance", "shrunk"])).pivot(
             on="strategy", index=["as_of", "symbol"], values="weight").drop_nulls()
         assert (pair["min_variance"] - pair["shrunk"]).abs().max() > 1e-4  # Ledoit-Wolf is not the sample covariance

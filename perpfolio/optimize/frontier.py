@@ -58,6 +58,7 @@ FRONTIER_SCHEMA = {
     "sharpe": pl.Float64,
     "symbol": pl.String,
     "weight": pl.Float64,
+    "budget": pl.Float64,
     "min_weight": pl.Float64,
     "max_weight": pl.Float64,
     "status": pl.String,
@@ -210,6 +211,7 @@ def frontier_walk(
             rows["sharpe"] += [sharpe] * n
             rows["symbol"] += list(symbols)
             rows["weight"] += [None] * n if w is None else w.tolist()
+            rows["budget"] += [constraints.budget] * n
             rows["min_weight"] += [constraints.min_weight] * n
             rows["max_weight"] += [constraints.max_weight] * n
             rows["status"] += [point.status] * n

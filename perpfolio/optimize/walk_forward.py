@@ -39,6 +39,7 @@ WEIGHTS_SCHEMA = {
     "strategy": pl.String,
     "symbol": pl.String,
     "weight": pl.Float64,
+    "budget": pl.Float64,
     "status": pl.String,
     "solver": pl.String,
     "objective": pl.Float64,
@@ -221,6 +222,7 @@ def optimize_walk_forward(
             rows["strategy"] += [spec.name] * n
             rows["symbol"] += list(symbols)
             rows["weight"] += d.weights.tolist()
+            rows["budget"] += [spec.constraints.budget] * n
             rows["status"] += [d.status] * n
             rows["solver"] += [d.solver] * n
             rows["objective"] += [d.objective] * n
