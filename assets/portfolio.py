@@ -48,11 +48,18 @@ def _ordered(moments: estimators.Moments, found: list[str], symbols: list[str]) 
             moments.semicov[:, order][:, :, order])
 
 
+def _signal_matrix(signals: pl.DataFrame, stamps: pl.DataFrame, symbols: list[str], column: str) -> np.ndarray:
+    """asofs x symbols of one signals column; NaN where the signal is null or absent."""
+    per_asof = stamps.join(signals.pivot(on="symbol", index="as_of", values=column), on="as_of", how="left")
+    wide = per_asof.select(pl.col(s) if s in per_asof.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
+    return wide.cast(pl.Float64).to_numpy()
+
+
 def asof_inputs(
     estimates: pl.DataFrame, signals: pl.DataFrame, net_returns: pl.DataFrame, candles: pl.DataFrame,
     symbols: list[str], settings: Settings,
 ) -> list[AsofInputs]:
-    """One optimizer input per asof: annualized sample moments, VRP, the estimate status, and what
+    """One optimizer input per asof: annualized sample moments, VRP, the funding forecast, the estimate status, and what
     the optional terms need: every other named estimator (a strategy's `estimator`), the
     Ledoit-Wolf covariance for the min-variance fallback, the regime,
     the window's return scenarios (CVaR), the window length in years (robust mean) and the
@@ -67,9 +74,8 @@ def asof_inputs(
         alternatives[name] = (*_ordered(alt, alt_found, symbols), alt.status)
     shrunk = alternatives["ledoit_wolf"][1] if "ledoit_wolf" in alternatives else None
     stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
-    per_asof = stamps.join(signals.pivot(on="symbol", index="as_of", values="vrp"), on="as_of", how="left")
-    vrp = per_asof.select(pl.col(s) if s in per_asof.columns else pl.lit(None, pl.Float64).alias(s) for s in symbols)
-    vrp = vrp.cast(pl.Float64).to_numpy()  # null (no usable implied vol) becomes NaN: a zero tilt downstream
+    vrp = _signal_matrix(signals, stamps, symbols, "vrp")  # NaN (no usable implied vol): a zero tilt downstream
+    funding = _signal_matrix(signals, stamps, symbols, "funding_forecast_1h")
     regimes = regime_at(signals, stamps["as_of"].to_list())
     ts, matrix = aligned_returns(net_returns, symbols)
     ends = window_ends(ts, stamps["as_of"].to_list())
@@ -83,7 +89,7 @@ def asof_inputs(
     return [
         AsofInputs(
             asof=asof, mu=mean[k], cov=cov[k], downside=downside[k], semicov=semicov[k], vrp=vrp[k],
-            status=str(moments.status[k]), regime=regimes[k],
+            funding_1h=funding[k], status=str(moments.status[k]), regime=regimes[k],
             fallback_cov=None if shrunk is None else shrunk[k],
             scenarios=matrix[max(0, ends[k] - window + 1): ends[k] + 1] if ends[k] >= 0 else None,
             window_years=window / returns.periods_per_year(settings.bar_hours),

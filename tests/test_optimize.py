@@ -455,6 +455,57 @@ class TestTailAndRobustTerms:
         assert w @ m["cov"] @ w < naive @ m["cov"] @ naive  # mean uncertainty pushes toward lower risk
 
 
+class TestVrpPenaltyAndFundingTilt:
+    """The penalty form of the VRP signal and the funding-forecast tilt of vrp_tilt / hybrid."""
+
+    LONG_SHORT = {"budget": 1.0, "min_weight": -0.5, "max_weight": 0.8}
+
+    def test_vrp_penalty_matches_an_independent_problem(self):
+        m = {**market(31, 4), "vrp": np.array([-0.3, 0.1, -0.05, np.nan])}
+        params = {"beta": 0.0, "risk_aversion": 5.0, "vrp_penalty": 2.0}
+        spec = parse_strategies([{"name": "p", "objective": "vrp_tilt", "parameters": params,
+                                  "constraints": self.LONG_SHORT}])[0]
+        problem = PortfolioProblem(spec, 4)
+        data = SolveData(**m)
+        result = problem.solve(data)
+        assert result.status == "optimal"
+        charge = np.array([0.3, 0.0, 0.05, 0.0])  # max(0, -VRP); unknown VRP: no charge
+        x = cp.Variable(4)
+        ref = cp.Problem(cp.Maximize(m["mu"] @ x - 2.5 * cp.quad_form(x, cp.psd_wrap(m["cov"]))
+                                     - 2.0 * charge @ cp.abs(x)),
+                         [cp.sum(x) == 1, x >= -0.5, x <= 0.8])
+        ref.solve(solver="CLARABEL")
+        assert -problem.objective_value(result.weights, data) == pytest.approx(ref.value, rel=1e-6)
+        np.testing.assert_allclose(result.weights, x.value, atol=1e-5)
+        plain = parse_strategies([{"name": "q", "objective": "vrp_tilt", "parameters": {**params, "vrp_penalty": 0.0},
+                                   "constraints": self.LONG_SHORT}])[0]
+        unpenalized = PortfolioProblem(plain, 4).solve(data).weights
+        assert abs(result.weights[0]) < abs(unpenalized[0]) - 0.01  # the worst VRP is held less
+
+    def test_funding_tilt_is_the_mean_shifted_by_the_annual_carry(self):
+        m = market(32, 4, mu_floor=0.2)
+        funding = np.array([3e-5, -2e-5, np.nan, 1e-5])  # per hour, + = longs pay
+        tilted = parse_strategies([{"name": "t", "objective": "vrp_tilt", "solver": "OSQP",
+                                    "parameters": {"beta": 0.5, "funding_beta": 1.5}, "constraints": BOUNDS}])[0]
+        plain = parse_strategies([{"name": "t", "objective": "vrp_tilt", "solver": "OSQP",
+                                   "parameters": {"beta": 0.5}, "constraints": BOUNDS}])[0]
+        shifted = {**m, "mu": m["mu"] - 1.5 * 8760 * np.array([3e-5, -2e-5, 0.0, 1e-5])}
+        got = PortfolioProblem(tilted, 4).solve(SolveData(**m, funding_1h=funding))
+        want = PortfolioProblem(plain, 4).solve(SolveData(**shifted))
+        assert got.status == want.status == "optimal"
+        np.testing.assert_allclose(got.weights, want.weights, atol=1e-7)
+        with pytest.raises(ConfigError, match="vrp_penalty=-1.0 must be >= 0"):
+            parse_strategies([{"name": "t", "objective": "vrp_tilt", "parameters": {"vrp_penalty": -1.0}}])
+
+    def test_funding_tilt_without_a_forecast_falls_back(self):
+        m = market(33, 5)
+        specs = spec_of("vrp_tilt", {"funding_beta": 1.0})
+        df = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, m)])  # no funding_1h
+        assert status_of(df, "vrp_tilt") == "fallback:min_variance:missing_input"
+        inf = optimize_walk_forward(specs, SYMBOLS, [inputs_at(0, {**m, "funding_1h": np.array([np.inf, 0, 0, 0, 0])})])
+        assert status_of(inf, "vrp_tilt") == "fallback:min_variance:nonfinite_input"
+
+
 def psd_factor_ref(matrix: np.ndarray) -> np.ndarray:
     return np.linalg.cholesky(matrix).T
 

@@ -123,6 +123,7 @@ class Market:
     regime: str | None
     fallback_cov: np.ndarray | None
     tradable: np.ndarray | None
+    funding_1h: np.ndarray
 
     def inputs(self, k: int) -> AsofInputs:
         return AsofInputs(asof=T0 + timedelta(days=k), **dataclasses.asdict(self))
@@ -147,6 +148,7 @@ def markets(draw, n: int) -> Market:
         mu=mu, cov=cov, downside=(neg**2).mean(0) * BARS_PER_YEAR, semicov=neg.T @ neg / t * BARS_PER_YEAR,
         vrp=vrp, status="ok", scenarios=scenarios, window_years=WINDOW_YEARS,
         regime=draw(st.sampled_from([None, "calm", "turbulent"])), fallback_cov=None, tradable=None,
+        funding_1h=np.where(rng.random(n) < 0.2, np.nan, rng.normal(1e-5, 2e-5, n)),
     )
     fallback = draw(st.sampled_from(["none", "shrunk", "shrunk", "nan"]))
     if fallback != "none":
@@ -218,6 +220,10 @@ def strategy_tables(draw, name: str, n: int, *, objectives=None, qp_only: bool =
         p["risk_aversion"] = draw(real(0.1, 20.0))
         if not qp_only and (solver == "CLARABEL" or not loadable) and optional():
             p["robust_kappa"] = draw(real(0.0, 3.0))  # a cone: OSQP is rejected at load
+        if not qp_only and optional():
+            p["vrp_penalty"] = draw(real(0.0, 5.0))
+        if optional():
+            p["funding_beta"] = draw(real(-2.0, 2.0))
     if objective == "max_sharpe":
         c.pop("cost_bps", None)  # rejected at load (tested in test_optimize); keep the example useful
     return {"name": name, "objective": objective, "solver": solver,
@@ -343,6 +349,18 @@ def all_violations(case: Case, w: np.ndarray) -> dict[str, float]:
     return v
 
 
+def tilted_by_hand(case: Case) -> np.ndarray:
+    """mu + beta VRP - funding_beta * 8760 * forecast hourly funding (a NaN signal: no tilt)."""
+    m, p = case.m, case.spec.parameters
+    vrp, funding = np.nan_to_num(m.vrp, nan=0.0), np.nan_to_num(m.funding_1h, nan=0.0)
+    return m.mu + (p.beta or 0.0) * vrp - (p.funding_beta or 0.0) * 8760 * funding
+
+
+def unfavourable_vrp(case: Case) -> np.ndarray:
+    """How much realized variance exceeds implied per asset (0 where VRP >= 0 or unknown)."""
+    return np.array([-v if v < 0 else 0.0 for v in case.m.vrp])  # NaN < 0 is False
+
+
 def objective_by_hand(case: Case, w: np.ndarray) -> float | None:
     """The documented objective in annualized units (Sharpe ratio for max_sharpe); None when an
     input it reads is not finite."""
@@ -353,7 +371,7 @@ def objective_by_hand(case: Case, w: np.ndarray) -> float | None:
         var = float(w @ m.cov @ w)
         return float(m.mu @ w) / np.sqrt(var) if var > 0 else None
     var = float(w @ m.cov @ w)
-    tilted = m.mu + (p.beta or 0.0) * np.nan_to_num(m.vrp, nan=0.0)
+    tilted = tilted_by_hand(case)
     value = {
         "min_variance": var, "target_return": var,
         "downside": (p.alpha or 0.0) * var + (1 - (p.alpha or 0.0)) * float(m.downside @ w),
@@ -364,6 +382,7 @@ def objective_by_hand(case: Case, w: np.ndarray) -> float | None:
     }[obj]
     prev = np.zeros_like(w) if case.w_prev is None else case.w_prev
     value += c.cost_bps * 1e-4 * np.abs(w - prev).sum() + c.l2_gamma * float(w @ w)
+    value += (p.vrp_penalty or 0.0) * float(unfavourable_vrp(case) @ np.abs(w))
     if p.robust_kappa:
         if m.window_years is None:
             return None  # the robust term has no standard error without the window length
@@ -441,23 +460,32 @@ SCS_REF = {"solver": "SCS", "eps_abs": 1e-10, "eps_rel": 1e-10, "max_iters": 500
 
 
 def solve_reference(problem: cp.Problem, case: Case, *, second_order_cone: bool) -> str:
-    """Solve with solvers other than the strategy's, the first that reports "optimal": CLARABEL
-    (interior point) for OSQP strategies; for the others HiGHS (active set / simplex, exact when
-    it succeeds), then OSQP at 1e-10 and SCS at 1e-10 (both first-order: alone they stop at their
-    iteration limits on the LP-like |w| and CVaR rows); only SCS for the robust mean's cone."""
+    """Solve with solvers other than the strategy's and keep the best verified answer: CLARABEL
+    (interior point) for OSQP strategies; for the others both HiGHS (active set) and OSQP at 1e-10,
+    the lower objective of those that report "optimal" with every constraint within 1e-8 (HiGHS once
+    reported "optimal" 2% above the optimum on a CVaR row; OSQP alone may stop at its iteration
+    limit on the LP-like |w| and CVaR rows), else SCS at 1e-10; only SCS for the robust mean's cone.
+    The chosen solve is left in the problem's variables."""
     if case.spec.solver == "OSQP":
-        chain = [{"solver": "CLARABEL"}]
+        chains = [[{"solver": "CLARABEL"}]]
     elif second_order_cone:
-        chain = [SCS_REF]
+        chains = [[SCS_REF]]
     else:
-        chain = [{"solver": "HIGHS"}, OSQP_REF, SCS_REF]
-    for options in chain:
-        try:
-            problem.solve(**options)
-        except cp.error.SolverError:
-            continue
-        if problem.status == cp.OPTIMAL:
-            break
+        chains = [[{"solver": "HIGHS"}, OSQP_REF], [SCS_REF]]
+    for chain in chains:
+        best = None
+        for options in chain:
+            try:
+                problem.solve(**options)
+            except cp.error.SolverError:
+                continue
+            worst = max((float(np.max(c.violation())) for c in problem.constraints), default=0.0)
+            if problem.status == cp.OPTIMAL and worst <= 1e-8 and (best is None or problem.value < best[0]):
+                best = (problem.value, options)
+        if best is not None:
+            if best[1] is not options or problem.status != cp.OPTIMAL:
+                problem.solve(**best[1])
+            return problem.status
     return problem.status
 
 
@@ -477,7 +505,7 @@ def reference_optimum(case: Case) -> tuple[str, float | None, np.ndarray | None]
         return problem.status, sharpe_like(case, w), w
     w = cp.Variable(n)
     cov = cp.psd_wrap(m.cov)
-    tilted = m.mu + (p.beta or 0.0) * np.nan_to_num(m.vrp, nan=0.0)
+    tilted = tilted_by_hand(case)
     alpha, gamma = p.alpha or 0.0, p.risk_aversion or 0.0
     objective = {
         "min_variance": lambda: cp.quad_form(w, cov),
@@ -492,6 +520,8 @@ def reference_optimum(case: Case) -> tuple[str, float | None, np.ndarray | None]
         objective += c.cost_bps * 1e-4 * cp.norm1(w - prev)
     if l2:
         objective += l2 * cp.sum_squares(w)
+    if p.vrp_penalty:
+        objective += p.vrp_penalty * (unfavourable_vrp(case) @ cp.abs(w))
     if p.robust_kappa:
         objective += p.robust_kappa * cp.norm2(symmetric_root(m.cov / m.window_years) @ w)
     problem = cp.Problem(cp.Minimize(objective), reference_constraints(case, w, 1.0, m.cov, base_only=False))
@@ -598,10 +628,7 @@ def check_row(case: Case, w: np.ndarray, status: str, objective: float | None, l
         assert reason == forced, label
     else:
         assert reason in SOLVE_FAILURES, label
-        if case.spec.solver == "OSQP" and reason == "solver_error":
-            event("osqp_not_converged")  # ADMM's iteration limit
-        else:
-            assert not strategy_solvable(case), f"{label}: a strictly feasible problem with valid inputs was given up"
+        assert not strategy_solvable(case), f"{label}: a strictly feasible problem with valid inputs was given up"
         unreadable = [key for key in case.reads() if not np.isfinite(getattr(case.m, key)).all()]
         assert (reason == "nonfinite_input") == bool(unreadable), f"{label}: non-finite {unreadable}"
     if step == "min_variance":
@@ -711,7 +738,8 @@ class TestDirectOsqpPath:
         rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
         solve_data = SolveData(mu=m.mu, cov=m.cov, downside=m.downside, semicov=m.semicov, vrp=m.vrp,
                                w_prev=previous_weights(rng, n, "book", spec.constraints.budget),
-                               scenarios=m.scenarios, window_years=m.window_years, tradable=m.tradable)
+                               scenarios=m.scenarios, window_years=m.window_years, tradable=m.tradable,
+                               funding_1h=m.funding_1h)
         direct, compiled = PortfolioProblem(spec, n), PortfolioProblem(spec, n)
         assert direct.direct is not None, f"{table} should take the direct path"
         compiled.direct = None
@@ -726,11 +754,13 @@ class TestDirectOsqpPath:
 class TestFoundByTheProperties:
     """Regression tests for bugs the properties above found; each docstring tells the story."""
 
-    def test_osqp_iteration_limit_with_a_converged_iterate_is_kept(self):
+    def test_osqp_iteration_limit_is_re_solved_by_clarabel(self):
         """A long-short downside book with margin, L2 and max rebalance on a rank-1 covariance: OSQP
-        through cvxpy, asked for 1e-9, stops at 100k iterations with residuals ~1e-8, and the
-        strategy fell back to min-variance ("solver_error") although the iterate met every
-        constraint. Now it is kept, labelled OSQP:user_limit, and equals CLARABEL's optimum."""
+        through cvxpy, asked for 1e-9, stops at 100k iterations, and the strategy fell back to
+        min-variance ("solver_error") although the problem is well posed. (Keeping such iterates
+        when their residuals were small was tried next: on a tight CVaR limit they verified within
+        1e-6 yet missed the optimum by 2e-4 relative.) Now CLARABEL re-solves the same compiled
+        problem and the row says so."""
         v = np.array([0.26, -0.26, -0.09])
         table = {"name": "s", "objective": "downside", "parameters": {"alpha": 0.9}, "constraints": {
             "budget": 0.0, "min_weight": -0.2, "max_weight": 1.0, "margin_leverage": 8.0, "l2_gamma": 2.0,
@@ -740,11 +770,10 @@ class TestFoundByTheProperties:
         osqp = PortfolioProblem(parse_strategies([{**table, "solver": "OSQP"}])[0], 3)
         clarabel = PortfolioProblem(parse_strategies([table])[0], 3)
         result, reference = osqp.solve(data), clarabel.solve(data)
-        assert (result.status, result.solver) == ("optimal", "OSQP:user_limit")
-        assert osqp.problem.solver_stats.num_iters == 100_000
+        assert (result.status, result.solver) == ("optimal", "CLARABEL:after_OSQP_solver_error")
         assert max(osqp.constraint_violations(result.weights, data).values()) <= TOL
         assert osqp.objective_value(result.weights, data) == pytest.approx(
-            clarabel.objective_value(reference.weights, data), rel=1e-6)
+            clarabel.objective_value(reference.weights, data), rel=1e-9)
 
     def test_robust_mean_on_osqp_is_rejected_at_load(self):
         """robust_kappa adds kappa * ||G w||_2, a second-order cone; with solver = "OSQP" cvxpy

@@ -12,6 +12,7 @@ import pytest
 
 from assets import schemas
 from assets.checks import check_frame
+from assets.portfolio import asof_inputs
 from perpfolio.optimize import load_strategies
 from pipelines.definitions import build_definitions
 from pipelines.resources import RawMarket, as_utc
@@ -341,6 +342,16 @@ budget = 0.5
 max_weight = 1.0
 
 [[strategy]]
+name = "carry"
+objective = "vrp_tilt"
+[strategy.parameters]
+funding_beta = 1.0
+vrp_penalty = 1.0
+[strategy.constraints]
+budget = 1.0
+max_weight = 1.0
+
+[[strategy]]
 name = "robust"
 objective = "vrp_tilt"
 fallback_in_turbulence = true
@@ -359,7 +370,15 @@ max_weight = 1.0
         tables = read_tables(settings.warehouse)
         weights = tables["portfolio.weights"]
         solved = weights.filter(pl.col("status") == "optimal")
-        assert set(solved["strategy"]) == {"min_variance", "shrunk", "half", "robust"}  # every term found its data
+        assert set(solved["strategy"]) == {"min_variance", "shrunk", "half", "carry", "robust"}  # every term found its data
+        # the funding tilt reads signals.signals' forecast of each asof, in the configured symbol order
+        inputs = asof_inputs(tables["features.estimates"], tables["signals.signals"], tables["features.net_returns"],
+                             tables["raw.candles"], list(settings.symbols), settings)
+        last = inputs[-1]
+        forecast = tables["signals.signals"].filter(pl.col("as_of") == last.asof)
+        expected = [forecast.filter(pl.col("symbol") == s)["funding_forecast_1h"].item() for s in settings.symbols]
+        np.testing.assert_array_equal(last.funding_1h, np.array(expected, dtype=float))
+        assert np.isfinite(last.funding_1h).all()
         # half invested: min variance is homogeneous in the budget, so "half" holds half of "shrunk"
         halves = solved.filter(pl.col("strategy").is_in(["shrunk", "half"])).pivot(
             on="strategy", index=["as_of", "symbol"], values="weight").drop_nulls()

@@ -60,7 +60,7 @@ OBJECTIVE_PARAMETERS: dict[str, dict[str, object]] = {
     "max_sharpe": {},
     "downside": {"alpha": 0.5},
     "semivariance": {"target_return": None},
-    "vrp_tilt": {"beta": 1.0, "risk_aversion": 5.0, "robust_kappa": 0.0},
+    "vrp_tilt": {"beta": 1.0, "risk_aversion": 5.0, "robust_kappa": 0.0, "vrp_penalty": 0.0, "funding_beta": 0.0},
     "hybrid": {
         "baseline": "min_variance",
         "overlay_cap": 0.20,
@@ -68,6 +68,8 @@ OBJECTIVE_PARAMETERS: dict[str, dict[str, object]] = {
         "beta": 1.0,
         "risk_aversion": 5.0,
         "robust_kappa": 0.0,
+        "vrp_penalty": 0.0,
+        "funding_beta": 0.0,
     },
 }
 
@@ -83,6 +85,9 @@ class Parameters:
     - ``baseline``: name of the (non-hybrid) strategy whose weights anchor a hybrid.
     - ``overlay_cap`` >= 0: ``1/2 ||w - w_base||_1 <= overlay_cap``.
     - ``robust_kappa`` >= 0: use the worst case of mu within kappa standard errors (0 = off).
+    - ``vrp_penalty`` >= 0: eta of the charge ``eta * sum_i max(0, -VRP_i) |w_i|`` (0 = off).
+    - ``funding_beta``: funding tilt, ``mu_i -= funding_beta * 8760 * f_i`` with f_i the forecast
+      funding rate per hour (+ = longs pay); 0 = off.
     """
 
     target_return: float | None = None
@@ -92,6 +97,8 @@ class Parameters:
     baseline: str | None = None
     overlay_cap: float | None = None
     robust_kappa: float | None = None
+    vrp_penalty: float | None = None
+    funding_beta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,8 @@ def _parse_parameters(name: str, objective: str, raw: object) -> Parameters:
         raise ConfigError(f"strategy {name!r}: parameters.risk_aversion={p.risk_aversion} must be > 0")
     if p.robust_kappa is not None and p.robust_kappa < 0:
         raise ConfigError(f"strategy {name!r}: parameters.robust_kappa={p.robust_kappa} must be >= 0")
+    if p.vrp_penalty is not None and p.vrp_penalty < 0:
+        raise ConfigError(f"strategy {name!r}: parameters.vrp_penalty={p.vrp_penalty} must be >= 0")
     if p.overlay_cap is not None and p.overlay_cap < 0:
         raise ConfigError(f"strategy {name!r}: parameters.overlay_cap={p.overlay_cap} must be >= 0")
     return p

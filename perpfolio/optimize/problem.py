@@ -10,14 +10,15 @@ Objectives (all inputs annualized; :math:`F^\top F = \Sigma`, rf = 0):
 - ``downside``:      :math:`\min_w \alpha\, w^\top\Sigma w + (1-\alpha) \sum_i w_i D_i`
 - ``semivariance``:  :math:`\min_w w^\top\Sigma^- w` (s.t. :math:`\mu^\top w \ge \mu_p` if a target is set)
 - ``vrp_tilt``:      :math:`\max_w \tilde\mu^\top w - \tfrac{\gamma}{2} w^\top\Sigma w`,
-  :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP}`
+  :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP} - \beta_f\,8760\,\hat f` (funding tilt, optional)
 - ``hybrid``:        :math:`\max_w \tilde\mu^\top w - \tfrac{\gamma}{2}\big(\alpha\, w^\top\Sigma w +
   (1-\alpha)\sum_i w_i D_i\big)` s.t. :math:`\tfrac12\|w - w^{base}\|_1 \le c`
 
 plus the constraint terms of the strategy (budget, bounds, optional gross leverage and max
-rebalance) and the optional trading-cost term. The reported ``objective`` is the minimized value
-in annualized units (a negative utility for vrp_tilt/hybrid), except ``max_sharpe`` which
-reports the annualized Sharpe ratio (rf = 0) it maximizes.
+rebalance) and the optional objective terms (trading cost, L2, robust mean, and for vrp_tilt and
+hybrid the VRP penalty :math:`\eta \sum_i \max(0, -\mathrm{VRP}_i)|w_i|`). The reported
+``objective`` is the minimized value in annualized units (a negative utility for vrp_tilt/hybrid),
+except ``max_sharpe`` which reports the annualized Sharpe ratio (rf = 0) it maximizes.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from perpfolio.optimize.terms import (
     StressLoss,
     TargetReturn,
     TransactionCost,
+    VrpPenalty,
     NotPSDError,
     constraint_violations,
     psd_factor,
@@ -60,10 +62,11 @@ SOLVER_OPTIONS: dict[str, dict] = {
     "CLARABEL": {},
     "OSQP": {"warm_start": True, "eps_abs": 1e-9, "eps_rel": 1e-9, "polish": True, "max_iter": 100_000},
 }
-# OSQP asked for 1e-9 may stop at its iteration limit (ADMM converges slowly on the LP-like rows of
-# |w| terms); an iterate whose residuals meet OSQP's default 1e-6 (the stop of the direct path) is
-# kept, verified like any solution, and labelled "OSQP:user_limit".
-ITERATION_LIMIT_RESIDUAL = 1e-6
+# OSQP through cvxpy (a strategy with |w|, CVaR or overlay terms) may stop at its iteration limit or
+# inaccurate: ADMM converges slowly on those LP-like rows. Such a solve, or one that fails or does not
+# verify, is re-solved by CLARABEL (interior point) on the same compiled problem.
+RETRY_SOLVER = "CLARABEL"
+_DATA_FAILURES = ("missing_input", "not_psd")  # no solver can do better on these inputs
 _FAILED_STATUS = {
     cp.INFEASIBLE: "infeasible",
     cp.INFEASIBLE_INACCURATE: "infeasible",
@@ -77,8 +80,8 @@ class SolveResult:
     """Outcome of one solve: ``status`` is "optimal" or the failure reason
     ("nonfinite_input", "missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
     "nonfinite_solution", "verification_failed"); ``weights`` is None unless optimal.
-    ``solver`` gets the suffix ":optimal_inaccurate" (or ":user_limit", an OSQP iterate at its
-    iteration limit within ``ITERATION_LIMIT_RESIDUAL``) when such a solution passed verification."""
+    ``solver`` gets the suffix ":optimal_inaccurate" when such a solution passed verification, and
+    is "CLARABEL:after_OSQP_<why>" when CLARABEL re-solved a failed or inaccurate OSQP solve."""
 
     weights: np.ndarray | None
     status: str
@@ -114,13 +117,13 @@ def build_terms(spec: StrategySpec) -> tuple[list, list]:
     elif obj == "semivariance":
         objective = [QuadraticRisk(1.0, matrix="semicov")]
     elif obj == "vrp_tilt":
-        objective = [QuadraticRisk(p.risk_aversion / 2), ExpectedReturn(beta=p.beta)]
+        objective = [QuadraticRisk(p.risk_aversion / 2), ExpectedReturn(beta=p.beta, funding_beta=p.funding_beta)]
     else:  # hybrid
         gamma = p.risk_aversion
         objective = [
             QuadraticRisk(gamma * p.alpha / 2),
             LinearDownside(gamma * (1.0 - p.alpha) / 2),
-            ExpectedReturn(beta=p.beta),
+            ExpectedReturn(beta=p.beta, funding_beta=p.funding_beta),
         ]
         constraints.append(OverlayCap(p.overlay_cap))
     if p.target_return is not None:
@@ -131,6 +134,8 @@ def build_terms(spec: StrategySpec) -> tuple[list, list]:
         objective.append(L2Regularization(spec.constraints.l2_gamma))
     if p.robust_kappa:
         objective.append(RobustMean(p.robust_kappa))
+    if p.vrp_penalty:
+        objective.append(VrpPenalty(p.vrp_penalty))
     return objective, constraints
 
 
@@ -185,6 +190,7 @@ class PortfolioProblem:
         finite = all(np.isfinite(getattr(data, k)).all() for k in self.needs)
         if self.spec.objective in ("vrp_tilt", "hybrid"):
             finite = finite and not np.isinf(data.vrp).any()
+            finite = finite and (data.funding_1h is None or not np.isinf(data.funding_1h).any())
         return finite
 
     def solve(self, data: SolveData) -> SolveResult:
@@ -207,23 +213,38 @@ class PortfolioProblem:
                 psd_factor(risk, name=self.risk_matrix)
             except NotPSDError:
                 return SolveResult(None, "not_psd", solver)
-            w, status = self.direct.solve(data, scale)
+            try:
+                w, status = self.direct.solve(data, scale)
+            except DataError:
+                return SolveResult(None, "missing_input", solver)  # e.g. a funding tilt without a forecast
             if w is None:
                 return SolveResult(None, status, solver)
         else:
-            w, status = self._solve_cvxpy(data, scale)
-            if w is None:
-                return SolveResult(None, status, solver)
-        if not np.isfinite(w).all():
-            return SolveResult(None, "nonfinite_solution", solver)
-        if max(self.constraint_violations(w, data).values(), default=0.0) > TOLERANCE:
-            return SolveResult(None, "verification_failed", solver)
+            w, status = self._solve_cvxpy(data, scale, solver)
+            failure = self._failure(w, status, data)
+            if solver == "OSQP" and status not in _DATA_FAILURES and (failure or status != cp.OPTIMAL):
+                w, status = self._solve_cvxpy(data, scale, RETRY_SOLVER)
+                solver = f"{RETRY_SOLVER}:after_OSQP_{failure or status}"
+        failure = self._failure(w, status, data)
+        if failure:
+            return SolveResult(None, failure, solver)
         label = solver if status == cp.OPTIMAL else f"{solver}:{status}"
         return SolveResult(np.asarray(w, dtype=float), "optimal", label)
 
-    def _solve_cvxpy(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, str]:
-        """Set the parameters (scaled) and solve the compiled cvxpy problem: (weights, status)."""
-        solver = self.spec.solver
+    def _failure(self, w: np.ndarray | None, status: str, data: SolveData) -> str | None:
+        """Why the solve's weights cannot be stored (the failed status, "nonfinite_solution" or
+        "verification_failed": a constraint violated by more than TOLERANCE), or None."""
+        if w is None:
+            return status
+        if not np.isfinite(w).all():
+            return "nonfinite_solution"
+        if max(self.constraint_violations(w, data).values(), default=0.0) > TOLERANCE:
+            return "verification_failed"
+        return None
+
+    def _solve_cvxpy(self, data: SolveData, scale: float, solver: str) -> tuple[np.ndarray | None, str]:
+        """Set the parameters (scaled) and solve the compiled cvxpy problem with ``solver``:
+        (weights, status)."""
         try:
             for term in self.terms:
                 term.update(data, scale)
@@ -240,20 +261,10 @@ class PortfolioProblem:
         status = self.problem.status
         if status in _FAILED_STATUS:
             return None, _FAILED_STATUS[status]
-        if status == cp.USER_LIMIT and not self._osqp_residuals_small():
-            return None, "solver_error"
-        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT) or self.w.value is None:
+        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or self.w.value is None:
             return None, "solver_error"
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.w.value / (self.kappa.value if self.normalization else 1.0), status
-
-    def _osqp_residuals_small(self) -> bool:
-        """True when the last solve was OSQP's and its primal and dual residuals (scaled problem)
-        are at most ``ITERATION_LIMIT_RESIDUAL``."""
-        info = getattr(self.problem.solver_stats.extra_stats, "info", None)
-        if self.spec.solver != "OSQP" or info is None:
-            return False
-        return max(info.prim_res, info.dual_res) <= ITERATION_LIMIT_RESIDUAL
 
     def constraint_violations(self, w: np.ndarray, data: SolveData) -> dict[str, float]:
         """Violation of every constraint of the strategy at ``w`` in original units."""
@@ -275,7 +286,7 @@ class PortfolioProblem:
 
     def _check_shapes(self, data: SolveData) -> None:
         n = self.n_assets
-        for key in ("mu", "downside", "vrp", "cov", "semicov", "w_prev", "w_base"):
+        for key in ("mu", "downside", "vrp", "cov", "semicov", "w_prev", "w_base", "funding_1h"):
             value = getattr(data, key)
             shape = (n, n) if key in ("cov", "semicov") else (n,)
             if value is not None and np.shape(value) != shape:

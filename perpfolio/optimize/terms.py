@@ -31,6 +31,8 @@ from scipy import sparse
 
 from perpfolio.errors import DataError
 
+HOURS_PER_YEAR = 8760.0  # funding forecasts are per hour whatever the bar size
+
 
 @dataclass(frozen=True)
 class SolveData:
@@ -41,7 +43,8 @@ class SolveData:
     hybrid's baseline. ``target_return`` overrides the strategy's target (frontier sweeps).
     ``scenarios`` (T x N) are the estimation window's per-bar net returns (for CVaR) and
     ``window_years`` its length in years (for the standard error of the mean). ``tradable``
-    (N bools, None = all) is the liquid universe; other assets are held at 0.
+    (N bools, None = all) is the liquid universe; other assets are held at 0. ``funding_1h`` (N)
+    is the forecast funding rate per hour (+ = longs pay; NaN = unknown, no tilt).
     """
 
     mu: np.ndarray
@@ -55,6 +58,7 @@ class SolveData:
     scenarios: np.ndarray | None = None
     window_years: float | None = None
     tradable: np.ndarray | None = None
+    funding_1h: np.ndarray | None = None
 
 
 class NotPSDError(DataError):
@@ -146,35 +150,75 @@ class LinearDownside:
         return None, self.weight * scale * data.downside
 
 
-def tilted_mean(data: SolveData, beta: float) -> np.ndarray:
-    r""":math:`\tilde\mu_i = \mu_i^{hist} + \beta\,\mathrm{VRP}_i`; a NaN VRP (unknown) is no tilt."""
-    return data.mu + beta * np.where(np.isnan(data.vrp), 0.0, data.vrp)
+def tilted_mean(data: SolveData, beta: float, funding_beta: float = 0.0) -> np.ndarray:
+    r""":math:`\tilde\mu_i = \mu_i^{hist} + \beta\,\mathrm{VRP}_i - \beta_f \cdot 8760\,\hat f_i`
+    (annualized): the VRP tilt, and the funding tilt toward perps whose forecast funding
+    :math:`\hat f_i` (per hour, + = longs pay) favours a long; a NaN VRP or forecast is no tilt."""
+    mu = data.mu + beta * np.where(np.isnan(data.vrp), 0.0, data.vrp)
+    if funding_beta:
+        if data.funding_1h is None:
+            raise DataError("funding_beta needs the funding forecast (signals.signals.funding_forecast_1h)")
+        mu = mu - funding_beta * HOURS_PER_YEAR * np.where(np.isnan(data.funding_1h), 0.0, data.funding_1h)
+    return mu
 
 
 class ExpectedReturn:
-    r"""Negative expected return :math:`-\tilde\mu^\top w`, :math:`\tilde\mu = \mu + \beta\,\mathrm{VRP}`
-    (annualized); minimizing risk terms plus this one maximizes a mean-risk utility."""
+    r"""Negative expected return :math:`-\tilde\mu^\top w` with :math:`\tilde\mu` of
+    :func:`tilted_mean` (annualized); minimizing risk terms plus this one maximizes a mean-risk utility."""
 
-    reads = ("mu",)  # and vrp, where NaN means no tilt (never inf; see PortfolioProblem)
+    reads = ("mu",)  # and vrp / funding_1h, where NaN means no tilt (never inf; see PortfolioProblem)
 
-    def __init__(self, *, beta: float = 0.0) -> None:
-        self.beta = beta
+    def __init__(self, *, beta: float = 0.0, funding_beta: float = 0.0) -> None:
+        self.beta, self.funding_beta = beta, funding_beta
 
     def __repr__(self) -> str:
-        return f"ExpectedReturn(beta={self.beta})"
+        return f"ExpectedReturn(beta={self.beta}, funding_beta={self.funding_beta})"
 
     def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
         self.mu = cp.Parameter(w.size, name="mu_tilted")
         return -(self.mu @ w), []
 
     def update(self, data: SolveData, scale: float) -> None:
-        self.mu.value = scale * tilted_mean(data, self.beta)
+        self.mu.value = scale * tilted_mean(data, self.beta, self.funding_beta)
 
     def value(self, w: np.ndarray, data: SolveData) -> float:
-        return -float(w @ tilted_mean(data, self.beta))
+        return -float(w @ tilted_mean(data, self.beta, self.funding_beta))
 
     def qp(self, data: SolveData, scale: float) -> tuple[np.ndarray | None, np.ndarray | None]:
-        return None, -scale * tilted_mean(data, self.beta)
+        return None, -scale * tilted_mean(data, self.beta, self.funding_beta)
+
+
+def vrp_charge(data: SolveData) -> np.ndarray:
+    r""":math:`\max(0, -\mathrm{VRP}_i)`: how unfavourable each asset's VRP is (annualized variance;
+    0 for a non-negative or unknown VRP)."""
+    return np.maximum(0.0, -np.where(np.isnan(data.vrp), 0.0, data.vrp))
+
+
+class VrpPenalty:
+    r"""Penalty on allocations with unfavourable VRP, :math:`\eta \sum_i \max(0, -\mathrm{VRP}_i)\,|w_i|`
+    (``vrp_penalty`` = η, unitless; VRP annualized variance, implied − realized): holding, long or
+    short, an asset whose realized variance exceeds its implied variance costs η per unit of that
+    excess. Compiled with an epigraph :math:`t \ge |w|` so the parameter multiplies a parameter-free
+    expression (DPP)."""
+
+    reads = ()  # vrp, where NaN means no charge (never inf; see PortfolioProblem)
+
+    def __init__(self, eta: float) -> None:
+        self.eta = eta
+
+    def __repr__(self) -> str:
+        return f"VrpPenalty(eta={self.eta})"
+
+    def compile(self, w: cp.Variable, kappa) -> tuple[cp.Expression, list[cp.Constraint]]:
+        self.charge = cp.Parameter(w.size, nonneg=True, name="vrp_charge")
+        size = cp.Variable(w.size, name="abs_weight")
+        return self.charge @ size, [size >= w, size >= -w]
+
+    def update(self, data: SolveData, scale: float) -> None:
+        self.charge.value = scale * self.eta * vrp_charge(data)
+
+    def value(self, w: np.ndarray, data: SolveData) -> float:
+        return self.eta * float(vrp_charge(data) @ np.abs(w))
 
 
 class TransactionCost:

@@ -68,7 +68,9 @@ class AsofInputs:
     ``window_years`` a robust mean; both may be None when no strategy uses them. ``regime``
     ("calm"/"turbulent") drives ``fallback_in_turbulence``; ``fallback_cov`` (a shrunk covariance,
     e.g. Ledoit-Wolf) is what the min-variance fallback solves on; ``tradable`` (N bools) is the
-    liquid universe of :func:`perpfolio.optimize.universe.liquid_universe`. The moment fields are
+    liquid universe of :func:`perpfolio.optimize.universe.liquid_universe`; ``funding_1h`` (N) the
+    forecast funding rate per hour of the signals (+ = longs pay, NaN = unknown) for a funding
+    tilt (None when no strategy uses it). The moment fields are
     the "sample" estimator; ``alternatives`` holds the other named estimators a strategy may pick.
     A naive ``asof`` is taken as UTC.
     """
@@ -86,6 +88,7 @@ class AsofInputs:
     fallback_cov: np.ndarray | None = None
     tradable: np.ndarray | None = None
     alternatives: dict[str, EstimateSet] | None = None
+    funding_1h: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def optimize_walk_forward(
                 mu=est.mu, cov=est.cov, downside=est.downside, semicov=est.semicov,
                 vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
                 scenarios=item.scenarios, window_years=item.window_years, tradable=item.tradable,
+                funding_1h=item.funding_1h,
             )
             decided[spec.name] = decide(
                 spec, data, estimate_status=est.status, cache=cache,
@@ -252,6 +256,8 @@ def _check_inputs(item: AsofInputs, n: int, last: datetime | None) -> datetime:
         shape = (n, n) if key in ("cov", "semicov") else (n,)
         if np.shape(getattr(item, key)) != shape:
             raise DataError(f"{where}: {key} has shape {np.shape(getattr(item, key))}, expected {shape}")
+    if item.funding_1h is not None and np.shape(item.funding_1h) != (n,):
+        raise DataError(f"{where}: funding_1h has shape {np.shape(item.funding_1h)}, expected {(n,)}")
     if not isinstance(item.status, str):
         raise DataError(f"{where}: status must be a string, got {item.status!r}")
     return asof
