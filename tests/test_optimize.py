@@ -430,6 +430,49 @@ class TestTailAndRobustTerms:
         unconstrained = PortfolioProblem(spec_of("min_variance")[0], 4).solve(SolveData(**m)).weights
         assert empirical_cvar(-(r @ unconstrained), 0.95) > 0.027  # the limit binds
 
+    def test_stressed_scenarios_by_hand(self):
+        from perpfolio.optimize.terms import stressed_scenarios
+
+        rng = np.random.default_rng(5)
+        r = rng.normal(0, 0.01, (60, 2))
+        r[-10:, 0] *= 4  # asset 0 ends in a volatile spell; asset 1 stays calm
+        h = 12.0
+        lam = 0.5 ** (1 / h)
+        expected = r.copy()
+        for i in range(2):
+            v = [sum(x * x for x in r[:, i]) / len(r)]
+            for x in r[:, i]:
+                v.append(lam * v[-1] + (1 - lam) * x * x)
+            v = v[1:]
+            for s in range(len(r)):
+                expected[s, i] = r[s, i] * max(1.0, (v[-1] / v[s]) ** 0.5)
+        got = stressed_scenarios(r, h)
+        np.testing.assert_allclose(got, expected, rtol=1e-12)
+        assert np.abs(got[:40, 0]).mean() > 1.5 * np.abs(r[:40, 0]).mean()  # calm bars replayed at today's vol
+        np.testing.assert_array_equal(stressed_scenarios(np.zeros((5, 2)), h), np.zeros((5, 2)))
+
+    def test_stressed_cvar_limit_holds_on_the_stressed_scenarios(self):
+        from perpfolio.optimize.terms import empirical_cvar, stressed_scenarios
+
+        m, r = market(17, 4), self.scenarios(2, 4)
+        r[-20:, :2] *= 3  # the two first assets turned volatile at the end of the window
+        limits = {**BOUNDS, "cvar_limit": 0.05, "cvar_alpha": 0.95, "cvar_scenarios": 200}
+        plain = parse_strategies([{"name": "p", "objective": "min_variance", "constraints": limits}])[0]
+        stressed = parse_strategies([{"name": "s", "objective": "min_variance",
+                                      "constraints": {**limits, "cvar_stress_half_life": 24}}])[0]
+        data = SolveData(**m, scenarios=r)
+        w_plain, w_stress = (PortfolioProblem(s, 4).solve(data).weights for s in (plain, stressed))
+        shocked = stressed_scenarios(r, 24)
+        assert empirical_cvar(-(shocked @ w_stress), 0.95) <= 0.05 + 1e-6
+        assert empirical_cvar(-(shocked @ w_plain), 0.95) > 0.05  # the historical limit alone misses the spell
+        x, t, u = cp.Variable(4), cp.Variable(), cp.Variable(200, nonneg=True)
+        cp.Problem(cp.Minimize(cp.quad_form(x, cp.psd_wrap(m["cov"]))), [
+            cp.sum(x) == 1, x >= 0, x <= 0.5, u >= -(shocked @ x) - t, t + cp.sum(u) / (200 * 0.05) <= 0.05,
+        ]).solve(**OSQP_REF)
+        np.testing.assert_allclose(w_stress, x.value, atol=1e-5)
+        with pytest.raises(ConfigError, match="cvar_stress_half_life=0.0 must be > 0"):
+            parse_strategies([{"name": "s", "objective": "min_variance", "constraints": {"cvar_stress_half_life": 0.0}}])
+
     def test_missing_scenarios_take_the_fallback_with_a_clear_reason(self):
         m = market(15, 5)
         specs = parse_strategies([{"name": "s", "objective": "min_variance",

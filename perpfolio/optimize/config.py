@@ -25,6 +25,7 @@ A strategy is one objective, its parameters and a set of constraints::
     # cvar_limit = 0.02               # CVaR at cvar_alpha of the per-bar loss over the last cvar_scenarios bars <= 2%
     # cvar_alpha = 0.95
     # cvar_scenarios = 720
+    # cvar_stress_half_life = 48      # stressed scenarios: each bar rescaled up to today's EWMA vol (half-life, bars)
 
 All return-like parameters (``target_return``) are ANNUALIZED decimals (0.20 = 20% a year), like
 the annualized moments the optimizer receives. Unknown keys, unknown objectives, wrong types and
@@ -119,6 +120,7 @@ class Constraints:
     cvar_limit: float | None = None
     cvar_alpha: float = 0.95
     cvar_scenarios: int = 720
+    cvar_stress_half_life: float | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,9 @@ def _parse_constraints(name: str, raw: object) -> Constraints:
     c = replace(c, cvar_scenarios=int(c.cvar_scenarios))
     if not 0.5 <= c.cvar_alpha < 1.0:
         raise ConfigError(f"strategy {name!r}: constraints.cvar_alpha={c.cvar_alpha} must be in [0.5, 1)")
+    if c.cvar_stress_half_life is not None and not c.cvar_stress_half_life > 0:
+        raise ConfigError(f"strategy {name!r}: constraints.cvar_stress_half_life={c.cvar_stress_half_life} "
+                          f"must be > 0 bars")
     if c.cvar_limit is not None and c.cvar_limit <= 0:
         raise ConfigError(f"strategy {name!r}: constraints.cvar_limit={c.cvar_limit} must be > 0")
     for key in ("max_leverage", "max_rebalance"):

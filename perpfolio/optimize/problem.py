@@ -102,7 +102,7 @@ def base_constraints(spec: StrategySpec) -> list:
     if c.max_stress_loss is not None:
         terms.append(StressLoss(c.max_stress_loss, c.stress_shock))
     if c.cvar_limit is not None:
-        terms.append(CVaRLimit(c.cvar_alpha, c.cvar_limit, c.cvar_scenarios))
+        terms.append(CVaRLimit(c.cvar_alpha, c.cvar_limit, c.cvar_scenarios, stress_half_life=c.cvar_stress_half_life))
     return terms
 
 

@@ -551,21 +551,42 @@ class StressLoss:
         return -scenario_shocks(data.cov, self.shock), np.full(2, -np.inf), np.full(2, self.max_loss)
 
 
+def stressed_scenarios(returns: np.ndarray, half_life: float) -> np.ndarray:
+    r"""Scenarios replayed at today's volatility where it is higher (volatility-updated historical
+    simulation, never scaled down): :math:`\tilde r_{s,i} = r_{s,i}\,\max(1, \sigma_{T,i}/\sigma_{s,i})`,
+    :math:`\sigma^2_{s,i} = \lambda\sigma^2_{s-1,i} + (1-\lambda) r^2_{s,i}` (EWMA,
+    :math:`\lambda = 2^{-1/h}`, h = ``half_life`` bars), started at the sample's mean square; an
+    asset with :math:`\sigma_{s,i} = 0` keeps its returns. Input and output: T x N per-bar returns."""
+    r = np.asarray(returns, dtype=float)
+    lam = 0.5 ** (1.0 / half_life)
+    var = np.empty_like(r)
+    level = (r**2).mean(axis=0)
+    for s in range(len(r)):
+        level = lam * level + (1.0 - lam) * r[s] ** 2
+        var[s] = level
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(var > 0, np.sqrt(var[-1] / var), 1.0)
+    return r * np.maximum(1.0, factor)
+
+
 class CVaRLimit:
     r"""Tail risk: the CVaR at level α of the per-bar portfolio loss :math:`-r_s^\top w` over the
     last ``n_scenarios`` bars of the estimation window is at most ``limit`` (per-bar decimal, e.g.
     0.02 = 2% in one bar). Rockafellar-Uryasev form, exact for the empirical distribution:
     :math:`t + \frac{1}{1-\alpha} \sum_s p_s u_s \le L`, :math:`u_s \ge -r_s^\top w - t`,
-    :math:`u_s \ge 0`, :math:`p_s = 1/T` (0 on padding rows when the window is shorter)."""
+    :math:`u_s \ge 0`, :math:`p_s = 1/T` (0 on padding rows when the window is shorter). With
+    ``stress_half_life`` the scenarios are the stressed ones of :func:`stressed_scenarios`."""
 
     depends_on_data = True  # may not hold for fallback weights (see walk_forward.decide)
     reads = ()  # the scenarios, checked when set (missing or non-finite: DataError)
 
-    def __init__(self, alpha: float, limit: float, n_scenarios: int) -> None:
+    def __init__(self, alpha: float, limit: float, n_scenarios: int, *, stress_half_life: float | None = None) -> None:
         self.alpha, self.limit, self.n_scenarios = alpha, limit, n_scenarios
+        self.stress_half_life = stress_half_life
 
     def __repr__(self) -> str:
-        return f"CVaRLimit(alpha={self.alpha}, limit={self.limit}, n_scenarios={self.n_scenarios})"
+        return (f"CVaRLimit(alpha={self.alpha}, limit={self.limit}, n_scenarios={self.n_scenarios}, "
+                f"stress_half_life={self.stress_half_life})")
 
     def compile(self, w: cp.Variable, kappa) -> list[cp.Constraint]:
         self.returns = cp.Parameter((self.n_scenarios, w.size), name="scenario_returns")
@@ -580,7 +601,7 @@ class CVaRLimit:
         window = np.asarray(data.scenarios, dtype=float)[-self.n_scenarios:]
         if not np.isfinite(window).all():
             raise DataError("cvar_limit: the return scenarios contain NaN or inf")
-        return window
+        return window if self.stress_half_life is None else stressed_scenarios(window, self.stress_half_life)
 
     def update(self, data: SolveData, scale: float) -> None:
         window = self._window(data)
