@@ -26,14 +26,13 @@ target (relative), and the largest violation of budget, bounds and target. Run:
 from __future__ import annotations
 
 import argparse
-import time
 from datetime import UTC, datetime, timedelta
 
 import cvxpy as cp
 import numpy as np
 import osqp
 
-from bench_optimizer import BARS_PER_YEAR, REFERENCE, STEP, T, WINDOW, hourly_returns, installed
+from bench_optimizer import BARS_PER_YEAR, REFERENCE, STEP, T, WINDOW, hourly_returns, installed, timed
 from perpfolio.optimize import Constraints, EfficientFrontier, frontier_walk
 
 POINTS, MAX_WEIGHT = 20, 0.5
@@ -99,15 +98,6 @@ def pyportfolioopt(mu, cov, targets) -> np.ndarray:
                 points.append(np.full(len(m), np.nan))
         out.append(points)
     return np.array(out)
-
-
-def timed(fn, repeat: int) -> tuple[float, np.ndarray]:
-    best = np.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def main() -> None:

@@ -137,7 +137,8 @@ def installed(module: str) -> bool:
     return True
 
 
-def timed(fn, repeat: int) -> tuple[float, list[np.ndarray]]:
+def timed(fn, repeat: int) -> tuple[float, object]:
+    """(best wall time of `repeat` calls of fn, its last result)."""
     best = np.inf
     for _ in range(repeat):
         start = time.perf_counter()
