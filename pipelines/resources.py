@@ -50,12 +50,17 @@ class _TransactionalClient(DuckDbClient):
         finally:
             conn.close()
 
+    @staticmethod
+    def delete_table_slice(context, table_slice: TableSlice, connection) -> None:
+        """Nothing here: the handler deletes the slice itself, after adding any new column, because
+        DuckDB cannot commit an ALTER TABLE that follows a DELETE of the same table in one transaction."""
+
 
 class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
     def handle_output(self, context: dg.OutputContext, table_slice: TableSlice, obj: pl.DataFrame, connection):
-        """Insert ``obj`` by column name. A column the stored table lacks (a warehouse written by an
-        older version) is added first, null for the rows already stored; a stored column the frame
-        lacks is null in the new rows."""
+        """Replace the slice with ``obj``, inserted by column name. A column the stored table lacks (a
+        warehouse written by an older version) is added first, null for the rows already stored; a
+        stored column the frame lacks is null in the new rows."""
         table = f"{table_slice.schema}.{table_slice.table}"
         connection.register("perpfolio_frame", obj.to_arrow())
         connection.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM perpfolio_frame LIMIT 0")
@@ -64,7 +69,9 @@ class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
             [table_slice.schema, table_slice.table]).fetchall()}
         for name, dtype, *_ in connection.execute("DESCRIBE SELECT * FROM perpfolio_frame").fetchall():
             if name not in stored:
-                connection.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {dtype}')
+                quoted = '"' + name.replace('"', '""') + '"'
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {quoted} {dtype}")
+        DuckDbClient.delete_table_slice(context, table_slice, connection)
         connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM perpfolio_frame")
         connection.unregister("perpfolio_frame")
         return {"row_count": obj.height}
