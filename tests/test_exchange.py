@@ -155,6 +155,21 @@ def test_a_day_in_progress_is_returned_but_never_cached(clean_market, tmp_path):
         assert server.data_requests() - before == 4  # the open day again (trade, mark, index, funding), not the closed one
 
 
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_a_live_run_at_midnight_gets_the_funding_event_stamped_at_midnight(exchange, clean_market, truth, tmp_path):
+    """The daily job runs day D once D has closed (now = D+1 00:00): the event stamped D+1 00:00
+    settles D's last bar and must be in D's funding, although its timestamp is not before now."""
+    day = ORIGIN + timedelta(days=4)
+    now = day + timedelta(days=1)
+    with ReplayServer(clean_market) as server, ExchangeCache(tmp_path / "c.duckdb") as cache:
+        got = read_exchange(client(exchange, server), ["BTCUSDT"], day, now, cache=cache, now=now).data.funding
+        again = read_exchange(client(exchange, server), ["BTCUSDT"], day, now, cache=cache, now=now).data.funding
+    expected = truth.funding.filter((pl.col("symbol") == "BTCUSDT") & pl.col("bar_ts").is_between(day, now, closed="left"))
+    assert expected["ts"].max() == now  # the midnight event is part of the day
+    assert got.drop("source").equals(expected.drop("source"))
+    assert again.drop("source").equals(expected.drop("source"))  # also with day D cached
+
+
 def test_invalid_value_names_exchange_symbol_bar_and_field_and_is_not_cached(tmp_path):
     market = synthetic_market(["BTCUSDT"], ORIGIN, ORIGIN + timedelta(days=3), seed=1)
     series = market.klines["trade", "BTCUSDT"]

@@ -394,13 +394,16 @@ def _series(client: ExchangeClient, cache: ExchangeCache | None, dataset: str, s
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     closed = [d for d in days if day_start(d) + timedelta(days=1) <= now]
     have = set() if cache is None or refresh else cache.complete_days(client.name, dataset, symbol, closed)
-    todo = [d for d in days if d not in have and day_start(d) < now]
+    # candles: bars opened before now (closed); funding: events up to and including now, since an
+    # event stamped on the hour settles the bar that closes then (and "now" is floored to the hour)
+    horizon = now + timedelta(milliseconds=1) if dataset == "funding" else now
+    todo = [d for d in days if d not in have and day_start(d) < horizon]
     step = client.piece_days(dataset)
     fresh: list[tuple] = []
     for run in _runs(todo):
         for i in range(0, len(run), step):
             piece = run[i:i + step]
-            lo, hi = day_start(piece[0]), min(now, day_start(piece[-1]) + timedelta(days=1))
+            lo, hi = day_start(piece[0]), min(horizon, day_start(piece[-1]) + timedelta(days=1))
             fresh += client.fetch_rows(dataset, symbol, _ms(lo), _ms(hi))
     if todo:  # nothing invalid reaches the cache
         _validate(client.name, dataset, symbol, fresh, day_start(todo[0]), day_start(todo[-1]) + timedelta(days=1))
