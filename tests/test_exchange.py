@@ -126,10 +126,11 @@ def test_cache_resumes_and_a_complete_window_downloads_nothing(clean_market, tmp
     with ReplayServer(clean_market) as server:
         uninterrupted = tables(read("bybit", server, start=start, end=end))
         full_requests = server.data_requests()
-    with ReplayServer(clean_market, faults=[Fault("500", 20, "/v5/market/", count=1000)]) as server:
+        port = int(server.url.rsplit(":", 1)[1])  # the same host for every server below: the cache is per host
+    with ReplayServer(clean_market, port=port, faults=[Fault("500", 20, "/v5/market/", count=1000)]) as server:
         with ExchangeCache(tmp_path / "cache.duckdb") as cache, pytest.raises(SourceUnavailable):
             read("bybit", server, start=start, end=end, cache=cache)
-    with ReplayServer(clean_market) as server:
+    with ReplayServer(clean_market, port=port) as server:
         with ExchangeCache(tmp_path / "cache.duckdb") as cache:
             resumed = tables(read("bybit", server, start=start, end=end, cache=cache))
             resumed_requests = server.data_requests()
@@ -141,6 +142,23 @@ def test_cache_resumes_and_a_complete_window_downloads_nothing(clean_market, tmp
     for name in uninterrupted:
         assert resumed[name].equals(uninterrupted[name]), name
         assert again[name].equals(uninterrupted[name]), name
+
+
+def test_the_cache_never_serves_one_host_s_rows_for_another(clean_market, tmp_path):
+    """Rows downloaded from a mirror or the replay server are filed under that host: a read of the
+    same days from another host (the exchange itself, another mirror) downloads them again."""
+    start, end = ORIGIN + timedelta(days=3), ORIGIN + timedelta(days=6)
+    with ExchangeCache(tmp_path / "c.duckdb") as cache:
+        with ReplayServer(clean_market) as first:
+            read("binance", first, start=start, end=end, cache=cache)
+            assert client("binance", first).origin == f"binance@{first.url}"
+        with ReplayServer(clean_market) as second:
+            read("binance", second, start=start, end=end, cache=cache)
+            assert second.data_requests() > 0
+            before = second.data_requests()
+            read("binance", second, start=start, end=end, cache=cache)
+            assert second.data_requests() == before  # its own rows are reused
+    assert client_for("binance").origin == "binance"
 
 
 def test_a_day_in_progress_is_returned_but_never_cached(clean_market, tmp_path):

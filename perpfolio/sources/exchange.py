@@ -114,8 +114,11 @@ class ExchangeClient:
             raise ConfigError(f"{self.name}: need max_retries >= 0, backoff_s >= 0 and timeout_s > 0, got "
                               f"{max_retries}, {backoff_s}, {timeout_s}")
         self.api = self.ccxt_class({"enableRateLimit": rate_limit, "timeout": int(timeout_s * 1000)})
+        # what the download cache files rows under: the exchange, and the host when redirected, so
+        # rows from a mirror or the replay server are never served as the exchange's own
+        self.origin = self.name
         if base_url:
-            _redirect(self.api, base_url)
+            self.origin = f"{self.name}@{_redirect(self.api, base_url)}"
         self.max_retries, self.backoff_s, self.sleep = max_retries, backoff_s, sleep
         self.requests = 0  # HTTP requests sent, retries included
         self.retries = 0
@@ -393,7 +396,7 @@ def _series(client: ExchangeClient, cache: ExchangeCache | None, dataset: str, s
     first, last = start.date(), (end - timedelta(microseconds=1)).date()
     days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
     closed = [d for d in days if day_start(d) + timedelta(days=1) <= now]
-    have = set() if cache is None or refresh else cache.complete_days(client.name, dataset, symbol, closed)
+    have = set() if cache is None or refresh else cache.complete_days(client.origin, dataset, symbol, closed)
     # candles: bars opened before now (closed); funding: events up to and including now, since an
     # event stamped on the hour settles the bar that closes then (and "now" is floored to the hour)
     horizon = now + timedelta(milliseconds=1) if dataset == "funding" else now
@@ -410,8 +413,8 @@ def _series(client: ExchangeClient, cache: ExchangeCache | None, dataset: str, s
     done = [d for d in todo if d in set(closed)]
     if cache is not None and done:
         done_epoch_days = {(d - _EPOCH_DAY).days for d in done}
-        cache.store(client.name, dataset, symbol, done, [r for r in fresh if r[0] // DAY_MS in done_epoch_days])
-    cached = cache.rows(client.name, dataset, symbol, sorted(have)) if cache is not None and have else []
+        cache.store(client.origin, dataset, symbol, done, [r for r in fresh if r[0] // DAY_MS in done_epoch_days])
+    cached = cache.rows(client.origin, dataset, symbol, sorted(have)) if cache is not None and have else []
     return cached + fresh
 
 
@@ -541,8 +544,9 @@ def _num(value: object) -> float:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _redirect(api: ccxt.Exchange, base_url: str) -> None:
-    """Point every API URL of ``api`` at ``base_url``'s scheme and host, keeping each URL's path."""
+def _redirect(api: ccxt.Exchange, base_url: str) -> str:
+    """Point every API URL of ``api`` at ``base_url``'s scheme and host, keeping each URL's path;
+    returns the new prefix."""
     target = urlsplit(base_url)
     if target.scheme not in ("http", "https") or not target.netloc:
         raise ConfigError(f"PERPFOLIO_EXCHANGE_URL must look like http://host:port, got {base_url!r}")
@@ -554,6 +558,7 @@ def _redirect(api: ccxt.Exchange, base_url: str) -> None:
         path = urlsplit(url.replace("{hostname}", "host")).path
         return prefix + path
     api.urls["api"] = point(api.urls["api"])
+    return prefix
 
 
 def _runs(days: list[date]) -> list[list[date]]:
