@@ -440,16 +440,21 @@ class TestTailAndRobustTerms:
         lam = 0.5 ** (1 / h)
         expected = r.copy()
         for i in range(2):
-            v = [sum(x * x for x in r[:, i]) / len(r)]
+            v = [sum(x * x for x in r[:, i]) / len(r)]  # v[s]: the forecast before bar s; v[-1]: after the last
             for x in r[:, i]:
                 v.append(lam * v[-1] + (1 - lam) * x * x)
-            v = v[1:]
             for s in range(len(r)):
                 expected[s, i] = r[s, i] * max(1.0, (v[-1] / v[s]) ** 0.5)
         got = stressed_scenarios(r, h)
         np.testing.assert_allclose(got, expected, rtol=1e-12)
         assert np.abs(got[:40, 0]).mean() > 1.5 * np.abs(r[:40, 0]).mean()  # calm bars replayed at today's vol
         np.testing.assert_array_equal(stressed_scenarios(np.zeros((5, 2)), h), np.zeros((5, 2)))
+        # a crash after a calm spell is scaled by the calm volatility before it, not by its own:
+        # 1% vol, a -10% bar, today's vol 2% -> the crash replays at about -20%
+        calm = np.full((400, 1), 0.01) * np.where(np.arange(400) % 2, 1.0, -1.0)[:, None]
+        spell = np.vstack([calm, [[-0.10]], np.full((60, 1), 0.02) * np.where(np.arange(60) % 2, 1.0, -1.0)[:, None]])
+        crash = stressed_scenarios(spell, 48.0)[400, 0]
+        assert -0.24 < crash < -0.17
 
     def test_stressed_cvar_limit_holds_on_the_stressed_scenarios(self):
         from perpfolio.optimize.terms import empirical_cvar, stressed_scenarios

@@ -307,18 +307,18 @@ def stress_losses(cov: np.ndarray, shock: float, w: np.ndarray) -> np.ndarray:
 
 def cvar_sample(case: Case) -> np.ndarray:
     """The CVaR scenarios: the last cvar_scenarios bars, with a stress half-life each bar's return
-    times max(1, today's EWMA vol / that bar's), the EWMA started at the mean square."""
+    times max(1, today's EWMA vol / the EWMA vol forecast before that bar), started at the mean square."""
     c = case.spec.constraints
     window = np.array(case.m.scenarios[-c.cvar_scenarios:], dtype=float)
     if c.cvar_stress_half_life is None:
         return window
     lam = 0.5 ** (1.0 / c.cvar_stress_half_life)
     for i in range(window.shape[1]):
-        level, path = float(np.mean(window[:, i] ** 2)), []
+        level, before = float(np.mean(window[:, i] ** 2)), []  # the forecast before each bar
         for x in window[:, i]:
+            before.append(level)
             level = lam * level + (1.0 - lam) * x * x
-            path.append(level)
-        window[:, i] *= [max(1.0, np.sqrt(path[-1] / v)) if v > 0 else 1.0 for v in path]
+        window[:, i] *= [max(1.0, np.sqrt(level / v)) if v > 0 else 1.0 for v in before]
     return window
 
 

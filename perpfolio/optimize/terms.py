@@ -553,19 +553,22 @@ class StressLoss:
 
 def stressed_scenarios(returns: np.ndarray, half_life: float) -> np.ndarray:
     r"""Scenarios replayed at today's volatility where it is higher (volatility-updated historical
-    simulation, never scaled down): :math:`\tilde r_{s,i} = r_{s,i}\,\max(1, \sigma_{T,i}/\sigma_{s,i})`,
-    :math:`\sigma^2_{s,i} = \lambda\sigma^2_{s-1,i} + (1-\lambda) r^2_{s,i}` (EWMA,
-    :math:`\lambda = 2^{-1/h}`, h = ``half_life`` bars), started at the sample's mean square; an
-    asset with :math:`\sigma_{s,i} = 0` keeps its returns. Input and output: T x N per-bar returns."""
+    simulation, never scaled down): :math:`\tilde r_{s,i} = r_{s,i}\,\max(1, \sigma_{T,i}/\sigma_{s,i})`
+    with :math:`\sigma_{s,i}` the EWMA forecast made before bar s,
+    :math:`\sigma^2_{s+1,i} = \lambda\sigma^2_{s,i} + (1-\lambda) r^2_{s,i}` (:math:`\lambda = 2^{-1/h}`,
+    h = ``half_life`` bars, :math:`\sigma^2_{0,i}` the sample's mean square), and
+    :math:`\sigma_{T,i}` the forecast after the last bar. A crash bar is thus scaled by the calm
+    volatility before it, not by its own. An asset with :math:`\sigma_{s,i} = 0` keeps its returns.
+    Input and output: T x N per-bar returns."""
     r = np.asarray(returns, dtype=float)
     lam = 0.5 ** (1.0 / half_life)
-    var = np.empty_like(r)
+    before = np.empty_like(r)
     level = (r**2).mean(axis=0)
     for s in range(len(r)):
+        before[s] = level
         level = lam * level + (1.0 - lam) * r[s] ** 2
-        var[s] = level
     with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(var > 0, np.sqrt(var[-1] / var), 1.0)
+        factor = np.where(before > 0, np.sqrt(level / before), 1.0)
     return r * np.maximum(1.0, factor)
 
 
