@@ -253,3 +253,14 @@ def test_settings_read_the_exchange_variables(tmp_path):
         Settings.from_env({"PERPFOLIO_EXCHANGE": "kraken"})
     with pytest.raises(ConfigError, match="PERPFOLIO_EXCHANGE_TIMEOUT_S must be > 0"):
         Settings(exchange_timeout_s=0)
+
+
+def test_retry_after_in_seconds_as_a_date_or_unreadable():
+    c = client_for("binance", backoff_s=0.5)
+    waits = []
+    for header in ("7", "Wed, 21 Oct 2099 07:28:00 GMT", "soon", None):
+        c.api.last_response_headers = {} if header is None else {"Retry-After": header}
+        waits.append(c._wait_s(attempt=2))
+    assert waits[0] == 7.0
+    assert waits[1] == 120.0  # a far date is capped at 4 x 30 s
+    assert waits[2] == waits[3] == 2.0  # unreadable or absent: 0.5 s x 2**2

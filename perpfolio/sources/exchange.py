@@ -155,8 +155,12 @@ class ExchangeClient:
             try:
                 return min(MAX_BACKOFF_S * 4, max(0.0, float(retry_after)))
             except ValueError:
+                pass
+            try:
                 when = email.utils.parsedate_to_datetime(retry_after)
                 return min(MAX_BACKOFF_S * 4, max(0.0, (when - datetime.now(timezone.utc)).total_seconds()))
+            except (TypeError, ValueError):
+                pass  # neither seconds nor an HTTP date: back off as if it were absent
         return min(MAX_BACKOFF_S, self.backoff_s * 2**attempt)
 
     # --- instruments and symbols --------------------------------------------------------------
