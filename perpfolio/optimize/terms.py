@@ -27,7 +27,7 @@ from typing import Literal
 
 import cvxpy as cp
 import numpy as np
-from scipy import sparse
+from scipy import signal, sparse
 
 from perpfolio.errors import DataError
 
@@ -562,13 +562,12 @@ def stressed_scenarios(returns: np.ndarray, half_life: float) -> np.ndarray:
     Input and output: T x N per-bar returns."""
     r = np.asarray(returns, dtype=float)
     lam = 0.5 ** (1.0 / half_life)
-    before = np.empty_like(r)
-    level = (r**2).mean(axis=0)
-    for s in range(len(r)):
-        before[s] = level
-        level = lam * level + (1.0 - lam) * r[s] ** 2
+    start = (r**2).mean(axis=0)
+    # the recursion as a linear filter: after[s] = lam * after[s-1] + (1 - lam) r[s]^2, after[-1] = start
+    after, _ = signal.lfilter([1.0 - lam], [1.0, -lam], r**2, axis=0, zi=lam * start[None, :])
+    before = np.vstack([start[None, :], after[:-1]])
     with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(before > 0, np.sqrt(level / before), 1.0)
+        factor = np.where(before > 0, np.sqrt(after[-1] / before), 1.0)
     return r * np.maximum(1.0, factor)
 
 
