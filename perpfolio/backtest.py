@@ -57,8 +57,19 @@ Liquidation is not modelled here (see ``perpfolio.stress``). The simulation is s
 across rebalances: within a holding segment the drift is a ``cumprod`` of ``1 + r`` and the pnl is
 a vectorized product, so the cost is O(T N) array work plus O(K N) Python-level steps.
 
-Missing returns (NaN) are a ``DataError`` naming the bar and the symbol, unless the position held
-in that symbol during the bar is zero (then the value cannot matter and is ignored).
+Missing prices (a NaN price return: the symbol has no bar) follow the exchange, never a guess:
+
+* outage (more bars of the symbol follow): the position is carried at its last price (a 0
+  return per missing bar), and the first bar after the hole brings the gap-spanning return (and
+  the funding charged during the gap), so the position earns exactly the move over the gap;
+* delisting (the symbol's last bar is ``delisted_after`` bars or more before the last bar of the
+  history): the position is closed at the close of its last bar, paying fees and slippage on
+  the drifted notional like a stop, and the symbol stays flat; ``delisting_closes`` counts them;
+* an execution at a bar where a symbol has no price cannot trade it: the position keeps its
+  drifted notional until the next execution (``untraded`` counts such positions at each
+  execution), and a symbol already delisted is traded to 0.
+
+A NaN funding return where the price return exists is a ``DataError`` naming the bar and symbol.
 """
 
 from __future__ import annotations
@@ -125,22 +136,31 @@ def rebalance_plan(
 
 def baseline_weights(
     kind: str, symbols: Sequence[str], n_decisions: int, *, static: Mapping[str, float] | None = None,
-    btc: str = "BTCUSDT",
+    btc: str = "BTCUSDT", members: np.ndarray | None = None,
 ) -> np.ndarray:
-    """K x N constant target weights of a baseline book (fractions of equity).
+    """K x N target weights of a baseline book (fractions of equity), constant unless the
+    point-in-time universe changes.
 
-    * ``equal_weight``: 1/N in every symbol.
-    * ``btc_only``: 1 in ``btc`` (ConfigError when it is not in ``symbols``).
+    * ``equal_weight``: 1/n in each of the n symbols in the universe (flat when none is).
+    * ``btc_only``: 1 in ``btc`` (ConfigError when it is not in ``symbols``); flat while it is out
+      of the universe.
     * ``static``: the given ``{symbol: weight}`` (symbols not listed get 0; a listed symbol that is
-      not in ``symbols`` is a ConfigError). Weights are used as given (not renormalized).
+      not in ``symbols`` is a ConfigError), used as given while all its symbols are in the
+      universe; otherwise the weights of the symbols in it, rescaled to the configured total
+      (left as they are when they sum to 0).
+
+    ``members``: K x N universe (default: every symbol at every decision).
     """
     n = len(symbols)
+    members = np.ones((n_decisions, n), dtype=bool) if members is None else np.asarray(members, dtype=bool)
+    if members.shape != (n_decisions, n):
+        raise DataError(f"baseline_weights: members must be {n_decisions} x {n}, got {members.shape}")
     if kind == "equal_weight":
-        row = np.full(n, 1.0 / n)
-    elif kind == "btc_only":
+        return members / np.maximum(members.sum(axis=1, keepdims=True), 1)
+    if kind == "btc_only":
         if btc not in symbols:
             raise ConfigError(f"baseline btc_only: {btc} is not among the symbols {list(symbols)}")
-        row = (np.asarray(symbols) == btc).astype(float)
+        return members * (np.asarray(symbols) == btc).astype(float)
     elif kind == "static":
         if not static:
             raise ConfigError("baseline static: no static weights given (PERPFOLIO_STATIC_WEIGHTS)")
@@ -151,9 +171,12 @@ def baseline_weights(
         row = np.array([float(static.get(s, 0.0)) for s in symbols])
         if not np.isfinite(row).all():
             raise ConfigError(f"baseline static: weights must be finite, got {dict(static)}")
-    else:
-        raise ConfigError(f"unknown baseline {kind!r}; choose from {BASELINES}")
-    return np.tile(row, (n_decisions, 1))
+        kept = members * row
+        complete = (members | (row == 0)).all(axis=1, keepdims=True)
+        kept_total = kept.sum(axis=1, keepdims=True)
+        rescale = np.where(kept_total != 0, row.sum() / np.where(kept_total != 0, kept_total, 1.0), 1.0)
+        return np.where(complete, row, kept * rescale)
+    raise ConfigError(f"unknown baseline {kind!r}; choose from {BASELINES}")
 
 def simulate(
     bar_ts: np.ndarray,
@@ -172,6 +195,7 @@ def simulate(
     cash_rate_per_bar: float = 0.0,
     sizing: SizingRule | None = None,
     predicted_cov: np.ndarray | None = None,
+    delisted_after: int = 24,
 ) -> pl.DataFrame:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
@@ -195,17 +219,24 @@ def simulate(
         sizing: scale each target by ``lambda (1 - c)`` (module docstring); None (default) = as given.
         predicted_cov: K x N x N predicted ANNUALIZED covariances at each asof (rows as
             ``rebalance_bars``), required when ``sizing.target_vol`` is set; NaN rows = unknown.
+        delisted_after: a symbol whose last bar lies this many bars (or more) before the last bar
+            of the history is delisted at its last bar (module docstring); a shorter silence at the
+            end is an outage in progress. Default 24 (a day of hourly bars).
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
         (equity units, per bar), turnover (traded / pre-cost equity), gross_leverage, drawdown
         (fractions), stops (positions closed by the stop-loss in the bar), interest (equity units),
-        sizing_leverage and cash_fraction (the sizing in force: lambda and c).
+        sizing_leverage and cash_fraction (the sizing in force: lambda and c), delisting_closes
+        (positions closed at a delisting in the bar) and untraded (positions an execution in the
+        bar could not trade: no price).
     """
     if stop_loss is not None and not 0 < stop_loss < 1:
         raise DataError(f"simulate: stop_loss must be in (0, 1) or None, got {stop_loss}")
     if not (np.isfinite(cash_rate_per_bar) and cash_rate_per_bar > -1):
         raise DataError(f"simulate: cash_rate_per_bar must be a finite rate > -1, got {cash_rate_per_bar}")
+    if isinstance(delisted_after, bool) or not isinstance(delisted_after, (int, np.integer)) or delisted_after < 1:
+        raise DataError(f"simulate: delisted_after must be an integer >= 1 (bars), got {delisted_after!r}")
     r, f, reb, w = _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_weights,
                              fee_bps=fee_bps, slippage_bps=slippage_bps, lag_bars=lag_bars,
                              initial_equity=initial_equity, symbols=symbols)
@@ -220,11 +251,13 @@ def simulate(
     dd_bars = reb[keep] - (1 if lag_bars == 0 else 0)  # the bar whose close gives each decision's drawdown
     # held[t]: index of the last execution strictly before bar t (-1: flat, before the first trade).
     held = np.searchsorted(exec_bars, np.arange(n_bars), side="left") - 1
-    missing = np.isnan(r) | np.isnan(f)
-    if missing.any():
-        _check_missing(r, f, missing, held, w, bar_ts, symbols)
-        r = np.where(missing, 0.0, r)  # only where the held position is zero (checked above)
-        f = np.where(missing, 0.0, f)
+    priced = ~np.isnan(r)
+    _check_funding(f, priced, bar_ts, symbols)
+    r, f = np.where(priced, r, 0.0), np.where(priced, f, 0.0)  # no bar: carried at the last price
+    last_bar = np.where(priced.any(axis=0), n_bars - 1 - np.argmax(priced[::-1], axis=0), -1)
+    delist_bar = np.where((last_bar >= 0) & (n_bars - 1 - last_bar >= delisted_after), last_bar, n_bars)
+    tradable = priced[exec_bars] if len(exec_bars) else np.zeros((0, n_sym), dtype=bool)
+    gone = delist_bar[None, :] <= exec_bars[:, None]  # delisted at or before the execution: trade to 0
 
     # growth[t] = prod of (1 + r) from the segment's first bar through bar t; growth_prev: through t-1.
     growth = np.ones((n_bars, n_sym))
@@ -236,6 +269,8 @@ def simulate(
     stop_coef = np.zeros((n_bars, n_sym))  # |x0| . stop_coef[t] = notional closed by stops at bar t
     if stop_loss is not None and len(exec_bars):
         growth, stop_coef = _apply_stops(growth, np.sign(w), exec_bars, stop_loss)
+    growth, delist_coef = _apply_delistings(growth, exec_bars, delist_bar)
+    close_coef = stop_coef + delist_coef  # |x0| . close_coef[t] = notional closed at bar t (stops, delistings)
     growth_prev = np.vstack([np.ones((1, n_sym)), growth[:-1]])
     growth_prev[seg_starts[seg_starts < n_bars]] = 1.0
     price_coef = growth_prev * r  # price_pnl[t] = x0[held[t]] . price_coef[t]
@@ -246,7 +281,7 @@ def simulate(
     n_exec = len(exec_bars)
     growth_cash = (1.0 + cash_rate_per_bar) ** np.arange(1, n_bars + 1)  # D_t: one bar of interest per bar
     disc = 1.0 / growth_cash[:, None]
-    pnl_disc, stop_disc = (price_coef + fund_coef) * disc, stop_coef * disc
+    pnl_disc, stop_disc = (price_coef + fund_coef) * disc, close_coef * disc
     seg_pnl_coef = (np.add.reduceat(pnl_disc[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
                     if n_exec else np.zeros((0, n_sym)))
     seg_stop_coef = (np.add.reduceat(stop_disc[: exec_bars[-1] + 1], np.append(0, exec_bars[:-1] + 1), axis=0)
@@ -257,6 +292,7 @@ def simulate(
     traded_scaled = np.zeros(n_exec)  # sum_i scale_ji |trade_i|: the notional slippage is charged on
     e_pre = np.zeros(n_exec)
     cash = np.zeros(n_exec)  # c_j of each execution (0 without a cash buffer)
+    untraded = np.zeros(n_exec, dtype=np.int64)
     drawdown_path = _DrawdownPath(n_bars, initial_equity) if sizing is not None and sizing.cash_buffer else None
     equity, d_prev = float(initial_equity), 1.0  # equity after the previous execution, and D there
     x_prev, s_prev = x0[-1], scale_rows[-1]
@@ -270,6 +306,8 @@ def simulate(
         equity, d_prev = growth_cash[e] * discounted, growth_cash[e]
         drifted = x_prev * growth[e]
         target = (lev[j] * (1.0 - cash[j])) * w[j] * equity if equity > 0 else np.zeros(n_sym)
+        target = np.where(gone[j], 0.0, np.where(tradable[j], target, drifted))
+        untraded[j] = int(np.sum(~tradable[j] & ~gone[j] & (drifted != 0)))
         trade = np.abs(target - drifted)
         traded[j], traded_scaled[j] = trade.sum(), scale[j] @ trade
         e_pre[j] = equity
@@ -282,8 +320,8 @@ def simulate(
     x_held = x0[held]  # held == -1 picks the flat last row
     price_pnl = np.einsum("tn,tn->t", x_held, price_coef)
     funding_pnl = np.einsum("tn,tn->t", x_held, fund_coef)
-    traded_bar = np.einsum("tn,tn->t", np.abs(x_held), stop_coef)
-    scaled_bar = np.einsum("tn,tn->t", np.abs(x_held) * scale_rows[held], stop_coef)
+    traded_bar = np.einsum("tn,tn->t", np.abs(x_held), close_coef)
+    scaled_bar = np.einsum("tn,tn->t", np.abs(x_held) * scale_rows[held], close_coef)
     traded_bar[exec_bars] += traded
     scaled_bar[exec_bars] += traded_scaled
     fees = fee_rate * traded_bar
@@ -296,6 +334,9 @@ def simulate(
     turnover = np.divide(traded_bar, pre_cost, out=np.zeros(n_bars), where=pre_cost > 0)
     turnover[exec_bars] = np.divide(traded, e_pre, out=np.zeros(n_exec), where=e_pre > 0)
     stops = ((stop_coef > 0) & (x_held != 0)).sum(axis=1)
+    delisting_closes = ((delist_coef > 0) & (x_held != 0)).sum(axis=1)
+    untraded_bar = np.zeros(n_bars, dtype=np.int64)
+    untraded_bar[exec_bars] = untraded
     gross = np.abs(x_held * growth).sum(axis=1)
     gross[exec_bars] = np.abs(x0[:n_exec]).sum(axis=1)
     peak = np.maximum(np.maximum.accumulate(eq), initial_equity)
@@ -315,6 +356,8 @@ def simulate(
         "interest": interest,
         "sizing_leverage": np.append(lev, 1.0)[in_force],
         "cash_fraction": np.append(cash, 0.0)[in_force],
+        "delisting_closes": delisting_closes.astype(np.int64),
+        "untraded": untraded_bar,
     })
 
 
@@ -396,7 +439,8 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
       ret_funding = sum funding_pnl / E_{-1}, ret_costs = -costs / E_{-1}, ret_interest = sum
       interest / E_{-1} (0 without a cash rate or an ``interest`` column);
       ret_price + ret_funding + ret_costs + ret_interest = total_return exactly (the accounting identity)
-    * stops: positions closed by the stop-loss (0 without one)
+    * stops: positions closed by the stop-loss (0 without one); delisting_closes: positions closed at
+      a delisting (0 without the column)
     * avg_sizing_leverage, avg_cash_fraction: means over the bars of sizing_leverage (lambda) and
       cash_fraction (c) of the sizing rule (1 and 0 without sizing or without those columns)
     """
@@ -432,6 +476,7 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     daily = np.concatenate([[start], day_end])
     price, funding = float(equity["price_pnl"].sum()), float(equity["funding_pnl"].sum())
     stops = float(equity["stops"].sum()) if "stops" in equity.columns else 0.0
+    delisted = float(equity["delisting_closes"].sum()) if "delisting_closes" in equity.columns else 0.0
     lam = float(equity["sizing_leverage"].mean()) if "sizing_leverage" in equity.columns else 1.0
     cash = float(equity["cash_fraction"].mean()) if "cash_fraction" in equity.columns else 0.0
     return {
@@ -458,6 +503,7 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
         "ret_costs": -float(fees.sum() + slip.sum()) / start,
         "ret_interest": _interest(equity) / start,
         "stops": stops,
+        "delisting_closes": delisted,
         "avg_sizing_leverage": lam,
         "avg_cash_fraction": cash,
     }
@@ -538,6 +584,27 @@ def _apply_stops(growth, sign_w, exec_bars, stop_loss):
     return growth, stop_coef
 
 
+def _apply_delistings(growth, exec_bars, delist_bar):
+    """Close every position still held at its symbol's delisting bar; return (growth, close_coef).
+
+    The position of execution j in symbol i is closed at the close of ``delist_bar[i]`` when that
+    bar lies strictly inside the segment (after exec_j, before the next execution, which trades a
+    delisted symbol to 0 itself): ``close_coef[L, i]`` is its drift factor there and the drift is 0
+    from then on (the same mechanics as a stop)."""
+    n_bars = growth.shape[0]
+    growth = growth.copy()
+    close_coef = np.zeros_like(growth)
+    for i in np.flatnonzero(delist_bar < n_bars):
+        at = int(delist_bar[i])
+        j = int(np.searchsorted(exec_bars, at, side="left")) - 1  # last execution strictly before the bar
+        if j < 0:
+            continue
+        seg_end = min(exec_bars[j + 1] + 1, n_bars) if j + 1 < len(exec_bars) else n_bars
+        close_coef[at, i] = growth[at, i]
+        growth[at:seg_end, i] = 0.0
+    return growth, close_coef
+
+
 def _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_weights, *,
               fee_bps, slippage_bps, lag_bars, initial_equity, symbols):
     r = np.asarray(price_returns, dtype=float)
@@ -578,17 +645,13 @@ def _validate(bar_ts, price_returns, funding_returns, rebalance_bars, target_wei
     return r, f, reb.astype(np.int64), w
 
 
-def _check_missing(r, f, missing, held, w, bar_ts, symbols):
-    """NaN return/funding where the held position is nonzero -> DataError naming bar and symbol."""
-    w_held = np.vstack([w, np.zeros((1, w.shape[1]))])[held]
-    bad = np.argwhere(missing & (w_held != 0))
+def _check_funding(f, priced, bar_ts, symbols):
+    """A NaN funding return on a bar that has a price -> DataError naming bar and symbol."""
+    bad = np.argwhere(np.isnan(f) & priced)
     if len(bad):
         t, i = bad[0]
-        what = "price_return" if np.isnan(r[t, i]) else "funding_return"
-        raise DataError(
-            f"simulate: {what} is NaN at bar {t} ({bar_ts[t]}) for {_name(symbols, i)}, which holds a "
-            f"position (weight {w_held[t, i]}); pass gap-spanning returns instead of NaN"
-        )
+        raise DataError(f"simulate: funding_return is NaN at bar {t} ({bar_ts[t]}) for {_name(symbols, i)}, which has a "
+                        "price return there; a bar without funding events has a funding return of 0")
 
 
 def _name(symbols, i) -> str:

@@ -10,14 +10,17 @@ at ``asof``: only data at or before ``asof`` is ever used. Inputs are per-bar re
 log, as ``perpfolio.returns.net_returns`` built them); outputs are per bar until ``annualize``
 multiplies them by ``periods_per_year``, the one place where rescaling happens.
 
-NaN policy. A NaN is a missing bar (not listed yet, delisted, a gap). A window that holds a NaN
+NaN policy. A NaN is a missing one-bar return (not listed yet, delisted, an outage, or the
+return that spans a gap). Without ``members`` every symbol is required: a window that holds a NaN
 in any symbol, starts before the first row, or has a constant symbol gets a status other than
-"ok" and all-NaN arrays: never a partial estimate, never a zero-filled one.
+"ok" and all-NaN arrays: never a partial estimate, never a zero-filled one. With ``members``
+(the point-in-time universe of ``perpfolio.universe``) each window is estimated on its members
+only, over the rows where all of them have a return (at most ``max_missing`` rows skipped); the
+other symbols are NaN.
 
-All windows are computed at once: statuses from prefix counts over the whole matrix (exact
-integer arithmetic), the statistics by gathering windows into a stack and batched matrix products
-(two-pass, centred: robust for calm windows after volatile history), in chunks of ``_CHUNK``
-windows so memory stays at ``_CHUNK * window * N`` floats.
+Windows are gathered into stacks (one per member set and row count) and computed by batched
+matrix products (two-pass, centred: robust for calm windows after volatile history), in chunks of
+``_CHUNK`` windows so memory stays at ``_CHUNK * window * N`` floats.
 """
 
 from __future__ import annotations
@@ -121,36 +124,11 @@ def rolling_moments(
     ``returns``: ``T x N`` per-bar returns, NaN = missing bar. ``ends[k] = -1`` means no bar at or
     before the asof. Status per window: "insufficient_history" if it would start before row 0,
     else "missing_data" if it holds a NaN, else "degenerate" if a symbol is constant in it, else
-    "ok". Non-ok windows are all NaN.
+    "ok". Non-ok windows are all NaN. This is the ``sample`` estimator of ``rolling_estimates``
+    with every symbol required (no ``members``, no missing bar allowed).
     cov and semicov are symmetrized exactly; semicov is PSD by construction (also when N > T_w).
     """
-    returns = _check_returns(returns)
-    t, n = returns.shape
-    ends = _check_ends(ends, t)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
-        raise ConfigError(f"window must be an integer >= 2, got {window!r}")
-    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or not 0 <= ddof < window:
-        raise ConfigError(f"ddof must be an integer in [0, window), got {ddof!r}")
-    if not np.isfinite(tau):
-        raise ConfigError(f"tau must be finite, got {tau!r}")
-    starts, n_obs, status = _window_status(returns, ends, np.full(ends.size, window, dtype=np.int64))
-    k = ends.size
-
-    mean = np.full((k, n), np.nan)
-    cov = np.full((k, n, n), np.nan)
-    semicov = np.full((k, n, n), np.nan)
-    todo = np.flatnonzero(status == "ok")
-    for chunk in range(0, todo.size, _CHUNK):
-        rows = todo[chunk : chunk + _CHUNK]
-        w = returns[starts[rows, None] + np.arange(window)]  # (c, window, n)
-        m = w.mean(axis=1)
-        x = w - m[:, None, :]
-        z = np.minimum(w - tau, 0.0)
-        mean[rows] = m
-        cov[rows] = _symmetric(x.transpose(0, 2, 1) @ x) / (window - ddof)
-        semicov[rows] = _symmetric(z.transpose(0, 2, 1) @ z) / window
-    downside = np.diagonal(semicov, axis1=1, axis2=2).copy()
-    return Moments(mean=mean, cov=cov, downside=downside, semicov=semicov, n_obs=n_obs.astype(np.int64), status=status)
+    return rolling_estimates(returns, ends, window=window, estimators=("sample",), ddof=ddof, tau=tau)["sample"]
 
 
 ESTIMATORS: dict[str, tuple[str, str]] = {
@@ -175,11 +153,18 @@ def ewma_weights(window: int, half_life: float) -> np.ndarray:
     started at the first bar of the window, renormalized so they sum to 1 exactly.
     ``half_life = inf`` gives equal weights (the sample estimator).
     """
+    return age_weights(np.arange(window - 1, -1, -1), half_life)
+
+
+def age_weights(ages: np.ndarray, half_life: float) -> np.ndarray:
+    """Normalized EWMA weights ``a_s = lam^(age_s) / sum_j lam^(age_j)`` over the last axis, ``lam =
+    2^(-1/half_life)``; ``ages`` in bars before the window's last bar. With the ages of the bars a
+    window actually has, a missing bar still counts as a bar of decay (weights by calendar age)."""
     if not (isinstance(half_life, (int, float, np.floating, np.integer)) and half_life > 0) or np.isnan(half_life):
         raise ConfigError(f"half_life must be a number > 0 (bars), got {half_life!r}")
     lam = 2.0 ** (-1.0 / half_life)
-    raw = lam ** np.arange(window - 1, -1, -1, dtype=np.float64)
-    return raw / raw.sum()
+    raw = lam ** np.asarray(ages, dtype=np.float64)
+    return raw / raw.sum(axis=-1, keepdims=True)
 
 
 def rolling_estimates(
@@ -193,15 +178,24 @@ def rolling_estimates(
     half_life: float = 168.0,
     n_factors: int = 1,
     market_factor: str = "mean",
+    members: np.ndarray | None = None,
+    max_missing: int = 0,
 ) -> dict[str, Moments]:
     """Every named estimator of ``ESTIMATORS`` over the windows ending at ``ends``. Per-bar units.
 
     ``window``: one length for all windows, or one per window (``len(ends)`` ints, e.g. shortened
-    after a regime change); windows are grouped by length and each group is batched. One pass per
-    chunk of windows computes the centred Gram matrix ``X^T X`` (``X = W - mean``) and the
-    downside product ``Z^T Z`` (``Z = min(W - tau, 0)``) once and derives every estimator from them.
-    Windows, statuses and the NaN policy are those of ``rolling_moments`` (a non-ok window is
-    all NaN in every estimator).
+    after a regime change). ``members`` (K x N bools, default all True) are the symbols each
+    window is estimated on (the point-in-time universe, ``perpfolio.universe``); the others get
+    NaN in every array. A window uses its COMPLETE bars: the rows of ``[e - L + 1, e]`` where every
+    member has a finite return (``T_w`` of them, ``n_obs``); at most ``max_missing`` rows may be
+    incomplete (default 0: a NaN in any member makes the window "missing_data"). Windows with the
+    same members and ``T_w`` are batched. One pass per chunk of windows computes the centred Gram
+    matrix ``X^T X`` (``X = W - mean``) and the downside product ``Z^T Z`` (``Z = min(W - tau, 0)``)
+    once and derives every estimator from them.
+
+    Status per window: "insufficient_history" if it would start before row 0, "missing_data" if
+    it has no member or fewer than ``L - max_missing`` complete rows, "degenerate" if a member is
+    constant over them, else "ok"; a non-ok window is all NaN in every estimator.
 
     Means (per bar): ``sample`` = window mean; ``ewma`` = ``sum_s a_s r_s`` with ``ewma_weights``;
     ``shrunk`` = ``mbar + (1 - delta)(m - mbar)``, toward the cross-sectional mean ``mbar`` of the
@@ -234,6 +228,9 @@ def rolling_estimates(
     Downside and semicovariance: ``z = min(0, r - tau)``; equal weights ``Z^T Z / T_w`` for every
     estimator but ``ewma``, which uses ``sum_s a_s z_s z_s^T``. ``downside = diag(semicov)``.
     Every matrix is exactly symmetric and PSD (also with N > T_w and near-singular windows).
+    N, ``mbar`` and the factor model's cross-section are over the members of the window; the EWMA
+    weights ``a_s`` are ``age_weights`` of its complete rows (an incomplete row is left out, but
+    still counts as a bar of decay), and ``n_factors`` is capped at the number of members minus one.
     """
     returns = _check_returns(returns)
     t, n = returns.shape
@@ -255,8 +252,13 @@ def rolling_estimates(
     if market_factor not in ("mean", "pca"):
         raise ConfigError(f"market_factor must be 'mean' or 'pca', got {market_factor!r}")
     ewma_weights(2, half_life)  # validates half_life
-    starts, n_obs, status = _window_status(returns, ends, windows)
     k = ends.size
+    members = np.ones((k, n), dtype=bool) if members is None else np.asarray(members)
+    if members.shape != (k, n) or members.dtype != bool:
+        raise DataError(f"members must be a {k} x {n} boolean array (asofs x symbols), got {members.dtype} {members.shape}")
+    if isinstance(max_missing, bool) or not isinstance(max_missing, (int, np.integer)) or max_missing < 0:
+        raise ConfigError(f"max_missing must be an integer >= 0, got {max_missing!r}")
+    rows, n_obs, status = _window_rows(returns, ends, windows, members, max_missing=max_missing, ddof=ddof)
     # one output array per METHOD (estimators sharing a mean, covariance or semicovariance method
     # share the array: treat Moments as read-only), so 8 estimators do not allocate 8 copies
     specs = {name: ESTIMATORS[name] for name in estimators}
@@ -269,17 +271,24 @@ def rolling_estimates(
         quantity: {m: np.full((k, n) if quantity == "mean" else (k, n, n), np.nan) for m in names}
         for quantity, names in methods.items()
     }
-    for length in np.unique(windows):
-        todo = np.flatnonzero((status == "ok") & (windows == length))
-        weights = ewma_weights(int(length), half_life)
-        for chunk in range(0, todo.size, _CHUNK):
-            rows = todo[chunk : chunk + _CHUNK]
-            w = returns[starts[rows, None] + np.arange(length)]  # (c, length, n)
+    groups: dict[tuple[bytes, int], list[int]] = {}
+    for j in np.flatnonzero(status == "ok"):
+        groups.setdefault((members[j].tobytes(), int(n_obs[j])), []).append(int(j))
+    for (_, count), todo in groups.items():
+        cols = np.flatnonzero(members[todo[0]])
+        for chunk in range(0, len(todo), _CHUNK):
+            windows_ = np.array(todo[chunk : chunk + _CHUNK])
+            take = np.stack([rows[j] for j in windows_])  # (c, count) row indices
+            w = returns[take[:, :, None], cols[None, None, :]]  # (c, count, members)
+            weights = age_weights(ends[windows_, None] - take, half_life)  # (c, count)
             parts = _chunk_estimates(w, methods, ddof=ddof, tau=tau, weights=weights,
-                                     n_factors=int(n_factors), market_factor=market_factor)
+                                     n_factors=min(int(n_factors), cols.size - 1), market_factor=market_factor)
             for quantity, arrays in parts.items():
                 for method, value in arrays.items():
-                    out[quantity][method][rows] = value
+                    if quantity == "mean":
+                        out[quantity][method][windows_[:, None], cols[None, :]] = value
+                    else:
+                        out[quantity][method][windows_[:, None, None], cols[None, :, None], cols[None, None, :]] = value
     downside = {m: np.diagonal(a, axis1=1, axis2=2).copy() for m, a in out["semicov"].items()}
     n_obs = n_obs.astype(np.int64)
     result = {}
@@ -336,11 +345,12 @@ def _chunk_estimates(w, methods, *, ddof, tau, weights, n_factors, market_factor
     if "factor" in covs:
         cov["factor"] = _factor_cov(x, gram, ddof=ddof, n_factors=n_factors, market_factor=market_factor)
     if "ewma" in means or "ewma" in covs:
-        me = np.einsum("t,ctn->cn", weights, w)
+        me = np.einsum("ct,ctn->cn", weights, w)
         xe = w - me[:, None, :]
         mean["ewma"] = me
-        cov["ewma"] = _symmetric((xe * weights[None, :, None]).transpose(0, 2, 1) @ xe) / (1.0 - np.sum(weights**2))
-        semicov["ewma"] = _symmetric((z * weights[None, :, None]).transpose(0, 2, 1) @ z)
+        bias = 1.0 - np.sum(weights**2, axis=1)
+        cov["ewma"] = _symmetric((xe * weights[:, :, None]).transpose(0, 2, 1) @ xe) / bias[:, None, None]
+        semicov["ewma"] = _symmetric((z * weights[:, :, None]).transpose(0, 2, 1) @ z)
     return {
         "mean": {m: mean[m] for m in methods["mean"]},
         "cov": {m: cov[m] for m in methods["cov"]},
@@ -455,8 +465,10 @@ def moments_to_long(
     window_bars, n_obs, status.
 
     Per asof: quantity "mean" and "downside" (one row per symbol, symbol_j null), "cov" and
-    "semicov" (all N*N pairs). ``value`` is in the units of ``moments`` (annualized when it went
-    through ``annualize``) and null on every row of an asof whose status is not "ok".
+    "semicov" (all pairs). ``value`` is in the units of ``moments`` (annualized when it went
+    through ``annualize``) and null on every row of an asof whose status is not "ok". On an "ok"
+    asof only the symbols with an estimate (a finite mean: the members of the universe) have rows,
+    so an asof of n members has 2n + 2n^2 rows.
     ``window_bars``: one length, or one per asof (windows shortened after a regime change).
     """
     asofs = to_datetime64(asofs)
@@ -475,6 +487,10 @@ def moments_to_long(
         schema={"quantity": pl.String, "symbol": pl.String, "symbol_j": pl.String},
     )
     per_asof = template.height
+    row_symbol = np.concatenate([np.arange(n), np.arange(n), np.repeat(np.arange(n), n), np.repeat(np.arange(n), n)])
+    row_symbol_j = np.concatenate([np.arange(n), np.arange(n), np.tile(np.arange(n), 2 * n)])
+    estimated = np.isfinite(moments.mean) | (moments.status != "ok")[:, None]
+    keep = (estimated[:, row_symbol] & estimated[:, row_symbol_j]).ravel()
     values = np.concatenate(
         [moments.mean, moments.downside, moments.cov.reshape(k, n * n), moments.semicov.reshape(k, n * n)], axis=1
     )
@@ -486,17 +502,22 @@ def moments_to_long(
         n_obs=pl.Series(np.repeat(moments.n_obs, per_asof), dtype=pl.Int64),
         status=pl.Series(np.repeat(moments.status, per_asof).tolist(), dtype=pl.String),
     )
-    return frame.with_columns(value=pl.when(pl.col("status") == "ok").then(pl.col("value"))).select(
+    return frame.filter(pl.Series(keep)).with_columns(value=pl.when(pl.col("status") == "ok").then(pl.col("value"))).select(
         "as_of", "estimator", "quantity", "symbol", "symbol_j", "value", "window_bars", "n_obs", "status"
     )
 
 
-def moments_from_long(frame: pl.DataFrame, *, estimator: str = "sample") -> tuple[np.ndarray, list[str], Moments]:
+def moments_from_long(
+    frame: pl.DataFrame, *, estimator: str = "sample", symbols: list[str] | None = None
+) -> tuple[np.ndarray, list[str], Moments]:
     """Inverse of ``moments_to_long`` for one estimator: ``(asofs, symbols, Moments)``.
 
-    ``asofs`` sorted (``datetime64[us]``), ``symbols`` sorted; values are returned bit for bit,
-    null -> NaN. Raises ``DataError`` on a missing or duplicate cell, an unknown quantity or
-    symbol_j, a status / n_obs that differs within an asof, or a null value on an "ok" asof.
+    ``asofs`` sorted (``datetime64[us]``); ``symbols`` the given list (its order; it must hold
+    every symbol of the rows), or the rows' symbols sorted. Values are returned bit for bit, null
+    -> NaN, and NaN for a symbol without rows at an asof (not in that asof's universe). Raises
+    ``DataError`` on a duplicate cell, a matrix cell missing between two symbols of an asof, an
+    unknown quantity or symbol_j, a status / n_obs that differs within an asof, or a null value
+    on an "ok" asof.
     """
     rows = frame.filter(pl.col("estimator") == estimator).with_columns(
         pl.col("as_of").dt.convert_time_zone("UTC").dt.cast_time_unit("us")
@@ -509,6 +530,7 @@ def moments_from_long(frame: pl.DataFrame, *, estimator: str = "sample") -> tupl
     per_asof = rows.group_by("as_of").agg(
         pl.col("status").n_unique().alias("n_status"), pl.col("n_obs").n_unique().alias("n_nobs"),
         pl.col("status").first(), pl.col("n_obs").first(),
+        pl.col("symbol").filter(pl.col("quantity") == "mean").n_unique().alias("n_symbols"),
     ).sort("as_of")
     mixed = per_asof.filter((pl.col("n_status") > 1) | (pl.col("n_nobs") > 1))
     if mixed.height:
@@ -520,52 +542,72 @@ def moments_from_long(frame: pl.DataFrame, *, estimator: str = "sample") -> tupl
             f"moments_from_long: null value with status 'ok' at asof={r['as_of']} "
             f"quantity={r['quantity']} symbol={r['symbol']}"
         )
+    found = sorted(rows["symbol"].unique().to_list())
+    if symbols is None:
+        symbols = found
+    elif set(found) - set(symbols):
+        raise DataError(f"moments_from_long: rows hold symbols {sorted(set(found) - set(symbols))} outside {symbols}")
     asofs = per_asof["as_of"].to_numpy()
-    symbols = sorted(rows["symbol"].unique().to_list())
     k, n = asofs.size, len(symbols)
-    sym = np.array(symbols, dtype=object)
+    position = {s: i for i, s in enumerate(symbols)}
+    members = rows.filter(pl.col("quantity") == "mean").select("as_of", "symbol")
     arrays = {q: np.full((k, n), np.nan) for q in _VECTORS} | {q: np.full((k, n, n), np.nan) for q in _MATRICES}
     for quantity, array in arrays.items():
         part = rows.filter(pl.col("quantity") == quantity)
-        expected = k * n * (n if quantity in _MATRICES else 1)
         cells = ["as_of", "symbol"] + (["symbol_j"] if quantity in _MATRICES else [])
+        expected = int((per_asof["n_symbols"] ** (2 if quantity in _MATRICES else 1)).sum())
         if part.height != expected or part.select(cells).is_duplicated().any():
             raise DataError(
-                f"moments_from_long: quantity={quantity!r} has {part.height} rows, expected {expected} unique cells"
+                f"moments_from_long: quantity={quantity!r} has {part.height} rows, expected {expected} unique cells "
+                "(every symbol of an asof, and every pair of them for matrices)"
             )
-        idx = [np.searchsorted(asofs, part["as_of"].to_numpy()), np.searchsorted(sym, part["symbol"].to_numpy())]
+        stray_symbols = part.join(members, on=["as_of", "symbol"], how="anti")
         if quantity in _MATRICES:
-            strays = part.filter(~pl.col("symbol_j").is_in(symbols).fill_null(False))
-            if strays.height:
-                raise DataError(
-                    f"moments_from_long: quantity={quantity!r} symbol_j={strays['symbol_j'][0]!r} "
-                    f"at asof={strays['as_of'][0]} is not among the symbols {symbols}"
-                )
-            idx.append(np.searchsorted(sym, part["symbol_j"].to_numpy()))
+            stray_symbols = pl.concat([stray_symbols, part.join(members, left_on=["as_of", "symbol_j"],
+                                                                 right_on=["as_of", "symbol"], how="anti")])
+        if stray_symbols.height:
+            r = stray_symbols.row(0, named=True)
+            raise DataError(f"moments_from_long: quantity={quantity!r} at asof={r['as_of']} names "
+                            f"symbol={r['symbol']!r} symbol_j={r.get('symbol_j')!r}, which has no mean at that asof")
+        idx = [np.searchsorted(asofs, part["as_of"].to_numpy()), part["symbol"].replace_strict(position).to_numpy()]
+        if quantity in _MATRICES:
+            idx.append(part["symbol_j"].replace_strict(position).to_numpy())
         array[tuple(idx)] = part["value"].to_numpy()
     moments = Moments(
         mean=arrays["mean"], cov=arrays["cov"], downside=arrays["downside"], semicov=arrays["semicov"],
         n_obs=per_asof["n_obs"].to_numpy().astype(np.int64),
         status=per_asof["status"].to_numpy().astype(_STATUS_DTYPE),
     )
-    return asofs, symbols, moments
+    return asofs, list(symbols), moments
 
 
-def _window_status(returns: np.ndarray, ends: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(starts, n_obs, status)`` of the windows ``[ends - windows + 1, ends]`` (exact prefix counts)."""
-    n = returns.shape[1]
-    starts = ends - windows + 1
-    first = np.maximum(starts, 0)
-    complete = np.concatenate([[0], np.cumsum(~np.isnan(returns).any(axis=1))])
-    n_obs = complete[ends + 1] - complete[first]
-    # changes[j, i]: how often symbol i's return differs from the row before, up to row j
-    changes = np.concatenate([np.zeros((1, n), np.int64), np.cumsum(np.diff(returns, axis=0) != 0, axis=0)])
-    constant = (changes[np.maximum(ends, 0)] == changes[first]).any(axis=1)
+def _window_rows(
+    returns: np.ndarray, ends: np.ndarray, windows: np.ndarray, members: np.ndarray, *, max_missing: int, ddof: int
+) -> tuple[list[np.ndarray | None], np.ndarray, np.ndarray]:
+    """``(rows, n_obs, status)`` of the windows ``[ends - windows + 1, ends]``: the complete rows
+    of each window's members (None unless the status is "ok"), their count and the status
+    (see ``rolling_estimates``)."""
+    valid = np.isfinite(returns)
     status = np.full(ends.size, "ok", dtype=_STATUS_DTYPE)
-    status[constant] = "degenerate"
-    status[n_obs < windows] = "missing_data"
-    status[starts < 0] = "insufficient_history"
-    return starts, n_obs, status
+    n_obs = np.zeros(ends.size, dtype=np.int64)
+    rows: list[np.ndarray | None] = [None] * ends.size
+    for j, (end, length, member) in enumerate(zip(ends, windows, members)):
+        start = end - length + 1
+        first = max(start, 0)
+        used = first + np.flatnonzero(valid[first : end + 1][:, member].all(axis=1))
+        n_obs[j] = used.size if member.any() else 0
+        if start < 0:
+            status[j] = "insufficient_history"
+            continue
+        if not member.any() or used.size < max(length - max_missing, ddof + 1, 2):
+            status[j] = "missing_data"
+            continue
+        values = returns[used][:, member]
+        if (values.max(axis=0) == values.min(axis=0)).any():
+            status[j] = "degenerate"
+            continue
+        rows[j] = used
+    return rows, n_obs, status
 
 
 def _symmetric(a: np.ndarray) -> np.ndarray:

@@ -109,14 +109,16 @@ def net_returns(
 
 
 def returns_matrix(
-    net_returns: pl.DataFrame, *, column: str = "net_return"
+    net_returns: pl.DataFrame, *, column: str = "net_return", bar_hours: int | None = None
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Pivot a long returns frame to a dense ``T x N`` matrix (units of ``column``, per bar).
 
     Returns ``(ts, symbols, R)``: ``ts`` the sorted unique bar open times (``datetime64[us]``, UTC),
+    or with ``bar_hours`` EVERY bar from the first to the last (a complete grid: a bar no symbol
+    has, e.g. an exchange-wide outage, is a row of NaN, so a window of W rows is W bars);
     ``symbols`` sorted, ``R[t, i]`` the value of ``column`` (float64) and NaN where symbol ``i``
     has no row at ``ts[t]`` (missing is never zero). Raises ``DataError`` on a duplicate
-    (symbol, ts) or a null / non-finite value.
+    (symbol, ts), a null / non-finite value, or (with ``bar_hours``) a ts off the bar grid.
     """
     for name in ("ts", "symbol", column):
         if name not in net_returns.columns:
@@ -128,6 +130,14 @@ def returns_matrix(
     ts_all = frame["ts"].to_numpy()
     sym_all = frame["symbol"].to_numpy().astype(str)
     ts = np.unique(ts_all)
+    if bar_hours is not None and ts.size:
+        periods_per_year(bar_hours)  # validates bar_hours
+        step = np.timedelta64(bar_hours, "h")
+        grid = np.arange(ts[0], ts[-1] + step, step)
+        off = ts[~np.isin(ts, grid)]
+        if off.size:
+            raise DataError(f"returns_matrix: ts {off[0]} is not on the {bar_hours}h grid that starts at {ts[0]}")
+        ts = grid
     symbols = sorted(set(sym_all.tolist()))
     matrix = np.full((ts.size, len(symbols)), np.nan)
     rows, cols = np.searchsorted(ts, ts_all), np.searchsorted(np.array(symbols, dtype=str), sym_all)

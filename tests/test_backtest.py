@@ -148,12 +148,59 @@ class TestRuin:
             performance_metrics(out, periods_per_year=8760)
 
 
-class TestMissingReturns:
-    def test_nan_in_held_symbol_names_bar_and_symbol(self):
-        r = np.zeros((5, 2))
-        r[3, 1] = np.nan
-        with pytest.raises(DataError, match=r"price_return is NaN at bar 3 .*'ETHUSDT'"):
-            simulate(hourly(5), r, np.zeros((5, 2)), np.array([0]), np.array([[0.5, 0.5]]),
+class TestMissingPrices:
+    """Issue 12: a symbol without a price is carried (outage) or closed at its last price (delisting),
+    never a crash and never a position held without a price."""
+
+    def test_an_outage_is_carried_and_the_spanning_return_applies(self):
+        # one long of 1.0 from the close of bar 0; bars 2-3 missing, bar 4 brings the move over the gap
+        r = np.array([[0.0], [0.01], [np.nan], [np.nan], [0.05], [-0.02]])
+        out = simulate(hourly(6), r, np.zeros((6, 1)), np.array([0]), np.array([[1.0]]), fee_bps=0, slippage_bps=0,
+                       lag_bars=0)
+        expected = np.cumprod([1.0, 1.01, 1.0, 1.0, 1.05, 0.98])
+        np.testing.assert_allclose(out["equity"].to_numpy(), expected, rtol=1e-14)
+        assert out["delisting_closes"].sum() == 0 and out["untraded"].sum() == 0
+
+    def test_a_delisted_position_is_closed_at_its_last_price_with_costs(self):
+        n = 40
+        r = np.full((n, 2), 0.001)
+        r[11:, 1] = np.nan  # ETH's last bar is 10, 29 bars before the end: delisted
+        w = np.array([[0.5, 0.5]])
+        out = simulate(hourly(n), r, np.zeros((n, 2)), np.array([0]), w, fee_bps=10, slippage_bps=0, lag_bars=0,
+                       symbols=["BTCUSDT", "ETHUSDT"], delisted_after=24)
+        # by hand: 0.5 of the pre-trade equity (1.0) in each, 0.001 of fees; ETH drifts 10 bars, then is
+        # sold at bar 10's close paying 10 bps on its drifted notional; BTC drifts to the end
+        eth_at_close = 0.5 * 1.001**10
+        fees = out["fees"].to_numpy()
+        assert fees[10] == pytest.approx(0.001 * eth_at_close, rel=1e-12)
+        assert out["delisting_closes"].to_list() == [0] * 10 + [1] + [0] * (n - 11)
+        btc_final = 0.5 * 1.001 ** (n - 1)
+        pnl = (btc_final - 0.5) + (eth_at_close - 0.5)
+        assert out["equity"][-1] == pytest.approx(1.0 - 0.001 + pnl - 0.001 * eth_at_close, rel=1e-12)
+        assert out["gross_leverage"][-1] == pytest.approx(btc_final / out["equity"][-1], rel=1e-12)
+
+    def test_a_short_silence_at_the_end_is_an_outage_in_progress(self):
+        r = np.full((30, 1), 0.001)
+        r[25:, 0] = np.nan  # last bar 24, 5 bars before the end: carried at its last price, not closed
+        out = simulate(hourly(30), r, np.zeros((30, 1)), np.array([0]), np.array([[1.0]]), fee_bps=10,
+                       slippage_bps=0, lag_bars=0, delisted_after=24)
+        assert out["delisting_closes"].sum() == 0 and out["fees"][1:].sum() == 0
+        assert out["gross_leverage"][-1] > 0.99
+
+    def test_an_execution_without_a_price_keeps_the_drifted_position(self):
+        r = np.array([[0.0, 0.0], [0.02, 0.0], [np.nan, 0.01], [0.03, 0.0], [0.0, 0.0]])
+        # asof 1 asks to leave symbol 0, but bar 2 (its execution with lag 1) has no price for it
+        out = simulate(hourly(5), r, np.zeros((5, 2)), np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]]),
+                       fee_bps=0, slippage_bps=0, lag_bars=1)
+        assert out["untraded"].to_list() == [0, 0, 1, 0, 0]
+        x0 = 1.0  # symbol 0 bought at bar 1's close (equity 1.0), not sold at bar 2 (no price), held through bar 3
+        assert out["price_pnl"][3] == pytest.approx(x0 * 0.03, rel=1e-12)
+
+    def test_nan_funding_on_a_priced_bar_names_bar_and_symbol(self):
+        f = np.zeros((5, 2))
+        f[3, 1] = np.nan
+        with pytest.raises(DataError, match=r"funding_return is NaN at bar 3 .*'ETHUSDT'"):
+            simulate(hourly(5), np.zeros((5, 2)), f, np.array([0]), np.array([[0.5, 0.5]]),
                      symbols=["BTCUSDT", "ETHUSDT"])
 
     def test_nan_in_unheld_symbol_is_ignored(self, rng):

@@ -114,7 +114,7 @@ class TestStatus:
     @pytest.mark.parametrize(
         ("kwargs", "error", "match"),
         [
-            ({"window": 1}, ConfigError, "window must be an integer >= 2, got 1"),
+            ({"window": 1}, ConfigError, "window must be an integer >= 2 or one such integer per window, got 1"),
             ({"window": 10, "ddof": 10}, ConfigError, r"ddof must be an integer in \[0, window\), got 10"),
             ({"window": 10, "tau": np.nan}, ConfigError, "tau must be finite"),
         ],
@@ -224,12 +224,17 @@ class TestLongFormat:
     def test_missing_cell_and_unknown_estimator(self, moments):
         asofs, symbols, m = moments
         frame = moments_to_long(asofs, symbols, m, window_bars=48)
-        with pytest.raises(DataError, match="quantity='mean' has 19 rows, expected 20"):
+        # without its first mean row, that symbol is absent from the asof, so its downside row is one too many
+        with pytest.raises(DataError, match="quantity='downside' has 20 rows, expected 19"):
             moments_from_long(frame.slice(1))
+        one_cov_cell_less = frame.filter(~((pl.col("quantity") == "cov") & (pl.col("symbol") == "XRPUSDT")
+                                            & (pl.col("symbol_j") == "BTCUSDT") & (pl.col("as_of") == pl.col("as_of").max())))
+        with pytest.raises(DataError, match="quantity='cov' has 79 rows, expected 80"):
+            moments_from_long(one_cov_cell_less)
         with pytest.raises(DataError, match="no rows for estimator='lw'"):
             moments_from_long(frame, estimator="lw")
         stray = frame.with_columns(symbol_j=pl.when(pl.col("symbol_j") == "XRPUSDT").then(pl.lit("DOGEUSDT")).otherwise("symbol_j"))
-        with pytest.raises(DataError, match="symbol_j='DOGEUSDT' .*not among the symbols"):
+        with pytest.raises(DataError, match="symbol_j='DOGEUSDT', which has no mean at that asof"):
             moments_from_long(stray)
         mixed = frame.with_columns(status=pl.when(pl.col("quantity") == "cov").then(pl.lit("ok")).otherwise("status"))
         with pytest.raises(DataError, match="status or n_obs differs within asof=2024-01-01 10:00"):

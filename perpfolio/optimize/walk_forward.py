@@ -11,10 +11,19 @@ Per asof and strategy the decision is the first of:
 4. equal weights ``budget / n`` clipped to the bounds, if they satisfy budget, bounds and leverage
    (always true for strategies that passed :func:`validate_for_universe`).
 
+Every asof is solved on its point-in-time universe (``AsofInputs.members``): the problem has one
+variable per member, the other symbols hold weight 0. When the members are too few for the
+budget under the bounds (``n min_weight <= budget <= n max_weight`` fails), the strategy holds
+``clip(budget / n, min_weight, max_weight)`` in each member and the rest in cash
+(``fallback:equal_capped:universe_too_small``; ``fallback:flat:empty_universe`` with no member):
+the bounds hold and the row says why the budget does not. The previous weights are a fallback
+only when they hold nothing outside the universe.
+
 ``status`` is "optimal" or ``"fallback:<which>:<reason>"`` where ``which`` is
-min_variance | previous | equal and ``reason`` is why the strategy was not used: the estimate
-status ("insufficient_history", "missing_data", "degenerate") or the solve failure
-("nonfinite_input", "missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
+min_variance | previous | equal | equal_capped | flat and ``reason`` is why the strategy was not used: the
+estimate status ("insufficient_history", "missing_data", "degenerate"), the universe
+("universe_too_small", "empty_universe") or the solve failure ("nonfinite_input",
+"missing_input", "not_psd", "zero_risk", "infeasible", "unbounded", "solver_error",
 "nonfinite_solution", "verification_failed"). Weights are never NaN.
 """
 
@@ -72,7 +81,9 @@ class AsofInputs:
     forecast funding rate per hour of the signals (+ = longs pay, NaN = unknown) for a funding
     tilt (None when no strategy uses it). The moment fields are
     the "sample" estimator; ``alternatives`` holds the other named estimators a strategy may pick.
-    A naive ``asof`` is taken as UTC.
+    ``members`` (N bools, None = all) is the point-in-time universe: the strategies are solved on
+    those symbols only, so the arrays may be NaN elsewhere (``scenarios`` rows must be complete
+    for the members). A naive ``asof`` is taken as UTC.
     """
 
     asof: datetime
@@ -89,6 +100,7 @@ class AsofInputs:
     tradable: np.ndarray | None = None
     alternatives: dict[str, EstimateSet] | None = None
     funding_1h: np.ndarray | None = None
+    members: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -103,30 +115,34 @@ class Decision:
 
 
 class ProblemCache:
-    """Compiled problems keyed by strategy name, built on first use and reused afterwards."""
+    """Compiled problems keyed by (strategy name, number of assets), built on first use and reused
+    afterwards (a universe of a new size compiles its problems once)."""
 
-    def __init__(self, n_assets: int) -> None:
-        self.n_assets = n_assets
-        self.problems: dict[str, PortfolioProblem] = {}
+    def __init__(self) -> None:
+        self.problems: dict[tuple[str, int], PortfolioProblem] = {}
 
-    def get(self, spec: StrategySpec) -> PortfolioProblem:
-        if spec.name not in self.problems:
-            self.problems[spec.name] = PortfolioProblem(spec, self.n_assets)
-        return self.problems[spec.name]
+    def get(self, spec: StrategySpec, n_assets: int) -> PortfolioProblem:
+        key = (spec.name, n_assets)
+        if key not in self.problems:
+            self.problems[key] = PortfolioProblem(spec, n_assets)
+        return self.problems[key]
 
 
 def decide(
     spec: StrategySpec, data: SolveData, *, estimate_status: str, cache: ProblemCache,
-    regime: str | None = None, fallback_cov: np.ndarray | None = None,
+    regime: str | None = None, fallback_cov: np.ndarray | None = None, hold_previous: bool = True,
 ) -> Decision:
-    """Run the fallback chain of the module docstring for one strategy at one asof.
+    """Run the fallback chain of the module docstring for one strategy at one asof, on the
+    ``len(data.mu)`` assets of ``data``.
 
     ``regime`` "turbulent" sends a strategy with ``fallback_in_turbulence`` straight to the
     min-variance step; ``fallback_cov`` (e.g. Ledoit-Wolf) is the covariance of that step when it is
-    finite, else the strategy's own covariance is used.
+    finite, else the strategy's own covariance is used. ``hold_previous`` False skips the
+    previous-weights step (they held a symbol that has left the universe).
     """
     start = time.perf_counter()
-    primary = cache.get(spec)
+    n_assets = len(data.mu)
+    primary = cache.get(spec, n_assets)
 
     def done(w: np.ndarray, status: str, solver: str) -> Decision:
         ms = (time.perf_counter() - start) * 1e3
@@ -150,20 +166,20 @@ def decide(
     if estimate_status == "ok":
         cov = fallback_cov if fallback_cov is not None and np.isfinite(fallback_cov).all() else data.cov
         if np.isfinite(cov).all():
-            result = cache.get(min_variance_fallback(spec)).solve(dataclasses.replace(data, cov=cov))
+            result = cache.get(min_variance_fallback(spec), n_assets).solve(dataclasses.replace(data, cov=cov))
             if result.status == "optimal":
                 return done(result.weights, f"fallback:min_variance:{reason}", result.solver)
     # the fallbacks must meet the data-independent constraints (budget, bounds, leverage, margin)
     basic = [t for t in base_constraints(spec) if not getattr(t, "depends_on_data", False)]
-    if data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
+    if hold_previous and data.w_prev is not None and max(t.violation(data.w_prev, data) for t in basic) <= TOLERANCE:
         return done(data.w_prev, f"fallback:previous:{reason}", "none")
-    tradable = np.ones(cache.n_assets, dtype=bool) if data.tradable is None else np.asarray(data.tradable, dtype=bool)
+    tradable = np.ones(n_assets, dtype=bool) if data.tradable is None else np.asarray(data.tradable, dtype=bool)
     equal = np.where(tradable, c.budget / max(int(tradable.sum()), 1), 0.0)
     if max(t.violation(equal, data) for t in basic) <= TOLERANCE:
         return done(equal, f"fallback:equal:{reason}", "none")
     raise SolverError(
         f"strategy {spec.name!r}: {reason} and no fallback satisfies {basic}; "
-        f"run validate_for_universe(specs, {cache.n_assets}) first"
+        f"run validate_for_universe(specs, {n_assets}) first"
     )
 
 
@@ -192,7 +208,7 @@ def optimize_walk_forward(
                 f"strategy {s.name!r}: baseline={s.parameters.baseline!r} is not a non-hybrid "
                 f"strategy of this run ({sorted(names)})"
             )
-    cache = ProblemCache(n)
+    cache = ProblemCache()
     prev: dict[str, np.ndarray] = {}
     for name, w in (previous or {}).items():
         w = np.asarray(w, dtype=float)
@@ -205,33 +221,66 @@ def optimize_walk_forward(
     for item in inputs:
         asof = _check_inputs(item, n, last)
         last = asof
-        decided: dict[str, Decision] = {}
+        members = np.ones(n, dtype=bool) if item.members is None else np.asarray(item.members, dtype=bool)
+        cols = np.flatnonzero(members)
+        decided: dict[str, Decision] = {}  # weights of the members only
         for spec in order:
-            base = decided[spec.parameters.baseline].weights if spec.objective == "hybrid" else None
-            est = estimate_for(spec, item)
-            data = SolveData(
-                mu=est.mu, cov=est.cov, downside=est.downside, semicov=est.semicov,
-                vrp=item.vrp, w_prev=prev.get(spec.name), w_base=base,
-                scenarios=item.scenarios, window_years=item.window_years, tradable=item.tradable,
-                funding_1h=item.funding_1h,
-            )
-            decided[spec.name] = decide(
-                spec, data, estimate_status=est.status, cache=cache,
-                regime=item.regime, fallback_cov=item.fallback_cov,
-            )
-            prev[spec.name] = decided[spec.name].weights
+            w_prev = prev.get(spec.name)
+            small = _too_few_members(spec, cols.size)
+            if small is not None:
+                decided[spec.name] = small
+            else:
+                base = decided[spec.parameters.baseline].weights if spec.objective == "hybrid" else None
+                data = _member_data(spec, item, cols, w_prev, base)
+                decided[spec.name] = decide(
+                    spec, data, estimate_status=estimate_for(spec, item).status, cache=cache, regime=item.regime,
+                    fallback_cov=_square(item.fallback_cov, cols),
+                    hold_previous=w_prev is not None and not np.any(w_prev[~members]),
+                )
+            full = np.zeros(n)
+            full[cols] = decided[spec.name].weights
+            prev[spec.name] = full
         for spec in specs:
             d = decided[spec.name]
             rows["as_of"] += [asof] * n
             rows["strategy"] += [spec.name] * n
             rows["symbol"] += list(symbols)
-            rows["weight"] += d.weights.tolist()
+            rows["weight"] += prev[spec.name].tolist()
             rows["budget"] += [spec.constraints.budget] * n
             rows["status"] += [d.status] * n
             rows["solver"] += [d.solver] * n
             rows["objective"] += [d.objective] * n
             rows["solve_ms"] += [d.solve_ms] * n
     return pl.DataFrame(rows, schema=WEIGHTS_SCHEMA)
+
+
+def _too_few_members(spec: StrategySpec, n_members: int) -> Decision | None:
+    """The decision when the universe is too small for the strategy's budget under its bounds
+    (module docstring), else None."""
+    c = spec.constraints
+    if n_members and n_members * c.min_weight <= c.budget <= n_members * c.max_weight:
+        return None
+    if not n_members:
+        return Decision(np.zeros(0), "fallback:flat:empty_universe", "none", None, 0.0)
+    each = float(np.clip(c.budget / n_members, c.min_weight, c.max_weight))
+    return Decision(np.full(n_members, each), "fallback:equal_capped:universe_too_small", "none", None, 0.0)
+
+
+def _square(matrix: np.ndarray | None, cols: np.ndarray) -> np.ndarray | None:
+    return None if matrix is None else np.asarray(matrix)[np.ix_(cols, cols)]
+
+
+def _member_data(spec: StrategySpec, item: AsofInputs, cols: np.ndarray, w_prev: np.ndarray | None,
+                 w_base: np.ndarray | None) -> SolveData:
+    """The strategy's SolveData restricted to the members ``cols`` (``w_base`` already is)."""
+    est = estimate_for(spec, item)
+    vector = lambda a: None if a is None else np.asarray(a)[cols]  # noqa: E731
+    return SolveData(
+        mu=est.mu[cols], cov=_square(est.cov, cols), downside=est.downside[cols], semicov=_square(est.semicov, cols),
+        vrp=vector(item.vrp), w_prev=vector(w_prev), w_base=w_base,
+        scenarios=None if item.scenarios is None else np.asarray(item.scenarios)[:, cols],
+        window_years=item.window_years, tradable=vector(item.tradable), funding_1h=vector(item.funding_1h),
+    )
 
 
 def estimate_for(spec: StrategySpec, item: AsofInputs) -> EstimateSet:
@@ -256,6 +305,8 @@ def _check_inputs(item: AsofInputs, n: int, last: datetime | None) -> datetime:
         shape = (n, n) if key in ("cov", "semicov") else (n,)
         if np.shape(getattr(item, key)) != shape:
             raise DataError(f"{where}: {key} has shape {np.shape(getattr(item, key))}, expected {shape}")
+    if item.members is not None and (np.shape(item.members) != (n,) or np.asarray(item.members).dtype != bool):
+        raise DataError(f"{where}: members must be {n} booleans, got {item.members!r}")
     if item.funding_1h is not None and np.shape(item.funding_1h) != (n,):
         raise DataError(f"{where}: funding_1h has shape {np.shape(item.funding_1h)}, expected {(n,)}")
     if not isinstance(item.status, str):
