@@ -22,13 +22,15 @@ from perpfolio.returns import _utc_us
 _CHUNK = 64
 
 
-def realized_variance(returns: np.ndarray, ends: np.ndarray, *, window: int, periods_per_year: float) -> np.ndarray:
+def realized_variance(returns: np.ndarray, ends: np.ndarray, *, window: int, periods_per_year: float,
+                      max_missing_fraction: float = 0.0) -> np.ndarray:
     """Annualized realized variance ``RV_i = mean(r_i^2) * periods_per_year`` per window, K x N.
 
     ``returns``: ``T x N`` per-bar returns (NaN = missing bar); window ``k`` is the ``window``
     rows ending at ``ends[k]`` (-1: no bar at or before the asof). The mean is taken around zero
-    (not the sample mean), the usual realized-variance convention for short horizons. Each
-    symbol stands on its own: RV is NaN for a symbol with a NaN in its window, and for every
+    (not the sample mean), the usual realized-variance convention for short horizons, over the
+    bars the symbol has. Each symbol stands on its own: RV is NaN for a symbol missing more than
+    ``floor(max_missing_fraction * window)`` bars of its window (default: any), and for every
     symbol when the window would start before row 0.
     """
     returns = _check_returns(returns)
@@ -38,14 +40,24 @@ def realized_variance(returns: np.ndarray, ends: np.ndarray, *, window: int, per
         raise ConfigError(f"window must be an integer >= 1, got {window!r}")
     if not np.isfinite(periods_per_year) or periods_per_year <= 0:
         raise ConfigError(f"periods_per_year must be finite and > 0, got {periods_per_year!r}")
+    allowed = _allowed_missing(window, max_missing_fraction)
     starts = ends - window + 1
     out = np.full((ends.size, n), np.nan)
     todo = np.flatnonzero(starts >= 0)
     for chunk in range(0, todo.size, _CHUNK):
         rows = todo[chunk : chunk + _CHUNK]
         w = returns[starts[rows, None] + np.arange(window)]  # (c, window, n)
-        out[rows] = np.mean(w * w, axis=1)  # a NaN bar makes that symbol's mean NaN
+        count = np.isfinite(w).sum(axis=1)
+        mean_sq = np.nansum(w * w, axis=1) / np.maximum(count, 1)
+        out[rows] = np.where(window - count <= allowed, mean_sq, np.nan)
     return out * periods_per_year
+
+
+def _allowed_missing(length: int, fraction: float) -> int:
+    """Bars of a ``length``-bar window that may be missing: ``floor(fraction * length)``."""
+    if not (np.isfinite(fraction) and 0 <= fraction < 1):
+        raise ConfigError(f"max_missing_fraction must be in [0, 1), got {fraction!r}")
+    return int(np.floor(fraction * length))
 
 
 def vrp_signals(
@@ -54,7 +66,7 @@ def vrp_signals(
     realized_var: np.ndarray,
     implied_vol: pl.DataFrame,
     *,
-    proxy_reference: str = "BTC",
+    proxy_reference: str | None = None,
     max_iv_age_hours: int = 48,
 ) -> pl.DataFrame:
     """Variance risk premium ``vrp = implied_var - realized_var`` (annualized variances).
@@ -62,11 +74,13 @@ def vrp_signals(
     ``realized_var``: K x N annualized variances (``realized_variance``), NaN = unknown.
     ``implied_vol``: ts, underlying, iv (annualized decimal). For a symbol (underlying = symbol
     without "USDT") the index value is the latest row with ``asof - max_iv_age_hours <= ts <= asof``:
-    ``implied_var = iv^2``, ``iv_source = "index"``. Without a usable index of its own, the
-    proxy ``implied_var = iv_ref^2 * realized_var_i / realized_var_ref`` (the reference's implied
-    vol scaled by relative realized vol; the reference symbol must be in ``symbols`` with a
-    positive realized variance) gives ``iv_source = "proxy:<reference>"``. Otherwise
-    implied_var and vrp are null and ``iv_source = "unavailable"``.
+    ``implied_var = iv^2``, ``iv_source = "index"``. Without a usable index of its own, and only
+    when a ``proxy_reference`` is given (off by default), the proxy ``implied_var = iv_ref^2 *
+    realized_var_i / realized_var_ref`` (the reference's implied vol scaled by relative realized
+    vol; the reference symbol must be in ``symbols`` with a positive realized variance) gives
+    ``iv_source = "proxy:<reference>"``; its VRP is ``RV_i (IV_ref^2 / RV_ref - 1)``, so whenever
+    the reference's own VRP is positive it favours the most volatile symbols, which is why it is
+    not the default. Otherwise implied_var and vrp are null and ``iv_source = "unavailable"``.
 
     Returns asof (Datetime us UTC), symbol, implied_var, realized_var, vrp, iv_source, sorted by
     asof then in the order of ``symbols``. Nulls stand for unknown values.
@@ -82,7 +96,7 @@ def vrp_signals(
     max_age = np.timedelta64(max_iv_age_hours, "h")
     underlyings = [s.removesuffix("USDT") for s in symbols]
     own = np.stack([_index_var(index, u, asofs, max_age) for u in underlyings], axis=1) if n else np.empty((k, 0))
-    ref_iv = _index_var(index, proxy_reference, asofs, max_age)
+    ref_iv = _index_var(index, proxy_reference, asofs, max_age) if proxy_reference else np.full(k, np.nan)
     ref_col = underlyings.index(proxy_reference) if proxy_reference in underlyings else None
     ref_rv = realized_var[:, ref_col] if ref_col is not None else np.full(k, np.nan)
     ref_rv = np.where(ref_rv > 0, ref_rv, np.nan)
@@ -281,10 +295,12 @@ def evaluate_funding_forecast(daily_rate_1h: np.ndarray, forecast: np.ndarray) -
             "mae_naive": float(np.mean(np.abs(en))), "rmse_ratio": rmse_m / rmse_n if rmse_n > 0 else float("nan")}
 
 
-def momentum(returns: np.ndarray, ends: np.ndarray, *, lookback: int) -> np.ndarray:
+def momentum(returns: np.ndarray, ends: np.ndarray, *, lookback: int, max_missing_fraction: float = 0.0) -> np.ndarray:
     """Momentum ``sum_{s=e-L+1..e} r_s`` per window, K x N: the summed per-bar net returns of the
     ``lookback`` bars ending at ``ends[k]`` (for log returns the log return of the period; not
-    annualized). NaN for a symbol with a missing bar in the lookback or before enough history."""
+    annualized). A missing bar adds nothing: pass the gap-spanning returns, which carry the move
+    over the gap. NaN for a symbol missing more than ``floor(max_missing_fraction * lookback)``
+    bars of the lookback (default: any), or before enough history."""
     returns = _check_returns(returns)
     t, n = returns.shape
     ends = _check_ends(ends, t)
@@ -297,18 +313,21 @@ def momentum(returns: np.ndarray, ends: np.ndarray, *, lookback: int) -> np.ndar
     lo, hi = np.maximum(starts, 0), ends + 1
     total = zsum[hi] - zsum[lo]
     missing = nans[hi] - nans[lo]
-    return np.where(ok_rows[:, None] & (missing == 0), total, np.nan)
+    return np.where(ok_rows[:, None] & (missing <= _allowed_missing(lookback, max_missing_fraction)), total, np.nan)
 
 
 def ewma_predicted_vol(
-    returns: np.ndarray, ends: np.ndarray, *, window: int, half_life: float, periods_per_year: float
+    returns: np.ndarray, ends: np.ndarray, *, window: int, half_life: float, periods_per_year: float,
+    max_missing_fraction: float = 0.0,
 ) -> np.ndarray:
     """EWMA volatility forecast, annualized, K x N: ``sqrt(ppy * sum_s a_s r_s^2)`` over the window.
 
     ``a_s`` = ``perpfolio.estimators.ewma_weights(window, half_life)`` (``lam = 2^(-1/half_life)``,
     normalized; the RiskMetrics recursion ``s2_t = lam s2_{t-1} + (1 - lam) r_t^2`` started at the
     window's first bar), zero mean as for realized variance. It forecasts the next bar's variance.
-    NaN for a symbol with a missing bar in the window or before enough history.
+    A missing bar gets weight 0 and the others are renormalized (``age_weights`` of the bars the
+    symbol has). NaN for a symbol missing more than ``floor(max_missing_fraction * window)`` bars of
+    the window (default: any) or before enough history.
     """
     returns = _check_returns(returns)
     t, n = returns.shape
@@ -316,13 +335,17 @@ def ewma_predicted_vol(
     if not np.isfinite(periods_per_year) or periods_per_year <= 0:
         raise ConfigError(f"periods_per_year must be finite and > 0, got {periods_per_year!r}")
     weights = ewma_weights(window, half_life)
+    allowed = _allowed_missing(window, max_missing_fraction)
     starts = ends - window + 1
     out = np.full((ends.size, n), np.nan)
     todo = np.flatnonzero(starts >= 0)
     for chunk in range(0, todo.size, _CHUNK):
         rows = todo[chunk : chunk + _CHUNK]
         w = returns[starts[rows, None] + np.arange(window)]
-        out[rows] = np.einsum("t,ctn->cn", weights, w * w)
+        seen = np.isfinite(w)
+        mass = np.einsum("t,ctn->cn", weights, seen)  # weight of the bars present: 1 without a gap
+        weighted = np.einsum("t,ctn->cn", weights, np.where(seen, w * w, 0.0)) / np.where(mass > 0, mass, 1.0)
+        out[rows] = np.where(window - seen.sum(axis=1) <= allowed, weighted, np.nan)
     return np.sqrt(out * periods_per_year)
 
 
@@ -334,6 +357,7 @@ def garch_predicted_vol(
     horizon: int,
     periods_per_year: float,
     max_iter: int = 100,
+    max_missing_fraction: float = 0.0,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """GARCH(1,1) volatility forecast, annualized, K x N, fitted with ``arch`` on each window.
 
@@ -343,8 +367,9 @@ def garch_predicted_vol(
     bar-ahead variance forecasts, annualized: ``sqrt(ppy * mean_h sigma_{e+h}^2)``. Every window is
     fitted from arch's default starting values with at most ``max_iter`` iterations, so a value
     depends on its window only (a range run equals daily runs; no warm start across windows).
-    NaN for an incomplete window, a constant one, or a fit that fails, does not converge or
-    returns non-finite values. Also returns timing / failure counts.
+    A window missing at most ``floor(max_missing_fraction * window)`` bars (default: none) is fitted
+    on the bars it has, in order. NaN for a window missing more, a constant one, or a fit that
+    fails, does not converge or returns non-finite values. Also returns timing / failure counts.
     """
     from arch import arch_model  # imported here: only this signal needs it
 
@@ -353,6 +378,7 @@ def garch_predicted_vol(
     ends = _check_ends(ends, t)
     if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)) or horizon < 1:
         raise ConfigError(f"horizon must be an integer >= 1, got {horizon!r}")
+    allowed = _allowed_missing(window, max_missing_fraction)
     out = np.full((ends.size, n), np.nan)
     fits = failures = 0
     import time
@@ -365,7 +391,10 @@ def garch_predicted_vol(
             if s < 0:
                 continue
             y = returns[s : e + 1, i]
-            if not np.isfinite(y).all() or np.std(y) == 0:
+            if window - np.isfinite(y).sum() > allowed:
+                continue
+            y = y[np.isfinite(y)]
+            if np.std(y) == 0:
                 continue
             scale = 1.0 / np.std(y)
             fits += 1
@@ -389,13 +418,16 @@ def garch_predicted_vol(
 
 
 def regime_states(
-    returns: np.ndarray, *, short: int = 48, long: int = 720, enter: float = 2.0, exit: float = 1.2, memory: int = 720
+    returns: np.ndarray, *, short: int = 48, long: int = 720, enter: float = 2.0, exit: float = 1.2, memory: int = 720,
+    max_missing_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calm/turbulent state per bar from the short/long realized-vol ratio with hysteresis.
 
     Market return ``m_t`` = cross-sectional mean of the per-bar returns (equal weight, symbols
-    with a NaN bar skipped); ``q_t = sqrt(mean(m^2 over the last short bars) / mean(m^2 over the
-    last long bars))`` (unitless; NaN until ``long`` bars or with a gap in the long window).
+    with a NaN bar skipped; NaN when no symbol has one, e.g. an exchange-wide outage);
+    ``q_t = sqrt(mean(m^2 over the last short bars) / mean(m^2 over the last long bars))``, each
+    mean over the bars where ``m`` is known (unitless; NaN until ``long`` bars, or when a window
+    misses more than ``floor(max_missing_fraction * length)`` bars of ``m``, default: any).
     Hysteresis: the state turns turbulent when ``q >= enter`` and back to calm when ``q <= exit``
     (``exit < enter``); between the thresholds it keeps its state. Bounded memory: the state at t
     only looks at crossings in the last ``memory`` bars (turbulent iff the latest ``q >= enter`` in
@@ -423,8 +455,9 @@ def regime_states(
             return out
         zsum = np.concatenate([[0.0], np.cumsum(np.nan_to_num(m, nan=0.0) ** 2)])
         nans = np.concatenate([[0], np.cumsum(np.isnan(m))])
-        good = (nans[length:] - nans[:-length]) == 0
-        out[length - 1 :] = np.where(good, (zsum[length:] - zsum[:-length]) / length, np.nan)
+        missing = nans[length:] - nans[:-length]
+        good = missing <= _allowed_missing(length, max_missing_fraction)
+        out[length - 1 :] = np.where(good, (zsum[length:] - zsum[:-length]) / np.maximum(length - missing, 1), np.nan)
         return out
 
     rv_s, rv_l = rolling_mean_sq(short), rolling_mean_sq(long)
@@ -488,11 +521,19 @@ def build_signals(
     regime_exit: float,
     funding_fit_days: int = 30,
     garch_max_iter: int = 100,
+    one_bar_returns: np.ndarray | None = None,
+    max_missing_fraction: float = 0.0,
+    vrp_proxy: str | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """The signals.signals rows of ``asofs`` (consecutive daily asofs) and metadata.
 
     ``ts``: the T bar times of the matrices (strictly increasing); ``net_returns`` /
-    ``funding_returns``: T x N per-bar matrices (NaN = missing), columns in ``symbols`` order.
+    ``funding_returns``: T x N per-bar matrices (NaN = missing), columns in ``symbols`` order;
+    ``one_bar_returns``: ``net_returns`` without the returns that span a gap (NaN there; default
+    ``net_returns``): realized variance, predicted vols and the regime use one-bar returns,
+    momentum and funding the net returns, spanning ones included. Each symbol may miss
+    ``max_missing_fraction`` of a window's bars (see the signal functions); ``vrp_proxy`` names
+    the reference underlying of the VRP proxy (``vrp_signals``; None: no proxy).
     Each asof sees the last bar at or before it. Trailing statistics (VRP z-score, funding AR(1))
     are computed on the daily grid of the ``max(vrp_z_days, funding_fit_days + 1)`` days before
     the first asof, so the loaded history must cover them (plus ``window`` bars, and
@@ -510,8 +551,10 @@ def build_signals(
     grid_ends = np.searchsorted(ts, grid, side="right") - 1
     k = asofs.size
     ends = grid_ends[-k:] if k else grid_ends[:0]
-    realized = realized_variance(net_returns, grid_ends, window=window, periods_per_year=ppy)
-    vrp_frame = vrp_signals(grid, symbols, realized, implied_vol)
+    one_bar = net_returns if one_bar_returns is None else one_bar_returns
+    missing = dict(max_missing_fraction=max_missing_fraction)
+    realized = realized_variance(one_bar, grid_ends, window=window, periods_per_year=ppy, **missing)
+    vrp_frame = vrp_signals(grid, symbols, realized, implied_vol, proxy_reference=vrp_proxy)
     n = len(symbols)
     vrp = vrp_frame["vrp"].fill_null(np.nan).to_numpy().reshape(grid.size, n)
     vrp_z = trailing_zscore(vrp, lookback=vrp_z_days)
@@ -520,14 +563,17 @@ def build_signals(
     f_hat = forecast_funding(f_daily, method="ar1", fit_days=funding_fit_days)
     evaluation = evaluate_funding_forecast(f_daily, f_hat)
     adj = funding_adjusted_vrp(vrp, f_hat)
-    mom = momentum(net_returns, ends, lookback=momentum_bars)
-    vol_ewma = ewma_predicted_vol(net_returns, ends, window=window, half_life=ewma_half_life_bars, periods_per_year=ppy)
+    mom = momentum(net_returns, ends, lookback=momentum_bars, **missing)
+    vol_ewma = ewma_predicted_vol(one_bar, ends, window=window, half_life=ewma_half_life_bars, periods_per_year=ppy,
+                                  **missing)
     vol_garch, garch_stats = garch_predicted_vol(
-        net_returns, ends, window=window, horizon=max(1, 24 // bar_hours), periods_per_year=ppy, max_iter=garch_max_iter
+        one_bar, ends, window=window, horizon=max(1, 24 // bar_hours), periods_per_year=ppy, max_iter=garch_max_iter,
+        **missing,
     )
     memory = regime_long_bars
     turbulent, ratio = regime_states(
-        net_returns, short=regime_short_bars, long=regime_long_bars, enter=regime_enter, exit=regime_exit, memory=memory
+        one_bar, short=regime_short_bars, long=regime_long_bars, enter=regime_enter, exit=regime_exit, memory=memory,
+        **missing,
     )
     bps = regime_breakpoints(turbulent)
     since = latest_breakpoint(ends, bps, memory=memory)
