@@ -21,9 +21,11 @@ from pathlib import Path
 
 from perpfolio.backtest import performance_metrics, rebalance_plan, simulate
 from perpfolio.optimize.sizing import SizingRule
-from perpfolio.stress import liquidation_levels, load_leverage_tiers, load_scenarios, rolling_betas, stress_test
+from perpfolio.stress import bar_vols, liquidation_levels, load_scenarios, rolling_betas, stress_test
+from perpfolio.tiers import load_snapshot, resolve_tiers
 
-SCENARIOS, _ = load_scenarios(Path(__file__).parents[1] / "config" / "scenarios.toml")
+SCENARIOS, _ = load_scenarios(Path(__file__).parents[1] / "config" / "scenarios.toml",
+                              symbols=["BTCUSDT", "ETHUSDT", "SOLUSDT"], reference="BTCUSDT")
 
 N_BARS, N_SYM, N_STRAT, WINDOW, REPEATS = 17_520, 100, 4, 720, 3
 
@@ -103,11 +105,12 @@ def main() -> None:
     mean_cash = np.mean([fr["cash_fraction"].mean() for fr in buf_frames])
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT"] + [f"S{i:03d}USDT" for i in range(3, N_SYM)]
-    tiers = load_leverage_tiers()
+    # snapshot brackets for BTC/ETH/SOL, the conservative default for the made-up symbols
+    tiers = {s: r.tiers for s, r in resolve_tiers(symbols, snapshot=load_snapshot()).items()}
 
     def betas_all():  # the WINDOW bars ending at the asof bar (fewer for the first 29 asofs)
-        return [(rolling_betas(r[max(0, b + 1 - WINDOW): b + 1], reference=0),
-                 r[max(0, b + 1 - WINDOW): b + 1].std(axis=0, ddof=1)) for b in reb]
+        return [({"BTCUSDT": rolling_betas(r[max(0, b + 1 - WINDOW): b + 1], reference=0)},
+                 bar_vols(r[max(0, b + 1 - WINDOW): b + 1])) for b in reb]
 
     t_beta, stats = best_of(betas_all, 1)
 
@@ -119,14 +122,13 @@ def main() -> None:
                 betas, vols = stats[j]
                 for mode in ("cross", "isolated"):
                     rows += stress_test(weights[k][j], symbols, betas, scenarios=SCENARIOS, leverage=3.0, tiers=tiers,
-                                        equity=eq[b], default_mmr=0.01, vols=vols, margin_mode=mode).height
+                                        equity=eq[b], vols=vols, bar_hours=1, margin_mode=mode).height
         return rows
 
     t_stress, rows = best_of(stress_all, 1)
 
     def liquidation_all():
-        return sum(liquidation_levels(weights[k][j], symbols, leverage=3.0, tiers=tiers, margin_mode=mode,
-                                      default_mmr=0.01).height
+        return sum(liquidation_levels(weights[k][j], symbols, leverage=3.0, tiers=tiers, margin_mode=mode).height
                    for k in range(N_STRAT) for j in range(len(reb)) for mode in ("cross", "isolated"))
 
     t_liq, liq_rows = best_of(liquidation_all, 1)

@@ -13,6 +13,11 @@ Deribit, newest first on Bybit and OKX; the newest page first when a range holds
 except Binance, which returns the oldest). Numbers are strings where the exchange sends strings, written
 with every digit (repr) so that what the client reads is bit for bit what the market holds.
 
+Leverage tiers: Bybit's ``/v5/market/risk-limit`` (caps in USDT, ``mmDeduction``, pages of
+:data:`RISK_LIMIT_PAGE` rows linked by ``nextPageCursor``) and OKX's ``/api/v5/public/position-tiers``
+(sizes in contracts of ``ctVal`` 0.01 base at the mark price of ``/api/v5/public/mark-price``, the
+symbol's last mark close) serve the brackets :func:`replay_tiers` generates for each symbol.
+
 Faults (:class:`Fault`) fire on the n-th request whose path contains a text: ``429`` (rate limited,
 with ``Retry-After``, in the exchange's error format), ``500``, ``timeout`` (the answer comes after
 ``delay_s``), ``truncated`` (the body cut in half). ``holes`` remove a time range of a symbol from
@@ -38,6 +43,14 @@ import polars as pl
 from perpfolio.sources.synthetic import generate_market
 
 HOUR_MS = 3_600_000
+RISK_LIMIT_PAGE = 4  # Bybit risk-limit rows per page here, so a symbol's brackets take two pages
+OKX_CONTRACT = 0.01  # ctVal of every replayed OKX swap (base currency per contract)
+
+
+def replay_tiers(index: int) -> list[tuple[float, float, float]]:
+    """Generated brackets of the ``index``-th symbol of a replay market, as (max notional USDT, mmr,
+    max leverage): six brackets with caps ``100,000 (index + 1) x 2^k`` and rates ``0.004 (k + 1)``."""
+    return [(100_000.0 * (index + 1) * 2**k, 0.004 * (k + 1), 1.0 / (0.008 * (k + 1))) for k in range(6)]
 
 
 @dataclass
@@ -68,12 +81,14 @@ class Series:
 @dataclass
 class ReplayMarket:
     """The data served: per symbol (e.g. BTCUSDT) the trade, mark and index klines and funding;
-    per currency (BTC, ETH) DVOL; and each symbol's delisting time (epoch ms) if any."""
+    per currency (BTC, ETH) DVOL; each symbol's delisting time (epoch ms) if any; and each symbol's
+    leverage brackets (max notional USDT, mmr, max leverage), as :func:`replay_tiers` makes them."""
 
     klines: dict[tuple[str, str], Series]  # (kind, symbol) -> open, high, low, close, volume
     funding: dict[str, Series]  # symbol -> rate
     dvol: dict[str, Series]  # currency -> open, high, low, close (DVOL points, candle open time)
     delisted: dict[str, int] = field(default_factory=dict)
+    tiers: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
 
     @property
     def symbols(self) -> list[str]:
@@ -111,7 +126,8 @@ def synthetic_market(symbols: Sequence[str], start: datetime, end: datetime, *, 
         # the index's candle that opened an hour before the synthetic observation closes at it
         iv = iv.with_columns(ts=pl.col("ts") - pl.duration(hours=1), p=pl.col("iv") * 100)
         dvol[u] = Series(iv["ts"].dt.epoch("ms").to_numpy(), np.repeat(iv["p"].to_numpy()[:, None], 4, axis=1))
-    return ReplayMarket(klines, funding, dvol, {s: _ms(t) for s, t in (delisted or {}).items()})
+    tiers = {s: replay_tiers(i) for i, s in enumerate(symbols)}
+    return ReplayMarket(klines, funding, dvol, {s: _ms(t) for s, t in (delisted or {}).items()}, tiers)
 
 
 class ReplayServer:
@@ -151,8 +167,8 @@ class ReplayServer:
         self.stop()
 
     def data_requests(self) -> int:
-        """Requests for history (instrument lists excluded)."""
-        return sum(1 for _, path, _, _ in self.requests if "instrument" not in path and "exchangeInfo" not in path)
+        """Requests for history (instrument lists and the current leverage tiers excluded)."""
+        return sum(1 for _, path, _, _ in self.requests if path not in _NOT_HISTORY)
 
     def fault_for(self, path: str) -> str:
         with self._lock:
@@ -237,13 +253,52 @@ def _bybit_funding(m: ReplayMarket, q):
         for a, r in zip(t[-limit:][::-1], v[-limit:][::-1])]})
 
 
+def _bybit_risk_limit(m: ReplayMarket, q):
+    brackets = m.tiers[q["symbol"]]
+    start = int(q.get("cursor") or 0)
+    rows, cum, prev = [], 0.0, (0.0, 0.0)
+    for k, (cap, mmr, lev) in enumerate(brackets):
+        cum += prev[0] * (mmr - prev[1])  # continuous deduction, as Bybit's mmDeduction
+        rows.append({"id": k + 1, "symbol": q["symbol"], "riskLimitValue": _f(cap), "maintenanceMargin": _f(mmr),
+                     "initialMargin": _f(2 * mmr), "isLowestRisk": int(k == 0), "maxLeverage": _f(lev),
+                     "mmDeduction": _f(cum) if k else ""})
+        prev = (cap, mmr)
+    page = rows[start:start + RISK_LIMIT_PAGE]
+    more = start + RISK_LIMIT_PAGE < len(rows)
+    return _bybit({"category": "linear", "list": page, "nextPageCursor": str(start + RISK_LIMIT_PAGE) if more else ""})
+
+
 def _okx(data):
     return {"code": "0", "msg": "", "data": data}
 
 
+def _okx_mark(m: ReplayMarket, symbol: str) -> float:
+    """The mark price the replayed OKX quotes now: the symbol's last mark close."""
+    return float(m.klines["mark", symbol].values[-1, 3])
+
+
+def _okx_mark_price(m: ReplayMarket, q):
+    symbol = _okx_symbol(q["instId"])
+    return _okx([{"instType": "SWAP", "instId": q["instId"], "markPx": _f(_okx_mark(m, symbol)),
+                  "ts": str(int(m.klines["mark", symbol].ts[-1]))}])
+
+
+def _okx_position_tiers(m: ReplayMarket, q):
+    symbol = _okx_symbol(q["instFamily"])
+    contract_usdt = OKX_CONTRACT * _okx_mark(m, symbol)
+    rows, low = [], 0
+    for k, (cap, mmr, lev) in enumerate(m.tiers[symbol]):
+        high = round(cap / contract_usdt)
+        rows.append({"uly": q["instFamily"], "instFamily": q["instFamily"], "instId": "", "tier": str(k + 1),
+                     "minSz": str(low), "maxSz": str(high), "mmr": _f(mmr), "imr": _f(2 * mmr), "maxLever": _f(lev),
+                     "optMgnFactor": "0", "quoteMaxLoan": "", "baseMaxLoan": ""})
+        low = high + 1
+    return _okx(rows)
+
+
 def _okx_info(m: ReplayMarket, q):
     return _okx([{"instType": "SWAP", "instId": f"{s[:-4]}-USDT-SWAP", "uly": f"{s[:-4]}-USDT", "settleCcy": "USDT",
-                  "ctValCcy": s[:-4], "ctVal": "0.01", "ctType": "linear",
+                  "ctValCcy": s[:-4], "ctVal": _f(OKX_CONTRACT), "ctType": "linear",
                   "state": "suspend" if s in m.delisted else "live"} for s in m.symbols])
 
 
@@ -298,13 +353,20 @@ _ROUTES = {
     "/v5/market/mark-price-kline": _bybit_klines("mark"),
     "/v5/market/index-price-kline": _bybit_klines("index"),
     "/v5/market/funding/history": _bybit_funding,
+    "/v5/market/risk-limit": _bybit_risk_limit,
     "/api/v5/public/instruments": _okx_info,
     "/api/v5/market/history-candles": _okx_klines("trade", 300),
     "/api/v5/market/history-mark-price-candles": _okx_klines("mark", 100),
     "/api/v5/market/history-index-candles": _okx_klines("index", 100),
     "/api/v5/public/funding-rate-history": _okx_funding,
+    "/api/v5/public/mark-price": _okx_mark_price,
+    "/api/v5/public/position-tiers": _okx_position_tiers,
     "/api/v2/public/get_volatility_index_data": _deribit_dvol,
 }
+
+
+_NOT_HISTORY = frozenset({"/fapi/v1/exchangeInfo", "/v5/market/instruments-info", "/api/v5/public/instruments",
+                          "/v5/market/risk-limit", "/api/v5/public/mark-price", "/api/v5/public/position-tiers"})
 
 
 def _unknown(path: str, what: str) -> tuple[int, object]:

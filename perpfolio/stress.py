@@ -2,24 +2,34 @@
 
 A scenario happens at once (no trading in between). Kinds (``Scenario.kind``):
 
-* ``price``: the reference symbol moves by ``shock`` (a SIMPLE return, -0.10 = -10%), every other
-  symbol ``i`` by ``beta_i * shock`` with ``beta_i`` from :func:`rolling_betas`; without a
-  reference every symbol moves by ``shock`` (a joint shock).
+* ``price``: the ``reference`` symbol moves by ``shock`` (a SIMPLE return, -0.10 = -10%), every other
+  symbol ``i`` by ``beta_i * shock`` with ``beta_i`` from :func:`rolling_betas` against that reference;
+  ``reference = "all"`` moves every symbol by ``shock`` (a joint shock). A held symbol without a beta
+  (no returns overlapping the reference's in the window) moves by the shock itself (beta 1).
 * ``funding``: prices stay; every position pays ``funding_rate_8h * hours / 8`` of its notional
   (positive rate: longs pay, shorts receive, the exchange convention).
 * ``volatility``: every position moves AGAINST itself by ``sigmas * vol_multiplier * vol_i *
-  sqrt(hours)``, with ``vol_i`` the symbol's per-bar (hourly) volatility over the window.
-* ``replay``: the per-symbol returns of a historical bar (``moves``), e.g. from :func:`worst_hours`.
+  sqrt(hours / bar_hours)``, with ``vol_i`` the symbol's per-bar volatility (:func:`bar_vols`) over
+  the window of ``bar_hours``-hour bars (so the scenario means the same on 1 h, 4 h and 24 h bars).
+  A held symbol without a volatility takes the largest of the held symbols that have one.
+* ``replay``: the per-symbol returns of one historical bar (``moves``, from :func:`worst_bars`). A
+  held symbol without a return in that bar (not listed yet, an outage) moves by its beta times the
+  reference's move in that bar when both exist, else by the bar's cross-sectional mean move.
 
-Scenarios are data: :func:`load_scenarios` reads ``config/scenarios.toml``. Maintenance margin uses Binance's bracket formula
-``MM(n) = n * mmr_k - cum_k`` for the bracket ``k`` that holds the absolute notional ``n``
-(``cum_k = cum_{k-1} + min_notional_k (mmr_k - mmr_{k-1})``, so MM is continuous across brackets).
+Every substitute move (beta 1, largest volatility, beta x reference, bar mean) is recorded in the
+row's ``proxied`` column, so nothing is guessed silently.
+
+Scenarios are data: :func:`load_scenarios` reads ``config/scenarios.toml``. Maintenance margin uses
+the exchange's bracket formula ``MM(n) = n * mmr_k - cum_k`` for the bracket ``k`` that holds the
+absolute notional ``n`` (perpfolio.tiers). A notional beyond the last bracket (a position the
+exchange would not accept) is margined with the last bracket extended and reported in the row
+(``oversized``, never capital sufficient; ``exceeds_max_notional`` in :func:`liquidation_levels`).
 """
 
 from __future__ import annotations
 
-import json
 import tomllib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,23 +39,13 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
+from perpfolio.tiers import Tier, validate_tiers
 
-DEFAULT_TIERS_PATH = Path(__file__).parent / "data" / "leverage_tiers.json"
 # |weight| at or below this fraction of equity is no position (solver noise such as 1e-10): it is set
 # to 0 before any stress or liquidation computation, so noise never creates or removes a position.
 FLAT_WEIGHT = 1e-6
 ZERO_PRICE_RATIO = 1e-9  # liquidation price / price below this is rounding of "only at price 0"
-
-
-@dataclass(frozen=True)
-class Tier:
-    """One leverage bracket: applies to absolute notionals in [min_notional, max_notional] (USDT)."""
-
-    min_notional: float
-    max_notional: float
-    mmr: float  # maintenance margin rate, decimal (0.004 = 0.4%)
-    max_leverage: float
-    cum: float  # maintenance amount (USDT) subtracted in the bracket formula
+JOINT = "all"  # the reference of a joint price shock: every symbol moves by the shock
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,16 @@ class Scenario:
     """One instant scenario (see the module docstring for the kinds). Rates and moves are decimals.
 
     ``shock``: the price return of ``price`` scenarios (-0.05 = -5%). ``reference``: the shocked
-    symbol of a ``price`` scenario (others move by ``beta_i * shock``); ``None`` = every symbol.
-    ``funding_rate_8h`` and ``hours``: a ``funding`` spike (0.005 = +0.5% per 8h). ``sigmas``,
-    ``vol_multiplier`` and ``hours``: a ``volatility`` spike. ``moves``: (symbol, return) pairs of a
-    ``replay``.
+    symbol of a ``price`` scenario (others move by ``beta_i * shock``) or ``"all"`` (every symbol by
+    ``shock``); for a ``replay``, the symbol whose move (times a beta) stands in for a held symbol
+    without one. ``funding_rate_8h`` and ``hours``: a ``funding`` spike (0.005 = +0.5% per 8h).
+    ``sigmas``, ``vol_multiplier`` and ``hours``: a ``volatility`` spike. ``moves``: (symbol, return)
+    pairs of a ``replay``.
     """
 
     name: str
     shock: float = 0.0
-    reference: str | None = "BTCUSDT"
+    reference: str | None = None
     kind: Literal["price", "funding", "volatility", "replay"] = "price"
     funding_rate_8h: float = 0.0
     hours: float = 1.0
@@ -83,22 +84,23 @@ class Scenario:
 
 
 DEFAULT_SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("btc_-5pct_1h", -0.05),
-    Scenario("btc_-10pct_1h", -0.10),
-    Scenario("all_-10pct", -0.10, reference=None),
+    Scenario("btc_-5pct_1h", -0.05, reference="BTCUSDT"),
+    Scenario("btc_-10pct_1h", -0.10, reference="BTCUSDT"),
+    Scenario("all_-10pct", -0.10, reference=JOINT),
 )
 MarginMode = Literal["cross", "isolated"]
 _KINDS = ("price", "funding", "volatility", "replay")
 
 
-def load_scenarios(path: Path | str) -> tuple[tuple[Scenario, ...], int]:
-    """Read ``[[scenario]]`` tables and ``[replay] worst_hours`` from a TOML file.
+def load_scenarios(path: Path | str, *, symbols: Sequence[str], reference: str) -> tuple[tuple[Scenario, ...], int]:
+    """Read ``[[scenario]]`` tables and ``[replay] worst_bars`` from a TOML file.
 
     Each scenario: ``name`` (unique) and ``kind`` (price | funding | volatility), then its fields
     (``shock`` and optional ``reference``; ``funding_rate_8h`` and ``hours``; ``sigmas``,
-    ``vol_multiplier`` and ``hours``). Returns (scenarios, number of worst historical hours to
-    replay; 0 = none). Any unknown key, missing field or bad value is a ConfigError naming the file
-    and the scenario.
+    ``vol_multiplier`` and ``hours``). A price scenario without ``reference`` shocks ``reference``
+    (the stress reference); its reference must be ``"all"`` or one of ``symbols``. Returns
+    (scenarios, number of worst historical bars to replay; 0 = none). Any unknown key, missing
+    field, bad value or unknown reference is a ConfigError naming the file and the scenario.
     """
     path = Path(path)
     try:
@@ -121,8 +123,11 @@ def load_scenarios(path: Path | str) -> tuple[tuple[Scenario, ...], int]:
         if missing:
             raise ConfigError(f"{where}: missing {missing} for kind {kind!r}")
         values = dict(table)
-        if kind == "price":
-            values["reference"] = table.get("reference") or None
+        values["reference"] = table.get("reference", reference) if kind == "price" else None
+        if kind == "price" and values["reference"] != JOINT and values["reference"] not in symbols:
+            whose = "" if "reference" in table else " (the stress reference, used where a scenario names none)"
+            raise ConfigError(f"{where}: reference {values['reference']!r}{whose} is not a configured symbol "
+                              f"{list(symbols)}; name one of them, or \"{JOINT}\" for a joint shock")
         try:
             sc = Scenario(**values)
             numbers = (sc.shock, sc.funding_rate_8h, sc.hours, sc.sigmas, sc.vol_multiplier)
@@ -136,114 +141,120 @@ def load_scenarios(path: Path | str) -> tuple[tuple[Scenario, ...], int]:
     names = [sc.name for sc in out]
     if not out or len(set(names)) != len(names):
         raise ConfigError(f"{path}: need at least one [[scenario]] and unique names, got {names}")
-    worst = raw.get("replay", {}).get("worst_hours", 0)
+    replay = raw.get("replay", {})
+    if set(replay) - {"worst_bars"}:
+        raise ConfigError(f"{path}: [replay] takes only worst_bars (the worst historical bars to replay; "
+                          f"worst_hours was renamed), got {sorted(replay)}")
+    worst = replay.get("worst_bars", 0)
     if isinstance(worst, bool) or not isinstance(worst, int) or worst < 0:
-        raise ConfigError(f"{path}: [replay] worst_hours must be an integer >= 0, got {worst!r}")
+        raise ConfigError(f"{path}: [replay] worst_bars must be an integer >= 0, got {worst!r}")
     return tuple(out), worst
 
 
-def worst_hours(bar_ts: np.ndarray, returns: np.ndarray, symbols: Sequence[str], *, count: int) -> tuple[Scenario, ...]:
+def worst_bars(bar_ts: np.ndarray, returns: np.ndarray, symbols: Sequence[str], *, count: int, bar_hours: int,
+               reference: str | None = None) -> tuple[Scenario, ...]:
     """Replay scenarios of the ``count`` worst bars of the history, worst first.
 
     A bar's severity is its equal-weight mean return across the symbols with a return (NaN
-    ignored; bars with none are skipped). Each scenario (``kind='replay'``, name
-    ``replay:<bar open, UTC ISO>``) carries that bar's actual per-symbol returns (``moves``).
+    ignored; bars with none are skipped). Each scenario (``kind='replay'``) is named by the bar it
+    replays, ``replay:<bar open, UTC ISO>/PT<bar_hours>H`` (e.g. ``replay:2025-02-03T00:00Z/PT4H``),
+    and carries that bar's actual per-symbol returns (``moves``) and ``reference`` (the symbol
+    whose move stands in, times a beta, for a held symbol without one).
     """
     r = np.asarray(returns, dtype=float)
     if r.ndim != 2 or r.shape != (len(bar_ts), len(symbols)):
-        raise DataError(f"worst_hours: returns {r.shape} must be ({len(bar_ts)}, {len(symbols)})")
+        raise DataError(f"worst_bars: returns {r.shape} must be ({len(bar_ts)}, {len(symbols)})")
     seen = np.isfinite(r).any(axis=1)
     mean = np.full(len(r), np.inf)
     mean[seen] = np.nanmean(r[seen], axis=1)
     order = [t for t in np.argsort(mean, kind="stable")[:count] if seen[t]]
     return tuple(
-        Scenario(f"replay:{np.datetime_as_string(np.datetime64(bar_ts[t], 'm'))}Z", reference=None, kind="replay",
-                 moves=tuple((s, float(v)) for s, v in zip(symbols, r[t]) if np.isfinite(v)))
+        Scenario(f"replay:{np.datetime_as_string(np.datetime64(bar_ts[t], 'm'))}Z/PT{bar_hours}H", reference=reference,
+                 kind="replay", moves=tuple((s, float(v)) for s, v in zip(symbols, r[t]) if np.isfinite(v)))
         for t in order
     )
 
 
 def rolling_betas(returns: np.ndarray, *, reference: int) -> np.ndarray:
-    """Betas of every column on the reference column over the given window rows.
+    """Betas of every column on the reference column over the given window rows, pairwise.
 
-    ``beta_i = cov(r_i, r_ref) / var(r_ref)`` (sample moments; the ddof cancels), ``beta_ref = 1``.
-    Input: T x N per-bar returns (simple or log, the betas are unitless), no NaN. The caller slices
-    the window (e.g. the ``window`` bars ending at the asof bar). Output: N betas.
+    ``beta_i = cov(r_i, r_ref) / var(r_ref)`` over the rows where BOTH column i and the reference
+    have a return (NaN rows skipped per pair; each pair's own means; the ddof cancels), so a symbol
+    listed late or in an outage is measured on the bars it has. ``beta_ref = 1``. NaN where fewer
+    than 2 rows overlap or the reference does not move over them (no usable reference returns:
+    every beta is NaN). Input: T x N per-bar returns (simple or log, the betas are unitless); the
+    caller slices the window (e.g. the ``window`` bars ending at the asof bar). Output: N betas.
     """
     r = np.asarray(returns, dtype=float)
-    if r.ndim != 2 or r.shape[0] < 2:
-        raise DataError(f"rolling_betas: returns must be T x N with T >= 2, got shape {r.shape}")
+    if r.ndim != 2:
+        raise DataError(f"rolling_betas: returns must be T x N, got shape {r.shape}")
     if not 0 <= reference < r.shape[1]:
         raise DataError(f"rolling_betas: reference={reference} out of range for {r.shape[1]} columns")
-    bad = np.argwhere(~np.isfinite(r))
-    if len(bad):
-        t, i = bad[0]
-        raise DataError(f"rolling_betas: return at row {t}, column {i} is {r[t, i]}")
-    centered = r - r.mean(axis=0)
-    ref = centered[:, reference]
-    var = ref @ ref
-    if var <= 0:
-        raise DataError(f"rolling_betas: reference column {reference} has zero variance in the window")
-    betas = (ref @ centered) / var
-    betas[reference] = 1.0
+    ok = np.isfinite(r)
+    seen = ok.astype(float)
+    # centred on each column's own mean first (a shift leaves every beta unchanged and keeps the sums
+    # below free of cancellation); then per pair, over the rows both have: n, sum x, sum y, sum xx, sum xy
+    y = np.where(ok, r - np.where(ok, r, 0.0).sum(axis=0) / np.maximum(ok.sum(axis=0), 1), 0.0)
+    x, has_x = y[:, reference], seen[:, reference]
+    n, sx, sy = has_x @ seen, x @ seen, has_x @ y
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = (x * x) @ seen - sx * sx / n
+        cov = x @ y - sx * sy / n
+        betas = np.where((n >= 2) & (var > 1e-12 * ((x * x) @ seen)) & (var > 0), cov / var, np.nan)
+    if np.isfinite(betas[reference]):
+        betas[reference] = 1.0
     return betas
 
 
-def load_leverage_tiers(path: Path | str | None = None) -> dict[str, list[Tier]]:
-    """Read ``{"tiers": {symbol: [{min_notional, max_notional, mmr, max_leverage, cum}, ...]}}``.
-
-    Default: the packaged Binance USD-M snapshot of 2025-01-02 (BTC/ETH/SOLUSDT, first 4 brackets).
-    Brackets must start at 0, be contiguous and have consistent ``cum`` (else ConfigError).
-    """
-    path = Path(path) if path is not None else DEFAULT_TIERS_PATH
-    raw = json.loads(path.read_text())
-    if not isinstance(raw.get("tiers"), dict):
-        raise ConfigError(f"{path}: expected an object under key 'tiers'")
-    fields = ("min_notional", "max_notional", "mmr", "max_leverage", "cum")
-    out: dict[str, list[Tier]] = {}
-    for symbol, rows in raw["tiers"].items():
-        try:
-            tiers = [Tier(**{k: float(row[k]) for k in fields}) for row in rows]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: symbol {symbol}: each bracket needs numeric {fields}") from exc
-        _validate_tiers(symbol, tiers)
-        out[symbol] = tiers
-    return out
+def bar_vols(returns: np.ndarray) -> np.ndarray:
+    """Per-bar volatility of every column: the sample standard deviation (ddof = 1) of its own
+    returns in the rows given (NaN skipped per column), in return units per bar; NaN with fewer
+    than 2 returns. Input T x N, output N."""
+    r = np.asarray(returns, dtype=float)
+    if r.ndim != 2:
+        raise DataError(f"bar_vols: returns must be T x N, got shape {r.shape}")
+    with warnings.catch_warnings():  # a column with fewer than 2 returns has no sd: NaN below, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = np.nanstd(r, axis=0, ddof=1)
+    return np.where(np.isfinite(r).sum(axis=0) >= 2, sd, np.nan)
 
 
 def maintenance_margin(notional: float, tiers: Sequence[Tier]) -> float:
-    """``MM = |notional| * mmr_k - cum_k`` (USDT) for the bracket k with min_notional_k <= |notional|.
+    """``MM = |notional| * mmr_k - cum_k`` (USDT) for the last bracket k with min_notional_k <= |notional|.
 
-    A notional above the last bracket's max_notional raises ConfigError (extend the table).
+    A notional above the last bracket's max_notional (a position the exchange would not accept) is
+    margined with the last bracket extended; compare with ``tiers[-1].max_notional`` to tell.
     """
-    _validate_tiers("<tiers>", tiers)
-    return float(_margin(np.array([[abs(notional)]]), *_bracket_arrays([tiers]), ["<tiers>"])[0, 0])
+    validate_tiers(tiers, where="maintenance_margin")
+    floors, mmr, cum, _ = _bracket_arrays([tiers])
+    return float(_margin(np.array([[abs(notional)]]), floors, mmr, cum)[0, 0])
 
 
 def stress_test(
     weights: np.ndarray,
     symbols: Sequence[str],
-    betas: np.ndarray,
+    betas: Mapping[str, np.ndarray],
     *,
     scenarios: Sequence[Scenario] = DEFAULT_SCENARIOS,
     leverage: float,
     tiers: Mapping[str, Sequence[Tier]],
     equity: float = 1.0,
     buffer: float = 0.05,
-    account_notional: float = 100_000.0,
-    default_mmr: float | None = None,
+    account_usdt: float = 100_000.0,
     vols: np.ndarray | None = None,
+    bar_hours: float | None = None,
     margin_mode: MarginMode = "cross",
+    tier_sources: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
     """Apply each scenario once to a book and check margin, liquidation and capital sufficiency.
 
-    Account equity ``A = equity * account_notional`` (USDT; ``equity`` is the strategy's equity in
-    units of ``account_notional``, 1.0 = an account of that size). Positions
-    ``p_i = leverage * A * w_i`` (USDT notionals, negative = short). Per scenario with price moves
-    ``s_i`` and funding rates ``c_i`` charged on notional (see the module docstring):
+    Account equity ``A = equity * account_usdt`` (USDT; ``equity`` is the strategy's equity in units
+    of ``account_usdt``, 1.0 = an account of that size). Positions ``p_i = leverage * A * w_i`` (USDT
+    notionals, negative = short). Per scenario with price moves ``s_i`` and funding rates ``c_i``
+    charged on notional (see the module docstring):
 
     * position pnl ``pnl_i = p_i s_i - p_i c_i``; ``MM_i = MM(|p_i (1 + s_i)|)`` (post-shock notional,
-      per-symbol brackets)
+      per-symbol brackets, the last one extended beyond its max_notional)
     * cross margin (one pool): pnl = sum_i pnl_i; equity_after = A + pnl;
       maintenance_margin = sum_i MM_i; margin_ratio = MM / equity_after (inf when equity_after <= 0);
       liquidated = equity_after <= MM (every position closes: positions_liquidated = held count)
@@ -253,48 +264,53 @@ def stress_test(
       A + sum_i pnl_i; maintenance_margin = sum of MM_i of surviving positions; margin_ratio =
       max_i MM_i / (m_i + pnl_i) over held positions (inf when one has no equity left);
       liquidated = any position liquidated
-    * capital_sufficient = not liquidated and equity_after >= maintenance_margin + buffer * A
+    * oversized: the held symbols whose notional before or after the shock exceeds their last
+      bracket's max_notional (null when none)
+    * capital_sufficient = not liquidated, not oversized and equity_after >= maintenance_margin + buffer * A
 
     Weights with ``|w_i| <= FLAT_WEIGHT`` (1e-6, solver noise) are treated as 0. Symbols held
-    (w_i != 0) must be in ``tiers`` unless ``default_mmr`` is given (then an unknown
-    symbol's MM is ``|n| * default_mmr``). Betas only matter (and must be finite) for held symbols;
-    ``vols`` (per-bar volatilities, N) are needed only by ``volatility`` scenarios.
+    (w_i != 0) must be in ``tiers`` (perpfolio.tiers.resolve_tiers covers any symbol). ``betas``
+    maps each reference symbol the price scenarios name to the N betas against it (NaN where
+    unknown; only held symbols' matter); a replay uses those against its ``reference`` when given;
+    ``vols`` (per-bar volatilities, N) and ``bar_hours`` (the length of those bars, hours) are
+    needed only by ``volatility`` scenarios; ``tier_sources`` (symbol -> where its tiers came from)
+    only fills ``tier_source``.
 
     Returns one row per scenario: scenario, kind, reference, shock (``Scenario.headline``),
-    leverage, margin_mode, pnl, equity_after, maintenance_margin (USDT), pnl_frac,
+    leverage, margin_mode, account_usdt, pnl, equity_after, maintenance_margin (USDT), pnl_frac,
     equity_after_frac (divided by A), margin_ratio, liquidated, positions_liquidated,
-    capital_sufficient.
+    capital_sufficient, oversized, proxied (symbols moved by a substitute, with how), tier_source
+    (the distinct sources of the held symbols' tiers).
     """
     w = np.asarray(weights, dtype=float)
-    b = np.asarray(betas, dtype=float)
     n = len(symbols)
-    if w.shape != (n,) or b.shape != (n,):
-        raise DataError(f"stress_test: weights {w.shape} and betas {b.shape} must both be ({n},)")
+    b = {ref: np.asarray(v, dtype=float) for ref, v in betas.items()}
+    if w.shape != (n,) or any(v.shape != (n,) for v in b.values()):
+        raise DataError(f"stress_test: weights {w.shape} and the betas against {list(b)} "
+                        f"{[v.shape for v in b.values()]} must all be ({n},)")
     bad_w = np.flatnonzero(~np.isfinite(w))
     if len(bad_w):
         raise DataError(f"stress_test: weights for {symbols[bad_w[0]]} is {w[bad_w[0]]}")
     w = np.where(np.abs(w) > FLAT_WEIGHT, w, 0.0)
     held = w != 0
-    for name, arr in (("weights", w), ("betas", np.where(held, b, 0.0))):
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if len(bad):
-            raise DataError(f"stress_test: {name} for {symbols[bad[0]]} is {arr[bad[0]]}")
     for name, value, ok in (("leverage", leverage, leverage > 0), ("equity", equity, equity > 0),
-                            ("account_notional", account_notional, account_notional > 0),
-                            ("buffer", buffer, buffer >= 0)):
+                            ("account_usdt", account_usdt, account_usdt > 0), ("buffer", buffer, buffer >= 0)):
         if not ok:
             raise ConfigError(f"stress_test: {name} must be {'>= 0' if name == 'buffer' else '> 0'}, got {value}")
     if margin_mode not in ("cross", "isolated"):
         raise ConfigError(f"stress_test: margin_mode must be 'cross' or 'isolated', got {margin_mode!r}")
     if not scenarios:
         raise ConfigError("stress_test: scenarios is empty")
-    tier_lists = _tier_lists(symbols, held, tiers, default_mmr, "stress_test")
-    moves, rates = _scenario_moves(scenarios, symbols, np.sign(w), b, vols)
+    tier_lists = _tier_lists(symbols, held, tiers, "stress_test")
+    moves, rates, proxied = _scenario_moves(scenarios, symbols, np.sign(w), b, vols, bar_hours)
 
-    acct = equity * account_notional
+    acct = equity * account_usdt
     pos = leverage * acct * w
     pos_pnl = (moves - rates) * pos
-    mm_pos = _margin(np.abs(pos * (1.0 + moves)), *_bracket_arrays(tier_lists), symbols)
+    floors, mmr, cum, caps = _bracket_arrays(tier_lists)
+    after = np.abs(pos * (1.0 + moves))
+    mm_pos = _margin(after, floors, mmr, cum)
+    over = held & ((np.abs(pos) > caps) | (after > caps))
     if margin_mode == "cross":
         pnl = pos_pnl.sum(axis=1)
         equity_after = acct + pnl
@@ -303,7 +319,8 @@ def stress_test(
         liquidated = equity_after <= mm
         n_liq = np.where(liquidated, held.sum(), 0)
     else:
-        margin = acct * np.abs(pos) / np.abs(pos).sum()
+        gross = np.abs(pos).sum()
+        margin = acct * np.abs(pos) / gross if gross > 0 else np.zeros(n)  # a flat book has no position to back
         own = margin + pos_pnl
         liq_pos = held & (own <= mm_pos)
         pnl = np.where(liq_pos, -margin, pos_pnl).sum(axis=1)
@@ -313,13 +330,16 @@ def stress_test(
         margin_ratio = np.where(held, ratio, 0.0).max(axis=1)
         n_liq = liq_pos.sum(axis=1)
         liquidated = n_liq > 0
+    oversized = [", ".join(symbols[i] for i in np.flatnonzero(row)) or None for row in over]
     return pl.DataFrame({
         "scenario": [sc.name for sc in scenarios],
         "kind": [sc.kind for sc in scenarios],
-        "reference": pl.Series([sc.reference if sc.kind == "price" else None for sc in scenarios], dtype=pl.String),
+        "reference": pl.Series([sc.reference if sc.kind in ("price", "replay") else None for sc in scenarios],
+                               dtype=pl.String),
         "shock": [float(sc.headline) for sc in scenarios],
         "leverage": np.full(len(scenarios), float(leverage)),
         "margin_mode": [margin_mode] * len(scenarios),
+        "account_usdt": np.full(len(scenarios), float(account_usdt)),
         "pnl": pnl,
         "equity_after": equity_after,
         "maintenance_margin": mm,
@@ -328,7 +348,10 @@ def stress_test(
         "margin_ratio": margin_ratio,
         "liquidated": liquidated,
         "positions_liquidated": n_liq.astype(np.int64),
-        "capital_sufficient": ~liquidated & (equity_after >= mm + buffer * acct),
+        "capital_sufficient": ~liquidated & ~over.any(axis=1) & (equity_after >= mm + buffer * acct),
+        "oversized": pl.Series(oversized, dtype=pl.String),
+        "proxied": pl.Series(proxied, dtype=pl.String),
+        "tier_source": pl.Series([_sources(symbols, held, tier_sources)] * len(scenarios), dtype=pl.String),
     })
 
 
@@ -340,24 +363,32 @@ def liquidation_levels(
     tiers: Mapping[str, Sequence[Tier]],
     margin_mode: MarginMode = "cross",
     equity: float = 1.0,
-    account_notional: float = 100_000.0,
-    default_mmr: float | None = None,
+    account_usdt: float = 100_000.0,
+    tier_sources: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
     """Liquidation price of every held position, moving that symbol alone (others unchanged).
 
-    With ``p = leverage * A * w_i`` (``q = |p|``), equity ``E`` (cross: the account ``A``;
-    isolated: the position's margin ``m_i = A q / sum_j |p_j|``) and the maintenance margin of
-    the other positions ``M_o`` (cross: ``sum_{j != i} MM_j(|p_j|)``; isolated: 0), the position is
-    liquidated when ``E + p s = MM(q (1 + s))``. Within bracket k, ``MM = q (1 + s) mmr_k - cum_k``,
-    so ``s* = (q mmr_k - cum_k + M_o - E) / (p - q mmr_k)``, kept for the bracket that holds the
-    notional ``q (1 + s*)`` (the last bracket is taken as open-ended here). MM is continuous and
-    the equity gap monotone in ``s``, so the root is unique.
+    With ``p = leverage * A * w_i`` (``A = equity * account_usdt``, ``q = |p|``), equity ``E``
+    (cross: the account ``A``; isolated: the position's margin ``m_i = A q / sum_j |p_j|``) and the
+    maintenance margin of the other positions ``M_o`` (cross: ``sum_{j != i} MM_j(|p_j|)``;
+    isolated: 0), the position is liquidated when ``E + p s <= MM(q (1 + s)) + M_o``. Within
+    bracket k, ``MM = q (1 + s) mmr_k - cum_k``, so the boundary is at
+    ``s* = (q mmr_k - cum_k + M_o - E) / (p - q mmr_k)``, kept for the bracket that holds the
+    notional ``q (1 + s*)`` (the last bracket is taken as open-ended). Within a bracket the equity
+    gap shrinks as the price moves against the position, so with a continuous table (Binance,
+    Bybit) the root is unique. A whole-position table (OKX) makes MM jump up at a bracket boundary,
+    which can liquidate a growing position AT the boundary: ``s*`` is then the first adverse move
+    at which equity is at or below MM, a root inside a bracket or such a boundary. A position
+    already at or below its margin gets the nearest root (the move that would restore it).
 
-    Weights with ``|w_i| <= FLAT_WEIGHT`` are no position (no row). Returns one row per held symbol: symbol, weight, notional (USDT), margin_mode, margin (USDT,
-    the equity that backs the position), liquidation_move ``s*`` (the price return that liquidates,
-    null when no positive price does: e.g. a fully collateralized long), liquidation_price_ratio
-    ``1 + s*`` (liquidation price / current price, null likewise) and distance ``-sign(p) s*``
-    (the adverse move to liquidation, a fraction; 0 when already liquidatable).
+    Weights with ``|w_i| <= FLAT_WEIGHT`` are no position (no row). Returns one row per held symbol:
+    symbol, weight, notional (USDT), account_usdt, margin_mode, margin (USDT, the equity that backs
+    the position), liquidation_move ``s*`` (the price return that liquidates, null when no positive
+    price does: e.g. a fully collateralized long), liquidation_price_ratio ``1 + s*`` (liquidation
+    price / current price, null likewise), distance ``-sign(p) s*`` (the adverse move to
+    liquidation, a fraction; 0 when already liquidatable), exceeds_max_notional (the position is
+    beyond its last bracket: the exchange would not accept it) and tier_source (null without
+    ``tier_sources``).
     """
     w = np.asarray(weights, dtype=float)
     if w.shape != (len(symbols),) or not np.isfinite(w).all():
@@ -365,116 +396,157 @@ def liquidation_levels(
     w = np.where(np.abs(w) > FLAT_WEIGHT, w, 0.0)
     if margin_mode not in ("cross", "isolated"):
         raise ConfigError(f"liquidation_levels: margin_mode must be 'cross' or 'isolated', got {margin_mode!r}")
-    if not (leverage > 0 and equity > 0 and account_notional > 0):
-        raise ConfigError("liquidation_levels: leverage, equity and account_notional must be > 0")
+    if not (leverage > 0 and equity > 0 and account_usdt > 0):
+        raise ConfigError("liquidation_levels: leverage, equity and account_usdt must be > 0")
     held = w != 0
-    tier_lists = _tier_lists(symbols, held, tiers, default_mmr, "liquidation_levels")
+    tier_lists = _tier_lists(symbols, held, tiers, "liquidation_levels")
     floors, mmr, cum, caps = _bracket_arrays(tier_lists)
-    acct = equity * account_notional
+    acct = equity * account_usdt
     pos = leverage * acct * w
     q = np.abs(pos)
-    mm_now = _margin(q[None, :], floors, mmr, cum, caps, symbols)[0]
+    mm_now = _margin(q[None, :], floors, mmr, cum)[0]
     if margin_mode == "cross":
         backing = np.full(len(w), acct)
         others = mm_now.sum() - mm_now
     else:
         backing = acct * q / q.sum() if q.sum() > 0 else np.zeros(len(w))
         others = np.zeros(len(w))
+    safe_now = backing - mm_now - others > 0  # equity above maintenance margin at today's price
     with np.errstate(divide="ignore", invalid="ignore"):
-        s = ((q[:, None] * mmr - cum + others[:, None] - backing[:, None])
-             / (pos[:, None] - q[:, None] * mmr))
-        notional = q[:, None] * (1.0 + s)
+        roots = ((q[:, None] * mmr - cum + others[:, None] - backing[:, None])
+                 / (pos[:, None] - q[:, None] * mmr))
+        notional = q[:, None] * (1.0 + roots)
         upper = np.concatenate([floors[:, 1:], np.full((len(w), 1), np.inf)], axis=1)
         # a liquidation price within rounding of 0 (e.g. a fully collateralized long) is no price at all
-        valid = np.isfinite(s) & (1.0 + s > ZERO_PRICE_RATIO) & (notional >= floors - 1e-9 * np.maximum(floors, 1)) & (notional <= upper)
-    pick = valid.argmax(axis=1)
-    found = valid[np.arange(len(w)), pick]
-    move = np.where(found, s[np.arange(len(w)), pick], np.nan)
+        in_bracket = (np.isfinite(roots) & (1.0 + roots > ZERO_PRICE_RATIO)
+                      & (notional >= floors - 1e-9 * np.maximum(floors, 1)) & (notional <= upper))
+        # the move that lands exactly on bracket k's floor, liquidating there if MM of bracket k is reached
+        edges = floors[:, 1:] / q[:, None] - 1.0
+        edge_gap = (backing[:, None] + pos[:, None] * edges - (floors[:, 1:] * mmr[:, 1:] - cum[:, 1:])
+                    - others[:, None])
+        at_edge = np.isfinite(edges) & (1.0 + edges > ZERO_PRICE_RATIO) & (edge_gap <= 0)
+        adverse = -np.sign(pos)[:, None]
+        # safe now: the nearest adverse root or boundary; else the nearest root (where the margin is restored)
+        first = np.where(safe_now[:, None],
+                         np.concatenate([in_bracket & (adverse * roots >= 0), at_edge & (adverse * edges >= 0)], axis=1),
+                         np.concatenate([in_bracket, np.zeros_like(at_edge)], axis=1))
+    moves = np.concatenate([roots, edges], axis=1)
+    away = np.where(first, np.abs(moves), np.inf)
+    pick = away.argmin(axis=1)
+    rows = np.arange(len(w))
+    move = np.where(np.isfinite(away[rows, pick]), moves[rows, pick], np.nan)
     idx = np.flatnonzero(held)
     dist = np.maximum(0.0, -np.sign(pos) * move)
     return pl.DataFrame({
         "symbol": [symbols[i] for i in idx],
         "weight": w[idx],
         "notional": pos[idx],
+        "account_usdt": np.full(len(idx), float(account_usdt)),
         "margin_mode": [margin_mode] * len(idx),
         "margin": backing[idx],
         "liquidation_move": pl.Series(move[idx], dtype=pl.Float64).fill_nan(None),
         "liquidation_price_ratio": pl.Series(1.0 + move[idx], dtype=pl.Float64).fill_nan(None),
         "distance": pl.Series(dist[idx], dtype=pl.Float64).fill_nan(None),
+        "exceeds_max_notional": q[idx] > caps[idx],
+        "tier_source": pl.Series([None if tier_sources is None else tier_sources[symbols[i]] for i in idx],
+                                 dtype=pl.String),
     })
 
 
-def _tier_lists(symbols, held, tiers, default_mmr, where):
+def _sources(symbols, held, tier_sources) -> str | None:
+    """The distinct sources of the held symbols' tiers, sorted and comma-separated (None: none held or not given)."""
+    if tier_sources is None:
+        return None
+    lacking = [s for s, h in zip(symbols, held) if h and s not in tier_sources]
+    if lacking:
+        raise ConfigError(f"stress_test: tier_sources has no entry for held symbol {lacking[0]}")
+    return ", ".join(sorted({tier_sources[s] for s, h in zip(symbols, held) if h})) or None
+
+
+def _tier_lists(symbols, held, tiers, where):
     out = []
     for sym, h in zip(symbols, held):
         if not h:
             out.append([Tier(0.0, np.inf, 0.0, np.inf, 0.0)])
         elif sym in tiers:
+            validate_tiers(tiers[sym], where=f"{where}: leverage tiers of {sym}")
             out.append(tiers[sym])
-        elif default_mmr is not None:
-            out.append([Tier(0.0, np.inf, default_mmr, np.inf, 0.0)])
         else:
-            raise ConfigError(f"{where}: no leverage tiers for symbol {sym}; add it to the tier table or pass default_mmr")
-    for sym, t in zip(symbols, out):
-        _validate_tiers(sym, t)
+            raise ConfigError(f"{where}: no leverage tiers for symbol {sym}; resolve them with "
+                              "perpfolio.tiers.resolve_tiers (its conservative default covers any symbol)")
     return out
 
 
-def _scenario_moves(scenarios, symbols, signs, betas, vols):
-    """S x N price moves and S x N funding charges (fraction of notional a long pays)."""
+def _scenario_moves(scenarios, symbols, signs, betas, vols, bar_hours):
+    """S x N price moves, S x N funding charges (fraction of notional a long pays) and, per
+    scenario, the held symbols moved by a substitute and how (None when none)."""
     n = len(symbols)
     held = signs != 0
     moves, rates = np.zeros((len(scenarios), n)), np.zeros((len(scenarios), n))
+    proxied: list[str | None] = []
     for k, sc in enumerate(scenarios):
+        notes: list[str] = []
         if sc.kind not in _KINDS:
             raise ConfigError(f"stress_test: scenario {sc.name}: unknown kind {sc.kind!r}")
-        if sc.kind == "price" and sc.reference is None:
+        if sc.kind == "price" and sc.reference == JOINT:
             moves[k] = sc.shock
         elif sc.kind == "price":
             if sc.reference not in symbols:
-                raise ConfigError(f"stress_test: scenario {sc.name}: reference {sc.reference} not in symbols")
-            moves[k] = np.where(held, betas, 0.0) * sc.shock
-            moves[k, list(symbols).index(sc.reference)] = sc.shock
+                raise ConfigError(f"stress_test: scenario {sc.name}: reference {sc.reference} not in symbols "
+                                  f"(name a symbol, or '{JOINT}' for a joint shock)")
+            if sc.reference not in betas:
+                raise ConfigError(f"stress_test: scenario {sc.name}: no betas against its reference {sc.reference} "
+                                  f"(betas given against {sorted(betas)})")
+            ref = list(symbols).index(sc.reference)
+            known = np.isfinite(betas[sc.reference])
+            known[ref] = True
+            moves[k] = np.where(held, np.where(known, betas[sc.reference], 1.0), 0.0) * sc.shock
+            moves[k, ref] = sc.shock
+            notes = [f"{symbols[i]} (beta 1: no beta to {sc.reference})" for i in np.flatnonzero(held & ~known)]
         elif sc.kind == "funding":
             rates[k] = sc.funding_rate_8h * sc.hours / 8.0
         elif sc.kind == "volatility":
+            if bar_hours is None or not bar_hours > 0:
+                raise ConfigError(f"stress_test: scenario {sc.name} needs bar_hours > 0 (the length of the bars "
+                                  f"the volatilities are measured on), got {bar_hours}")
             v = np.full(n, np.nan) if vols is None else np.asarray(vols, dtype=float)
-            bad = np.flatnonzero(held & ~(np.isfinite(v) & (v >= 0)))
-            if len(bad):
+            usable = np.isfinite(v) & (v >= 0)
+            lacking = np.flatnonzero(held & ~usable)
+            if len(lacking) and not (held & usable).any():
                 raise DataError(f"stress_test: scenario {sc.name} needs the per-bar volatility of "
-                                f"{symbols[bad[0]]}, got {v[bad[0]]}")
-            moves[k] = -signs * sc.sigmas * sc.vol_multiplier * np.where(held, v, 0.0) * np.sqrt(sc.hours)
+                                f"{symbols[lacking[0]]}, got {v[lacking[0]]}")
+            if len(lacking):
+                v = np.where(usable, v, v[held & usable].max())
+                notes = [f"{symbols[i]} (largest held volatility)" for i in lacking]
+            scale = sc.sigmas * sc.vol_multiplier * np.sqrt(sc.hours / bar_hours)
+            moves[k] = -signs * scale * np.where(held, v, 0.0)
         else:
             replay = dict(sc.moves)
-            lacking = [s for s, h in zip(symbols, held) if h and s not in replay]
-            if lacking:
-                raise DataError(f"stress_test: replay {sc.name} has no move for held symbol {lacking[0]}")
-            moves[k] = [replay.get(s, 0.0) if h else 0.0 for s, h in zip(symbols, held)]
+            if not replay:
+                raise DataError(f"stress_test: replay {sc.name} has no moves")
+            ref_move = replay.get(sc.reference) if sc.reference is not None else None
+            ref_betas = betas.get(sc.reference, np.full(n, np.nan)) if sc.reference is not None else np.full(n, np.nan)
+            for i in np.flatnonzero(held):
+                s = symbols[i]
+                if s in replay:
+                    moves[k, i] = replay[s]
+                elif ref_move is not None and np.isfinite(ref_betas[i]):
+                    moves[k, i] = ref_betas[i] * ref_move
+                    notes.append(f"{s} (beta x {sc.reference})")
+                else:
+                    moves[k, i] = float(np.mean(list(replay.values())))
+                    notes.append(f"{s} (bar mean)")
         low = np.flatnonzero(held & (moves[k] <= -1.0))
         if len(low):
             raise ConfigError(f"stress_test: scenario {sc.name} moves {symbols[low[0]]} by "
                               f"{moves[k, low[0]]} <= -100%")
-    return moves, rates
-
-
-def _validate_tiers(symbol: str, tiers: Sequence[Tier]) -> None:
-    if not tiers:
-        raise ConfigError(f"leverage tiers for {symbol}: empty bracket list")
-    if tiers[0].min_notional != 0:
-        raise ConfigError(f"leverage tiers for {symbol}: first bracket starts at {tiers[0].min_notional}, not 0")
-    for k, t in enumerate(tiers):
-        if not (0 <= t.mmr < 1 and t.max_notional > t.min_notional):
-            raise ConfigError(f"leverage tiers for {symbol}, bracket {k + 1}: invalid {t}")
-        if k:
-            prev = tiers[k - 1]
-            cum = prev.cum + t.min_notional * (t.mmr - prev.mmr)
-            if t.min_notional != prev.max_notional or abs(t.cum - cum) > 1e-6 * max(1.0, abs(cum)):
-                raise ConfigError(f"leverage tiers for {symbol}, bracket {k + 1}: not contiguous with the "
-                                  f"previous bracket or cum {t.cum} != expected {cum}")
+        proxied.append(", ".join(notes) or None)
+    return moves, rates, proxied
 
 
 def _bracket_arrays(tier_lists: Sequence[Sequence[Tier]]):
-    """Pad per-symbol brackets to N x B arrays (floors padded with +inf so they never match)."""
+    """Pad per-symbol brackets to N x B arrays (floors padded with +inf so they never match) and
+    each symbol's last max_notional (N)."""
     width = max(len(t) for t in tier_lists)
     floors = np.full((len(tier_lists), width), np.inf)
     mmr = np.zeros((len(tier_lists), width))
@@ -487,13 +559,8 @@ def _bracket_arrays(tier_lists: Sequence[Sequence[Tier]]):
     return floors, mmr, cum, caps
 
 
-def _margin(notional, floors, mmr, cum, caps, symbols) -> np.ndarray:
-    """S x N absolute notionals -> S x N maintenance margins (USDT)."""
-    over = np.argwhere(notional > caps)
-    if len(over):
-        s, i = over[0]
-        raise ConfigError(f"maintenance margin: notional {notional[s, i]:.2f} of {symbols[i]} exceeds the "
-                          f"last leverage bracket ({caps[i]:.0f}); extend the tier table")
+def _margin(notional, floors, mmr, cum) -> np.ndarray:
+    """S x N absolute notionals -> S x N maintenance margins (USDT), the last bracket extended."""
     idx = (notional[..., None] >= floors).sum(axis=-1) - 1
     rows = np.arange(notional.shape[1])
     return notional * mmr[rows, idx] - cum[rows, idx]

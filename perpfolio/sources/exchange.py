@@ -26,6 +26,18 @@ truncated by the page size, whatever order the exchange returns rows in, and an 
 the exchange has no rows there (an outage, or a symbol delisted before the end): pagination goes on
 to the next piece and the hole is reported as a gap, never filled.
 
+**Leverage tiers** (:func:`read_leverage_tiers`, perpfolio.tiers): the exchange's current
+maintenance-margin brackets where it serves them without an API key. Bybit:
+``/v5/market/risk-limit`` (``riskLimitValue`` caps in USDT, ``mmDeduction`` the continuous
+deduction; ``nextPageCursor`` pages), parsed by ccxt's own ``parse_market_leverage_tiers``. OKX:
+``/api/v5/public/position-tiers`` (cross margin, by ``instFamily``), whose ``minSz``/``maxSz`` are
+CONTRACTS: converted to USDT as ``maxSz x ctVal x mark price`` (``/api/v5/public/mark-price`` at the
+time of the fetch), each bracket starting where the previous one ends, no deduction (OKX margins
+the whole position at its tier's rate). Binance's brackets (``/fapi/v1/leverageBracket``) need a
+signed request, so Binance serves none here. Both go through :func:`perpfolio.tiers.parse_ccxt`
+as ccxt leverage-tier structures; a bracket that breaks the bracket rules is a DataError naming the
+exchange, endpoint, symbol and bracket.
+
 **Retries.** Rate limiting (HTTP 429/418, Bybit 10006, OKX 50011), 5xx, timeouts, dropped
 connections and unreadable bodies (truncated JSON) are retried up to ``max_retries`` times, waiting
 the server's ``Retry-After`` when it sends one and ``backoff_s * 2**attempt`` (capped at 30 s)
@@ -42,12 +54,16 @@ and a re-run of a complete window makes no data request at all.
 time and field), duplicates keep the first row the exchange sent and are counted, rows are sorted,
 missing hours are reported (``quality``), and funding events get ``bar_ts`` (the bar whose interval
 ``(bar_ts, bar_ts + 1h]`` holds the event) and ``interval_hours`` (see :func:`funding_intervals`).
+A trade candle whose open or close lies outside its own [low, high] is not an error here (it still
+is in mark, index and DVOL candles): it is a bad print that :mod:`perpfolio.quality` flags, naming
+the endpoint (``candle_origin``).
 """
 
 from __future__ import annotations
 
 import difflib
 import email.utils
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,18 +74,19 @@ import ccxt
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError, SourceUnavailable
+from perpfolio.quality import spacing_interval
 from perpfolio.sources.archive import (
-    CANDLES_SCHEMA, FUNDING_SCHEMA, QUALITY_SCHEMA, REFERENCE_SCHEMA, ArchiveData, gap_report,
+    CANDLES_SCHEMA, FUNDING_SCHEMA, QUALITY_SCHEMA, REFERENCE_SCHEMA, ArchiveData, gap_report, quality_rows,
 )
 from perpfolio.sources.exchange_cache import ExchangeCache
 from perpfolio.sources.window import check_window, day_start
+from perpfolio.tiers import Tier, TierTable, parse_ccxt
 
 SOURCE = "exchange"
 DVOL_SOURCE = "dvol"
 EXCHANGES = ("binance", "bybit", "okx")
 KLINE_KINDS = ("trade", "mark", "index")  # trade -> raw.candles; mark, index -> raw.reference_prices
 DVOL_CURRENCIES = ("BTC", "ETH")  # the underlyings Deribit publishes a DVOL index for
-FUNDING_INTERVALS = (1, 2, 4, 8)
 FUNDING_LOOKBACK = timedelta(hours=9)  # enough history before a window to see the previous event (8h + jitter)
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -86,12 +103,14 @@ class _BadBody(Exception):
 @dataclass(frozen=True)
 class Instrument:
     """A listed USDT-margined perpetual: the project's symbol (``BTCUSDT``), the exchange's id for
-    it, the id of its index (OKX names the index ``BTC-USDT``) and the exchange's status text."""
+    it, the id of its index (OKX names the index ``BTC-USDT``), the exchange's status text and the
+    size of one contract in the base currency (OKX ``ctVal``; 1 where positions are in the base)."""
 
     symbol: str
     native: str
     index_native: str
     status: str
+    contract_size: float = 1.0
 
 
 class ExchangeClient:
@@ -107,6 +126,7 @@ class ExchangeClient:
     ccxt_class: type
     kline_page: dict[str, int]
     funding_page: int
+    _KLINES: dict[str, str]  # kline kind -> the ccxt implicit method (the endpoint)
 
     def __init__(self, *, base_url: str | None = None, timeout_s: float = 10.0, max_retries: int = 5,
                  backoff_s: float = 0.5, rate_limit: bool = True, sleep: Callable[[float], None] = time.sleep):
@@ -182,6 +202,10 @@ class ExchangeClient:
 
     # --- history ------------------------------------------------------------------------------
 
+    def kline_endpoint(self, kind: str) -> str:
+        """``"<origin> <endpoint>"`` of ``kind``'s klines (e.g. ``binance fapipublic_get_klines``), for messages."""
+        return f"{self.origin} {self._KLINES[kind]}"
+
     def piece_days(self, dataset: str) -> int:
         """Whole UTC days per request of ``dataset`` (a kline kind or "funding"): one page's worth."""
         page = self.funding_page if dataset == "funding" else self.kline_page[dataset]
@@ -195,6 +219,11 @@ class ExchangeClient:
         rows = (self._funding_page(instrument, start_ms, end_ms) if dataset == "funding"
                 else self._kline_page(dataset, instrument, start_ms, end_ms))
         return [r for r in rows if start_ms <= r[0] < end_ms]
+
+    def leverage_tiers(self, symbol: str) -> tuple[Tier, ...] | None:
+        """The exchange's current maintenance-margin brackets of ``symbol`` in USDT notional, or
+        None where it serves none without an API key or lists none for the symbol (module docstring)."""
+        return None
 
     # --- per exchange -------------------------------------------------------------------------
 
@@ -262,6 +291,21 @@ class BybitClient(ExchangeClient):
                             "endTime": end_ms - 1, "limit": self.funding_page}, _bybit_result)
         return [(int(r["fundingRateTimestamp"]), _num(r["fundingRate"])) for r in result["list"]]
 
+    def leverage_tiers(self, symbol: str) -> tuple[Tier, ...] | None:
+        instrument = self.instrument(symbol)
+        rows, cursor = [], ""
+        while True:
+            params = {"category": "linear", "symbol": instrument.native, **({"cursor": cursor} if cursor else {})}
+            result = self.call("public_get_v5_market_risk_limit", params, _bybit_result)
+            rows += [r for r in result["list"] if r.get("symbol", instrument.native) == instrument.native]
+            cursor = result.get("nextPageCursor") or ""
+            if not cursor:
+                break
+        if not rows:
+            return None
+        rows.sort(key=lambda r: _num(r.get("riskLimitValue")))  # ccxt takes each floor from the row before
+        return _parsed_tiers(self.name, "risk-limit", symbol, self.api.parse_market_leverage_tiers(rows))
+
 
 class OkxClient(ExchangeClient):
     name, ccxt_class = "okx", ccxt.okx
@@ -275,7 +319,8 @@ class OkxClient(ExchangeClient):
         for s in data:
             base, quote, kind = (s["instId"].split("-") + ["", "", ""])[:3]
             if quote == "USDT" and kind == "SWAP" and s.get("settleCcy", "USDT") == "USDT":
-                found.append(Instrument(base + "USDT", s["instId"], f"{base}-USDT", s.get("state", "")))
+                found.append(Instrument(base + "USDT", s["instId"], f"{base}-USDT", s.get("state", ""),
+                                        _num(s.get("ctVal", "nan"))))
         return found
 
     def _kline_page(self, kind, instrument, start_ms, end_ms):
@@ -291,6 +336,24 @@ class OkxClient(ExchangeClient):
                          {"instId": instrument.native, "before": start_ms - 1, "after": end_ms,
                           "limit": self.funding_page}, _okx_data)
         return [(int(r["fundingTime"]), _num(r.get("realizedRate") or r["fundingRate"])) for r in data]
+
+    def leverage_tiers(self, symbol: str) -> tuple[Tier, ...] | None:
+        instrument = self.instrument(symbol)
+        marks = self.call("public_get_public_mark_price", {"instType": "SWAP", "instId": instrument.native}, _okx_data)
+        price = _num(marks[0].get("markPx")) if marks else math.nan
+        usdt_per_contract = instrument.contract_size * price
+        if not (math.isfinite(usdt_per_contract) and usdt_per_contract > 0):
+            raise DataError(f"okx mark-price / instruments {symbol}: markPx {price} x ctVal {instrument.contract_size} "
+                            "must be a finite USDT value > 0 per contract")
+        rows = self.call("public_get_public_position_tiers", {"instType": "SWAP", "tdMode": "cross",
+                                                              "instFamily": instrument.index_native}, _okx_data)
+        brackets, floor = [], 0.0
+        for row in sorted(rows, key=lambda r: _num(r.get("tier"))):
+            cap = _num(row.get("maxSz")) * usdt_per_contract  # contracts -> USDT at today's mark price
+            brackets.append({"minNotional": floor, "maxNotional": cap, "maintenanceMarginRate": _num(row.get("mmr")),
+                             "maxLeverage": _num(row.get("maxLever")), "info": row})
+            floor = cap
+        return _parsed_tiers(self.name, "position-tiers", symbol, brackets) if brackets else None
 
 
 CLIENTS: dict[str, type[ExchangeClient]] = {c.name: c for c in (BinanceClient, BybitClient, OkxClient)}
@@ -322,6 +385,28 @@ def client_for(exchange: str, **options) -> ExchangeClient:
     if exchange not in CLIENTS:
         raise ConfigError(f"PERPFOLIO_EXCHANGE must be one of {', '.join(EXCHANGES)}, got {exchange!r}")
     return CLIENTS[exchange](**options)
+
+
+def read_leverage_tiers(client: ExchangeClient, symbols: Sequence[str]) -> TierTable | None:
+    """The live brackets of those ``symbols`` the exchange serves (source ``exchange:<name>``, or
+    ``exchange:<name>@<host>`` when redirected, e.g. ``exchange:okx@127.0.0.1`` for the replay
+    server; the host without its port, so a label does not change with the port a server got);
+    None when it serves none of them (Binance: its brackets need an API key)."""
+    found = {}
+    for symbol in symbols:
+        tiers = client.leverage_tiers(symbol)
+        if tiers is not None:
+            found[symbol] = tiers
+    host = urlsplit(client.origin.partition("@")[2]).hostname
+    return TierTable(found, f"exchange:{client.name}" + (f"@{host}" if host else "")) if found else None
+
+
+def _parsed_tiers(exchange: str, endpoint: str, symbol: str, brackets: list[dict]) -> tuple[Tier, ...]:
+    """One symbol's ccxt-structure brackets through perpfolio.tiers.parse_ccxt; a broken bracket is a DataError."""
+    try:
+        return parse_ccxt({f"{symbol.removesuffix('USDT')}/USDT:USDT": brackets}, where=f"{exchange} {endpoint}")[symbol]
+    except ConfigError as exc:
+        raise DataError(str(exc)) from exc
 
 
 # --- reading a window -----------------------------------------------------------------------------
@@ -373,6 +458,7 @@ def read_exchange(
     data = ArchiveData(
         candles=candle_frame, funding=pl.concat(funding), quality=quality_frame.sort("symbol", "dataset", "from_ts", "issue"),
         files=(), reference_prices=pl.concat(reference),
+        candle_origin=candle_frame.select("ts", "symbol", pl.lit(client.kline_endpoint("trade")).alias("origin")),
     )
     return ExchangeRead(data, iv, client.requests + (dvol.requests if dvol else 0) - requests_before)
 
@@ -444,8 +530,9 @@ def _klines_frame(rows: list[tuple], exchange: str, kind: str, symbol: str, star
     _fail(frame, pl.col("t") % HOUR_MS != 0, where, "ts", "is not on the hour")
     for p in prices:
         _fail(frame, ~pl.col(p).is_finite() | (pl.col(p) <= 0), where, p, "must be a finite price > 0")
-    _fail(frame, pl.col("high") < pl.max_horizontal("open", "close"), where, "high", "is below max(open, close)")
-    _fail(frame, pl.col("low") > pl.min_horizontal("open", "close"), where, "low", "is above min(open, close)")
+    if kind != "trade":  # in trade candles a bad print for perpfolio.quality
+        _fail(frame, pl.col("high") < pl.max_horizontal("open", "close"), where, "high", "is below max(open, close)")
+        _fail(frame, pl.col("low") > pl.min_horizontal("open", "close"), where, "low", "is above min(open, close)")
     if kind == "trade":
         _fail(frame, pl.col("volume").is_null() | ~pl.col("volume").is_finite() | (pl.col("volume") < 0), where,
               "volume", "must be a finite volume >= 0")
@@ -478,7 +565,7 @@ def funding_intervals(event_ms: Sequence[int]) -> list[int]:
         return []
     gaps = [round((b - a) / HOUR_MS) for a, b in zip(event_ms, event_ms[1:])]
     spacing = [gaps[0] if gaps else 8, *gaps]
-    return [max((i for i in FUNDING_INTERVALS if h >= i and h % i == 0), default=1) for h in spacing]
+    return [spacing_interval(h) for h in spacing]
 
 
 def _dedupe(frame: pl.DataFrame, symbol: str, dataset: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -489,11 +576,10 @@ def _dedupe(frame: pl.DataFrame, symbol: str, dataset: str) -> tuple[pl.DataFram
         return clean, pl.DataFrame(schema=QUALITY_SCHEMA)
     per_day = repeated.group_by(pl.col("ts").dt.date()).agg(from_ts=pl.col("ts").min(), to_ts=pl.col("ts").max(),
                                                             n=pl.len().cast(pl.Int64))
-    return clean, per_day.select(
+    return clean, quality_rows(per_day.select(
         pl.lit(symbol).alias("symbol"), pl.lit(dataset).alias("dataset"), pl.lit("duplicates").alias("issue"),
-        "from_ts", "to_ts", pl.lit(0, pl.Int64).alias("bars_missing"), pl.col("n").alias("duplicates_dropped"),
-        pl.lit(0, pl.Int64).alias("out_of_order"),
-    )
+        "from_ts", "to_ts", pl.col("n").alias("duplicates_dropped"),
+    ))
 
 
 def _fail(frame: pl.DataFrame, bad: pl.Expr, where: str, field: str, what: str) -> None:
