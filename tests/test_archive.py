@@ -2,11 +2,10 @@
 
 import hashlib
 import zipfile
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
@@ -160,7 +159,6 @@ class TestErrors:
         ("{t},100,101,99", "field 5 is missing"),
         ("{t},0,101,99,100,5,0,0,0,0,0,0", "open must be > 0"),
         ("{t},100,101,99,100,-1,0,0,0,0,0,0", "volume must be >= 0"),
-        ("{t},100,99,98,100,5,0,0,0,0,0,0", "high is below"),
         ("x{t},100,101,99,100,5,0,0,0,0,0,0", "open_time"),
     ])
     def test_malformed_row_names_file_line_symbol_and_field(self, tmp_path, bad, field):
@@ -173,6 +171,17 @@ class TestErrors:
         assert field in str(info.value)
         if "missing" not in field:
             assert "symbol AAAUSDT" in str(info.value)
+
+    def test_close_outside_its_high_low_is_read_and_keeps_its_file_and_line(self, tmp_path):
+        """Issue 12: a trade candle outside its own [low, high] is no longer a reader error but a bad print
+        that perpfolio.quality flags (tests/test_quality.py); the reader keeps where each candle was read."""
+        rows = kline_rows(T0, 6)
+        rows[3] = f"{ms(T0 + timedelta(hours=3))},100,99,98,100,5,0,0,0,0,0,0"  # close 100 above high 99
+        path = write(tmp_path, monthly_klines("AAAUSDT", "2025-03"), rows, header=KLINE_HEADER)
+        data = read_archive(tmp_path, ["AAAUSDT"], T0, T0 + timedelta(hours=6))
+        assert data.candles.filter(pl.col("ts") == T0 + timedelta(hours=3)).select("high", "close").row(0) == (99.0, 100.0)
+        assert data.candle_origin.columns == ["ts", "symbol", "origin"]
+        assert data.candle_origin["origin"].to_list() == [f"{path}: line {n}" for n in range(2, 8)]  # header is line 1
 
     def test_ragged_line_names_its_line(self, tmp_path):
         rows = kline_rows(T0, 6)
@@ -360,53 +369,6 @@ class TestRealArchive:
         assert 1_300 < eth["low"].min() < eth["high"].max() < 4_000
 
 
-@pytest.mark.slow
-def test_whole_chain_on_the_real_archive(tmp_path):
-    """PERPFOLIO_SOURCE=archive: every table of the chain from the real Binance files and DVOL."""
-    from pipelines.definitions import build_definitions
-    from pipelines.resources import as_utc
-    from pipelines.run import materialize_range
-    from pipelines.settings import Settings
-
-    if not REAL_ARCHIVE.exists():
-        pytest.skip(f"real data folder {REAL_ARCHIVE} is absent (not shipped with the project)")
-    dvol = REAL_DATA / "deribit_dvol"
-    settings = Settings.from_env({
-        "PERPFOLIO_SOURCE": "archive", "PERPFOLIO_ARCHIVE_DIR": str(REAL_ARCHIVE),
-        "PERPFOLIO_IV_CSV": f"{dvol / 'BTC_DVOL_1d.csv'},{dvol / 'ETH_DVOL_1d.csv'}",
-        "PERPFOLIO_START": "2025-01-01", "PERPFOLIO_END": "2025-02-15", "PERPFOLIO_WINDOW_BARS": "168",
-        "PERPFOLIO_WAREHOUSE": str(tmp_path / "w.duckdb"), "PERPFOLIO_REPORTS_DIR": str(tmp_path / "reports"),
-        "PERPFOLIO_STRESS_LEVERAGES": "1,5",
-    })
-    defs = build_definitions(settings)
-    for job in ("daily_walk_forward", "evaluation", "hourly_market_data"):
-        defs.resolve_job_def(job)
-    with dg.DagsterInstance.ephemeral() as instance:
-        materialize_range(defs, settings.start, settings.end, instance)
-    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-        tables = {f"{s}.{t}": as_utc(con.sql(f"SELECT * FROM {s}.{t}").pl())
-                  for s, t in con.sql("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()}
-    empty = {name for name, frame in tables.items() if frame.is_empty()}
-    # the real archive has no gap, duplicate or disorder, and no mark/index klines (no spot series)
-    assert empty == {"raw.data_quality", "raw.reference_prices"}
-    hedge = tables["risk.spot_hedge"]
-    assert hedge["as_of"].n_unique() == 46 and hedge["hedge_ratio"].null_count() == hedge.height
-    assert set(hedge.filter(pl.col("as_of") > datetime(2025, 1, 9, tzinfo=UTC))["status"]) == {"missing_data"}  # after warm-up
-    assert {"raw.candles", "raw.funding", "raw.implied_vol", "features.net_returns", "portfolio.weights",
-            "backtest.equity", "backtest.metrics", "risk.stress"} <= set(tables)
-    candles = tables["raw.candles"]
-    assert candles.height == 3 * 46 * 24 and set(candles["source"]) == {"archive"}
-    btc = candles.filter(pl.col("symbol") == "BTCUSDT")
-    assert btc.filter(pl.col("ts") == datetime(2025, 1, 1, tzinfo=UTC))["open"].item() == 93548.8  # first line of the file
-    iv = tables["raw.implied_vol"]
-    assert set(iv["source"]) == {"dvol"} and set(iv["underlying"]) == {"BTC", "ETH"}
-    sums = tables["portfolio.weights"].group_by("as_of", "strategy").agg(pl.col("weight").sum())
-    assert (sums["weight"] - 1.0).abs().max() <= 1e-6
-    sources = dict(tables["signals.signals"].group_by("symbol").agg(pl.col("iv_source").mode().first()).iter_rows())
-    assert sources["BTCUSDT"] == "index" and sources["SOLUSDT"].startswith("proxy")
-    assert settings.end == date(2025, 2, 15)
-
-
 class TestRawMarketSource:
     def test_archive_source_returns_contract_frames_and_quality(self, tmp_path):
         from assets import schemas
@@ -423,7 +385,9 @@ class TestRawMarketSource:
         data = market.fetch_with_quality(T0, T0 + timedelta(days=1))
         candles, funding, iv, quality = data.candles, data.funding, data.implied_vol, data.data_quality
         assert candles.height == 22 and funding.height == 1 and iv["iv"].to_list() == [0.6]
-        assert quality.select("issue", "from_ts", "bars_missing").rows() == [("gap", T0 + timedelta(hours=10), 2)]
+        # the missing hours, and the 16:00 funding event an 8 h schedule expects while the symbol trades
+        assert quality.select("issue", "from_ts", "bars_missing", "events_missing").rows() == [
+            ("gap", T0 + timedelta(hours=10), 2, 0), ("funding_gap", T0 + timedelta(hours=16), 0, 1)]
         assert data.reference_prices.is_empty()  # no mark/index folders: no rows, no error
         for frame, model in ((candles, schemas.Candles), (funding, schemas.Funding), (iv, schemas.ImpliedVol),
                              (quality, schemas.DataQuality), (data.reference_prices, schemas.ReferencePrices)):
@@ -444,18 +408,24 @@ class TestRawMarketSource:
 
     def test_reference_metadata_names_what_is_missing_and_counts_fixes(self):
         from assets.raw import missing_reference, quality_metadata
-        from perpfolio.sources.archive import QUALITY_SCHEMA
+        from perpfolio.sources.archive import quality_rows
 
         reference = pl.DataFrame({"symbol": ["AAAUSDT", "AAAUSDT", "BBBUSDT"], "kind": ["mark", "index", "index"]})
         assert missing_reference(reference, ["AAAUSDT", "BBBUSDT", "CCCUSDT"]) == "BBBUSDT:mark, CCCUSDT:mark, CCCUSDT:index"
         assert missing_reference(reference, ["AAAUSDT"]) == "none"
-        quality = pl.DataFrame([
-            ("AAAUSDT", "mark", "duplicates", T0, T0, 0, 2, 0), ("AAAUSDT", "index", "out_of_order", T0, T0, 0, 0, 1),
-            ("AAAUSDT", "candles", "gap", T0, T0, 3, 0, 0),
-        ], schema=QUALITY_SCHEMA, orient="row")
+        quality = quality_rows(pl.DataFrame([
+            ("AAAUSDT", "mark", "duplicates", T0, T0, 0, 2, 0, 0), ("AAAUSDT", "index", "out_of_order", T0, T0, 0, 0, 1, 0),
+            ("AAAUSDT", "candles", "gap", T0, T0, 3, 0, 0, 0), ("AAAUSDT", "candles", "outlier", T0, T0, 0, 0, 0, 0),
+            ("AAAUSDT", "funding", "funding_gap", T0, T0, 0, 0, 0, 3), ("BBBUSDT", "funding", "funding_gap", T0, T0, 0, 0, 0, 2),
+        ], schema=["symbol", "dataset", "issue", "from_ts", "to_ts", "bars_missing", "duplicates_dropped", "out_of_order",
+                   "events_missing"], orient="row"))
         assert quality_metadata(quality, "reference_prices") == {"duplicates_fixed": 2, "out_of_order_fixed": 1}
         assert quality_metadata(quality, "candles") == {"duplicates_fixed": 0, "out_of_order_fixed": 0, "gap_count": 1,
-                                                        "bars_missing": 3}
+                                                        "bars_missing": 3, "outliers": 1}
+        assert quality_metadata(quality, "funding") == {"duplicates_fixed": 0, "out_of_order_fixed": 0, "funding_gaps": 2,
+                                                        "funding_events_missing": 5}
+        assert quality_metadata(quality, "data_quality") == {"issues": 6, "outliers": 1, "funding_gaps": 2,
+                                                             "funding_events_missing": 5}
 
     def test_settings_read_the_archive_variables(self, tmp_path):
         from pipelines.settings import Settings
@@ -463,6 +433,8 @@ class TestRawMarketSource:
         a, b = tmp_path / "a.csv", tmp_path / "b.csv"
         a.write_text("ts,underlying,iv\n")
         b.write_text("ts,underlying,iv\n")
+        for sym in ("BTCUSDT", "ETHUSDT", "SOLUSDT"):  # the archive must hold the configured symbols (checked at load)
+            write(tmp_path, monthly_klines(sym, "2025-01"), kline_rows(datetime(2025, 1, 1, tzinfo=timezone.utc), 24))
         s = Settings.from_env({"PERPFOLIO_SOURCE": "archive", "PERPFOLIO_ARCHIVE_DIR": str(tmp_path),
                                "PERPFOLIO_IV_CSV": f"{a}, {b}"})
         assert (s.source, s.archive_dir, s.iv_csv) == ("archive", tmp_path, (a, b))

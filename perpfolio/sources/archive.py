@@ -41,8 +41,12 @@ Which files are read, for a window ``[start, end)``:
 ``<file>.CHECKSUM`` next to a file (``"<sha256 hex>  <file name>"``) is verified when present; a
 mismatch raises. Every invalid value raises :class:`~perpfolio.errors.DataError` naming the file,
 line, symbol and field: unparsable or missing fields, a wrong number of columns, NaN/inf, prices
-``<= 0``, ``volume < 0`` (klines), ``high < max(open, close)`` or ``low > min(open, close)``, a candle not on
-the hour, a funding interval ``<= 0``; a corrupt zip names the file.
+``<= 0``, ``volume < 0`` (klines), a candle not on the hour, a funding interval ``<= 0``, and for mark
+and index klines ``high < max(open, close)`` or ``low > min(open, close)``; a corrupt zip names the
+file. A trade candle whose open or close lies outside its own [low, high] is NOT an error here: it
+is a bad print that :mod:`perpfolio.quality` flags (with the file and line kept in
+:attr:`ArchiveData.candle_origin`). An empty file (no byte, only a header, or an empty CSV inside a
+zip) reads as no rows: a missing month of candles is reported as gaps, of funding as funding gaps.
 
 Data-quality policy (nothing is invented): duplicates are dropped and counted, out-of-order rows
 are sorted and counted, missing hours are REPORTED (never filled) — see :func:`find_gaps` — and
@@ -98,8 +102,12 @@ REFERENCE_DATASETS = {"mark": "markPriceKlines", "index": "indexPriceKlines"}  #
 _KLINE_LAYOUT = ("klines", *REFERENCE_DATASETS.values())  # datasets in the 1h kline layout
 QUALITY_SCHEMA = {
     "symbol": pl.String, "dataset": pl.String, "issue": pl.String, "from_ts": _TS, "to_ts": _TS,
-    "bars_missing": pl.Int64, "duplicates_dropped": pl.Int64, "out_of_order": pl.Int64,
+    "bars_missing": pl.Int64, "duplicates_dropped": pl.Int64, "out_of_order": pl.Int64, "events_missing": pl.Int64,
+    "value": pl.Float64, "detail": pl.String,
 }
+ORIGIN_SCHEMA = {"ts": _TS, "symbol": pl.String, "origin": pl.String}
+"""Where each candle came from, for data-quality messages: ``"<file>: line <n>"`` (archive), ``"<exchange>
+<endpoint>"`` (exchange); a source without rows here is named by the candle's ``source``."""
 
 
 @dataclass(frozen=True)
@@ -124,10 +132,12 @@ class ArchiveData:
     interval), interval_hours, source — events with bar_ts in [start, end). ``quality``: one row per
     issue and UTC day: symbol, dataset (candles | funding | mark | index), issue (gap | duplicates |
     out_of_order), from_ts, to_ts (first and last affected hour, inclusive), bars_missing,
-    duplicates_dropped, out_of_order (the count that applies to the issue, 0 in the others).
-    ``files``: the files read. ``reference_prices``: ``REFERENCE_SCHEMA`` bars with ts in
-    [start, end), sorted by (symbol, kind, ts), unique per (ts, symbol, kind); a symbol or kind the
-    source does not provide has no rows (not an error).
+    duplicates_dropped, out_of_order (the count that applies to the issue, 0 in the others),
+    events_missing (0), value and detail (null) — the columns :mod:`perpfolio.quality` fills for
+    its outlier and funding_gap rows. ``files``: the files read. ``reference_prices``:
+    ``REFERENCE_SCHEMA`` bars with ts in [start, end), sorted by (symbol, kind, ts), unique per (ts,
+    symbol, kind); a symbol or kind the source does not provide has no rows (not an error).
+    ``candle_origin``: ``ORIGIN_SCHEMA``, one row per candle that says where it was read.
     """
 
     candles: pl.DataFrame
@@ -135,6 +145,7 @@ class ArchiveData:
     quality: pl.DataFrame
     files: tuple[Path, ...]
     reference_prices: pl.DataFrame
+    candle_origin: pl.DataFrame
 
     @property
     def gaps(self) -> pl.DataFrame:
@@ -161,28 +172,32 @@ def read_archive(
     check_window(start, end)
     if isinstance(symbols, str) or not symbols:
         raise ConfigError(f"symbols must be a non-empty sequence of exchange ids, got {symbols!r}")
-    candles, funding, reference, quality, files = [], [], [], [], []
+    candles, funding, reference, quality, files, origin = [], [], [], [], [], []
     for symbol in symbols:
         c_files = archive_files(root, symbol, "klines", start, end)
         f_files = archive_files(root, symbol, "fundingRate", start, end + timedelta(hours=1))
         files += [f.path for f in c_files + f_files]
-        c, c_quality = _combine(_read_bars(c_files, symbol, verify_checksums, _KLINE_COLS), symbol, "candles",
-                                start, end, CANDLES_SCHEMA)
+        c, c_quality = _combine(_read_bars(c_files, symbol, verify_checksums, _KLINE_COLS), symbol, "candles", start, end)
         fu, f_quality = _combine(_read_funding(f_files, symbol, verify_checksums), symbol, "funding", start, end,
-                                 FUNDING_SCHEMA, window_col="bar_ts")
-        candles.append(c)
-        funding.append(fu)
+                                 window_col="bar_ts")
+        paths = {i: str(f.path) for i, f in enumerate(c_files)}
+        origin.append(c.select("ts", "symbol", pl.format(
+            "{}: line {}", pl.col("file").replace_strict(paths, return_dtype=pl.String), "line").alias("origin")))
+        candles.append(c.select(list(CANDLES_SCHEMA)))
+        funding.append(fu.select(list(FUNDING_SCHEMA)))
         quality += [c_quality, f_quality, find_gaps(c, symbol, start, end)]
         for kind, dataset in REFERENCE_DATASETS.items():
             r_files = archive_files(root, symbol, dataset, start, end)
             files += [f.path for f in r_files]
             bars = _read_bars(r_files, symbol, verify_checksums, _PRICE_COLS).with_columns(kind=pl.lit(kind))
-            r, r_quality = _combine(bars, symbol, kind, start, end, REFERENCE_SCHEMA)
-            reference.append(r)
+            _fail_any(bars, _OHLC_CHECKS, [f.path for f in r_files], symbol)
+            r, r_quality = _combine(bars, symbol, kind, start, end)
+            reference.append(r.select(list(REFERENCE_SCHEMA)))
             quality.append(r_quality)
     quality_frame = pl.concat(quality).sort("symbol", "dataset", "from_ts", "issue")
     return ArchiveData(candles=pl.concat(candles), funding=pl.concat(funding), quality=quality_frame,
-                       files=tuple(files), reference_prices=pl.concat(reference).sort("symbol", "kind", "ts"))
+                       files=tuple(files), reference_prices=pl.concat(reference).sort("symbol", "kind", "ts"),
+                       candle_origin=pl.concat(origin))
 
 
 def archive_files(root: Path | str, symbol: str, dataset: str, start: datetime, end: datetime) -> list[ArchiveFile]:
@@ -253,11 +268,10 @@ def find_gaps(candles: pl.DataFrame, symbol: str, start: datetime, end: datetime
         run=((pl.col("ts").diff() != pl.duration(hours=1)).fill_null(True)
              | (pl.col("ts").dt.date() != pl.col("ts").dt.date().shift())).cum_sum()
     ).group_by("run").agg(from_ts=pl.col("ts").min(), to_ts=pl.col("ts").max(), bars_missing=pl.len().cast(pl.Int64))
-    return runs.select(
+    return quality_rows(runs.select(
         pl.lit(symbol).alias("symbol"), pl.lit("candles").alias("dataset"), pl.lit("gap").alias("issue"),
-        "from_ts", "to_ts", "bars_missing", pl.lit(0, pl.Int64).alias("duplicates_dropped"),
-        pl.lit(0, pl.Int64).alias("out_of_order"),
-    ).sort("from_ts")
+        "from_ts", "to_ts", "bars_missing",
+    )).sort("from_ts")
 
 
 def gap_report(candles: pl.DataFrame, symbols: Sequence[str], start: datetime, end: datetime) -> pl.DataFrame:
@@ -266,11 +280,22 @@ def gap_report(candles: pl.DataFrame, symbols: Sequence[str], start: datetime, e
     return pl.concat(frames).sort("symbol", "from_ts") if frames else pl.DataFrame(schema=QUALITY_SCHEMA)
 
 
+def quality_rows(rows: pl.DataFrame) -> pl.DataFrame:
+    """``rows`` completed to ``QUALITY_SCHEMA``, in its column order: an absent count column is 0,
+    an absent ``value`` or ``detail`` null (symbol, dataset, issue, from_ts and to_ts are required)."""
+    counts = ("bars_missing", "duplicates_dropped", "out_of_order", "events_missing")
+    return rows.with_columns(
+        *(pl.lit(0, pl.Int64).alias(c) for c in counts if c not in rows.columns),
+        *(pl.lit(None, QUALITY_SCHEMA[c]).alias(c) for c in ("value", "detail") if c not in rows.columns),
+    ).select(list(QUALITY_SCHEMA)).cast(QUALITY_SCHEMA)
+
+
 def empty_data() -> ArchiveData:
     """No rows, the right schemas (a window that lies entirely in the future)."""
     return ArchiveData(candles=pl.DataFrame(schema=CANDLES_SCHEMA), funding=pl.DataFrame(schema=FUNDING_SCHEMA),
                        quality=pl.DataFrame(schema=QUALITY_SCHEMA), files=(),
-                       reference_prices=pl.DataFrame(schema=REFERENCE_SCHEMA))
+                       reference_prices=pl.DataFrame(schema=REFERENCE_SCHEMA),
+                       candle_origin=pl.DataFrame(schema=ORIGIN_SCHEMA))
 
 
 # --- reading one file -------------------------------------------------------------------------
@@ -291,11 +316,12 @@ def _raw_fields(path: Path, names: Sequence[str], verify_checksum: bool, file_in
     if verify_checksum:
         verify_file_checksum(path)
     data = _csv_bytes(path)
-    first = data.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0].strip()
-    header = 0 if first[:1].isdigit() else 1
+    first, *rest = data.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)
+    header = 0 if first.strip()[:1].isdigit() else 1
     schema = {**dict.fromkeys(names, pl.String), "line": pl.Int64, "file": pl.Int32}
-    if not data.strip():
-        return pl.DataFrame(schema=schema)
+    body = (rest[0] if rest else b"") if header else data
+    if not body.strip():
+        return pl.DataFrame(schema=schema)  # no byte, or only a header: no rows
     try:
         frame = pl.read_csv(data, has_header=False, infer_schema=False, skip_rows=header)
     except pl.exceptions.PolarsError as exc:
@@ -408,10 +434,17 @@ def _fail_where(frame: pl.DataFrame, condition: pl.Expr, paths: Sequence[Path], 
         raise DataError(f"{_where(paths, row)}: symbol {symbol}: ts {row['ts']}: {what} ({values})")
 
 
+_OHLC_CHECKS = [
+    (pl.col("high") < pl.max_horizontal("open", "close"), "field high is below max(open, close)", ["open", "high", "close"]),
+    (pl.col("low") > pl.min_horizontal("open", "close"), "field low is above min(open, close)", ["open", "low", "close"]),
+]  # errors for mark and index klines; in trade candles the bad-print rule of perpfolio.quality
+
+
 def _read_bars(files: Sequence[ArchiveFile], symbol: str, verify: bool, names: Sequence[str]) -> pl.DataFrame:
     """Bars of files in the kline layout: ``names`` is ``_KLINE_COLS`` (candles) or ``_PRICE_COLS``
     (mark and index klines, whose volume fields are not read). Returns ts, symbol, the float fields,
-    source, line, file; DataError naming file, line, symbol and field for any invalid value."""
+    source, line, file; DataError naming file, line, symbol and field for any invalid value (the
+    open/close-within-[low, high] rule is the caller's: ``_OHLC_CHECKS``)."""
     frame, paths = _load(files, names, verify)
     floats = tuple(names[1:])
     ts = _epoch_us(frame, "open_time", paths, symbol)
@@ -420,8 +453,6 @@ def _read_bars(files: Sequence[ArchiveFile], symbol: str, verify: bool, names: S
         (pl.col("ts").dt.epoch("us") % _HOUR_US != 0, "open_time is not on the hour", ["open_time"]),
         *((pl.col(p) <= 0, f"field {p} must be > 0", [p]) for p in ("open", "high", "low", "close")),
         *([(pl.col("volume") < 0, "field volume must be >= 0", ["volume"])] if "volume" in floats else []),
-        (pl.col("high") < pl.max_horizontal("open", "close"), "field high is below max(open, close)", ["open", "high", "close"]),
-        (pl.col("low") > pl.min_horizontal("open", "close"), "field low is above min(open, close)", ["open", "low", "close"]),
     ]
     _fail_any(frame, checks, paths, symbol)
     return frame.select(
@@ -458,14 +489,14 @@ def _fail_any(frame: pl.DataFrame, checks: list, paths: Sequence[Path], symbol: 
 
 
 def _combine(
-    frame: pl.DataFrame, symbol: str, dataset: str, start: datetime, end: datetime, schema: dict,
-    *, window_col: str = "ts",
+    frame: pl.DataFrame, symbol: str, dataset: str, start: datetime, end: datetime, *, window_col: str = "ts",
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Window-filter, count out-of-order rows (within a file), drop duplicate ts (keep first), sort."""
+    """Window-filter, count out-of-order rows (within a file), drop duplicate ts (keep first), sort.
+    The rows keep every column of ``frame`` (``line`` and ``file`` included)."""
     tagged = frame.filter(pl.col(window_col).is_between(start, end, closed="left")).with_row_index("order")
     late = tagged.filter((pl.col("ts") < pl.col("ts").shift().over("file")).fill_null(False))
     dupes = tagged.filter(pl.col("ts").is_duplicated() & ~pl.col("ts").is_first_distinct())
-    clean = tagged.unique("ts", keep="first", maintain_order=True).sort("ts").select(list(schema))
+    clean = tagged.unique("ts", keep="first", maintain_order=True).sort("ts").drop("order")
     quality = pl.concat([_per_day(late, symbol, dataset, "out_of_order"), _per_day(dupes, symbol, dataset, "duplicates")])
     return clean, quality
 
@@ -476,9 +507,9 @@ def _per_day(rows: pl.DataFrame, symbol: str, dataset: str, issue: str) -> pl.Da
     counted = rows.group_by(pl.col("ts").dt.date().alias("day")).agg(
         from_ts=pl.col("ts").min(), to_ts=pl.col("ts").max(), n=pl.len().cast(pl.Int64)
     )
-    return counted.select(
+    return quality_rows(counted.select(
         pl.lit(symbol).alias("symbol"), pl.lit(dataset).alias("dataset"), pl.lit(issue).alias("issue"),
-        "from_ts", "to_ts", pl.lit(0, pl.Int64).alias("bars_missing"),
+        "from_ts", "to_ts",
         pl.when(pl.lit(issue == "duplicates")).then("n").otherwise(0).alias("duplicates_dropped"),
         pl.when(pl.lit(issue == "out_of_order")).then("n").otherwise(0).alias("out_of_order"),
-    ).cast(QUALITY_SCHEMA)
+    ))
