@@ -80,10 +80,47 @@ series opens at its previous close (first bar: ``price0 / (1 + b(-1))`` for the 
 for the mark) and borrows the perp bar's excursion: ``high = max(open, close) x high_perp /
 max(open_perp, close_perp)`` and likewise ``low`` with min, so OHLC is consistent by construction.
 
+Data events (``data_events=True``, PERPFOLIO_SYNTHETIC_EVENTS=on): the market is published the
+way a real exchange publishes its universe. The true path above is generated as before; an event
+changes only what is published (off: the clean, always-listed market, bit for bit):
+
+- listing at hour L: no candle, mark or index bar with ts < L and no funding event settling a bar
+  before L (the first event comes after L). Every price of the symbol is rescaled so the listing
+  bar opens at ``price0`` (its path starts there; returns, funding rates and basis unchanged).
+- delisting at hour D: no bar with ts >= D and no funding event after ts D, for ever.
+- outage [a, b): candle, mark and index bars with ts in [a, b) are missing, and so are the funding
+  events that settle them (bar_ts in [a, b)). The path continues underneath: the first bar after
+  the hole opens at the true previous close and closes at the true close, so the gap-spanning
+  return is the true move. The exchange-wide outage hides every symbol (the implied-vol index is
+  another venue's and stays).
+- bad print at bar t: the candle's close is 10 x the true close and its high ``max(open, 10 close)``
+  times the bar's usual excursion factor (low, volume, mark and index keep their true values);
+  bar t + 1 opens at the true close. Close-to-close: 10 x the true gross return of bar t, minus 1
+  (about +900 %), then the true gross return of bar t + 1 / 10, minus 1 (about -90 %).
+- missing funding day n: every funding event of the symbol with ts in that UTC day is absent.
+  UTC day n starts 24 n hours after the first midnight at or after ``start``.
+
+Planted for the known symbols (hours since ``start``, d = 24 h), so the default run over
+[2025-01-01, 2025-07-30) with a 720-bar window meets every kind:
+SOLUSDT listed at 20 d and delisted at 170 d; ETHUSDT outage [45 d + 13 h, 45 d + 18 h) (5 h; on a
+midnight start its 16:00 funding event is lost); SOLUSDT bad print at bar 60 d + 14 h; ETHUSDT
+missing funding day 75 (inside the first episode's 1 h funding: 24 events); every symbol's
+exchange-wide outage [100 d + 7 h, 100 d + 10 h) (3 h; the 08:00 funding event is lost). BTCUSDT
+(the stress reference) has no other event: never listed late, never delisted.
+Drawn for every other symbol from its own streams, at rates independent of ``end``: listed late
+with probability 1/5, at an hour uniform in [1 d, 180 d); delisted with probability 1/10, at an
+hour uniform in [L + 30 d, L + 180 d) (L = 0 when listed from the start); an outage starts at a
+listed hour with probability 1 / (90 x 24) (about one per 90 days), lasting 2 to 8 h (uniform); a
+published bar is a bad print with probability 1 / (180 x 24); a UTC day starting while the symbol
+is listed misses its funding with probability 1/180.
+
 Determinism: every random stream is ``np.random.default_rng(SeedSequence([seed, key,
 component]))`` with ``key = zlib.crc32(symbol)`` (0 for the market factor) and draws one value per
 hour in time order, so a later ``end`` only appends rows and adding symbols changes nothing for
-the others (prefix stability: the pipeline generates daily partitions).
+the others (prefix stability: the pipeline generates daily partitions). The data-event streams of
+a drawn symbol are four values (listing, delisting), two per hour (outage start and length), one
+per hour (bad print) and one per UTC day (missing funding), each in time order; no event time
+depends on ``end``, and the only shared event is the planted exchange-wide outage.
 """
 
 from __future__ import annotations
@@ -152,8 +189,21 @@ _BASIS_PHI = 0.9  # per hour: half-life log(0.5) / log(0.9) = 6.6 h
 _BASIS_SD = 3e-4  # stationary sd of the noise part, decimal
 _MARK_HL_H = 1.0  # EWMA half-life of the basis in the mark price, hours
 
+# Data events (data_events=True): rates of the drawn events, hours since start.
+_LATE_PROB = 1 / 5
+_LATE_HOURS = (1 * 24, 180 * 24)
+_DELIST_PROB = 1 / 10
+_DELIST_AFTER_HOURS = (30 * 24, 180 * 24)
+_OUTAGE_PROB_H = 1 / (90 * 24)
+_OUTAGE_HOURS = (2, 8)  # inclusive
+_BAD_PRINT_PROB_H = 1 / (180 * 24)
+_BAD_PRINT_FACTOR = 10.0
+_FUNDING_GAP_PROB_D = 1 / 180
+_EXCHANGE_OUTAGE = (100 * 24 + 7, 3)  # first hidden bar, hours
+
 # Random-stream components (market uses key 0 and its own component ids).
 _PARAMS, _IDIO, _JUMP_U, _JUMP_N, _RANGE, _VOLUME, _FUNDING, _IV_NOISE, _BASIS = range(9)
+_LIFE, _OUTAGE, _BAD_PRINT, _FUNDING_GAP = range(9, 13)
 _MARKET = 100
 
 
@@ -174,16 +224,48 @@ _KNOWN = {
 
 
 @dataclass(frozen=True)
+class _Plan:
+    """One symbol's data events in hours since start (module docstring, "Data events")."""
+
+    listing: int = 0  # first published bar
+    delisting: int | None = None  # first bar no longer published; None = never delisted
+    outages: tuple[tuple[int, int], ...] = ()  # (first hidden bar, length in hours)
+    bad_prints: tuple[int, ...] = ()
+    funding_days: tuple[int, ...] = ()  # UTC day numbers without funding events
+
+
+_PLANTED = {
+    "BTCUSDT": _Plan(),
+    "ETHUSDT": _Plan(outages=((45 * 24 + 13, 5),), funding_days=(75,)),
+    "SOLUSDT": _Plan(listing=20 * 24, delisting=170 * 24, bad_prints=(60 * 24 + 14,)),
+}
+
+
+@dataclass(frozen=True)
+class _DataEvents:
+    """What the data events of one run hide or alter; hours x symbols masks over bars (ts offsets)."""
+
+    listing: np.ndarray  # per symbol: hour of the first published bar (0 = listed from the start)
+    hidden: np.ndarray  # bar not published (candles, mark and index)
+    bad_print: np.ndarray  # candle close printed at _BAD_PRINT_FACTOR x the true close
+    funding_dropped: np.ndarray  # by bar_ts: the funding event settling this bar is not published
+    rows: list[tuple[str, str | None, datetime, datetime]]  # rows of SyntheticMarket.events
+
+
+@dataclass(frozen=True)
 class SyntheticMarket:
     """Raw frames of one synthetic run (schemas of the raw layer) and the planted events.
 
     ``candles``: ts, symbol, open, high, low, close, volume, source — bars with ts in [start, end).
     ``funding``: ts, bar_ts, symbol, rate (per interval), interval_hours, source — ts in (start, end].
     ``implied_vol``: ts, underlying, iv (annualized decimal), source — BTC and ETH only.
-    ``events``: kind ("turbulent" | "crash" | "funding_1h" | "funding_4h"), symbol (null when
+    ``events``: kind ("turbulent" | "crash" | "funding_1h" | "funding_4h", and with data events
+    "listing" | "delisting" | "outage" | "bad_print" | "funding_missing"), symbol (null when
     market-wide), start, end (the planned end, may lie after the requested end); every event that
     starts in [start, end). Funding regimes are the scheduled windows; the interval itself switches
-    at the first funding event on or after the window edge.
+    at the first funding event on or after the window edge. "listing" and "delisting" are instants
+    (start = end = the first published bar / the first bar no longer published); "outage" spans
+    the hidden bars, "bad_print" its bar, "funding_missing" its UTC day.
     ``reference_prices``: ts, symbol, kind ("index" | "mark"), open, high, low, close, source —
     every symbol's index and mark bars with ts in [start, end), sorted by symbol, kind, ts.
     Candles, funding and implied_vol are sorted by symbol (underlying), then ts.
@@ -204,15 +286,19 @@ class SyntheticMarket:
 
 
 def generate_market(
-    symbols: Sequence[str], start: datetime, end: datetime, *, seed: int = 7
+    symbols: Sequence[str], start: datetime, end: datetime, *, seed: int = 7, data_events: bool = False
 ) -> SyntheticMarket:
     """Generate hourly candles, funding events, an implied-vol index and the mark and index prices
     (see module docstring).
 
     ``start``/``end`` are tz-aware UTC datetimes on the hour; bars cover [start, end), funding
     events (start, end]. Deterministic in ``seed`` and prefix-stable in ``end`` and ``symbols``.
+    ``data_events``: publish listings, delistings, outages, bad prints and missing funding days
+    (module docstring, "Data events"); False gives the clean, always-listed market.
     """
     syms = _check_args(symbols, start, end, seed)
+    if not isinstance(data_events, bool):
+        raise ConfigError(f"data_events must be True or False, got {data_events!r}")
     n_hours = int((end - start) / timedelta(hours=1))
     start_hod = start.hour
     params = [_params(s, seed) for s in syms]
@@ -249,13 +335,16 @@ def generate_market(
     )
     r[crash_bars] = np.log1p(crash_simple)
 
+    data = _data_events(syms, seed, start, n_hours) if data_events else None
     bars = _bars(syms, params, r, s_h, mult, seed)
-    candles = _candles(syms, params, start, r, s_h, bars, seed)
+    if data is not None:
+        bars = _listed_at_price0(bars, params, data.listing)
+    candles = _candles(syms, params, start, r, s_h, bars, seed, data)
     rate_8h = _funding_rate_8h(syms, r, s_h, ramp, crash_bars, seed)
-    funding = _funding(syms, params, start, start_hod, rate_8h)
+    funding = _funding(syms, params, start, start_hod, rate_8h, data)
     implied_vol = _implied_vol(syms, params, start, h_m, h_i, mult, seed)
-    events = _events(syms, params, start, n_hours, crash_bars)
-    reference = _reference_prices(syms, params, start, bars, rate_8h, seed)
+    events = _events(syms, params, start, n_hours, crash_bars, [] if data is None else data.rows)
+    reference = _reference_prices(syms, params, start, bars, rate_8h, seed, data)
     return SyntheticMarket(candles, funding, implied_vol, events, reference)
 
 
@@ -418,21 +507,30 @@ def _ohlc_frame(start, syms, open_, high, low, close) -> pl.DataFrame:
     )
 
 
-def _candles(syms, params, start, r, s_h, bars: _Bars, seed) -> pl.DataFrame:
+def _candles(syms, params, start, r, s_h, bars: _Bars, seed, data: _DataEvents | None) -> pl.DataFrame:
+    """Perp candles; with data events the bad prints' close (and high) at 10 x and hidden bars dropped."""
     n_hours = r.shape[0]
     open_, close = bars.open, bars.close
-    high = np.maximum(open_, close) * bars.up
+    printed = close if data is None else np.where(data.bad_print, _BAD_PRINT_FACTOR * close, close)
+    high = np.maximum(open_, printed) * bars.up
     low = np.minimum(open_, close) * bars.down
     noise = _per_symbol(syms, seed, _VOLUME, lambda g: g.standard_normal(n_hours))
     notional = np.array([p.notional_per_hour for p in params])
     volume = notional / close * (0.5 + np.abs(r) / s_h) * np.exp(0.4 * noise - 0.08)
-    return _ohlc_frame(start, syms, open_, high, low, close).with_columns(
+    frame = _ohlc_frame(start, syms, open_, high, low, printed).with_columns(
         volume=pl.Series(volume.T.ravel()), source=pl.lit(SOURCE)
     )
+    return frame if data is None else frame.filter(_published(data.hidden))
 
 
-def _reference_prices(syms, params, start, bars: _Bars, rate_8h, seed) -> pl.DataFrame:
-    """Index and mark bars (module docstring): the basis AR(1) toward the per-8h funding rate."""
+def _published(hidden: np.ndarray) -> pl.Series:
+    """Row filter of an hours x symbols frame sorted by symbol, ts (as _ohlc_frame builds it)."""
+    return pl.Series(~hidden.T.ravel())
+
+
+def _reference_prices(syms, params, start, bars: _Bars, rate_8h, seed, data: _DataEvents | None) -> pl.DataFrame:
+    """Index and mark bars (module docstring): the basis AR(1) toward the per-8h funding rate; with
+    data events the hidden bars dropped."""
     n_hours, n = bars.close.shape
     u = _per_symbol(syms, seed, _BASIS, lambda g: g.standard_normal(n_hours))
     drive = (1.0 - _BASIS_PHI) * rate_8h + _BASIS_SD * np.sqrt(1.0 - _BASIS_PHI**2) * u
@@ -447,7 +545,8 @@ def _reference_prices(syms, params, start, bars: _Bars, rate_8h, seed) -> pl.Dat
         open_ = np.vstack([first_open, close[:-1]])
         high = np.maximum(open_, close) * bars.up
         low = np.minimum(open_, close) * bars.down
-        frames.append(_ohlc_frame(start, syms, open_, high, low, close).with_columns(kind=pl.lit(kind)))
+        frame = _ohlc_frame(start, syms, open_, high, low, close).with_columns(kind=pl.lit(kind))
+        frames.append(frame if data is None else frame.filter(_published(data.hidden)))
     return (
         pl.concat(frames)
         .select("ts", "symbol", "kind", "open", "high", "low", "close", source=pl.lit(SOURCE))
@@ -503,8 +602,9 @@ def _funding_rate_8h(syms, r, s_h, ramp, crash_bars, seed) -> np.ndarray:
     )
 
 
-def _funding(syms, params, start, start_hod, rate_8h) -> pl.DataFrame:
-    """Funding events of every symbol on its interval schedule; ``rate = f(k) interval / 8``."""
+def _funding(syms, params, start, start_hod, rate_8h, data: _DataEvents | None) -> pl.DataFrame:
+    """Funding events of every symbol on its interval schedule; ``rate = f(k) interval / 8``. With data
+    events the dropped ones are left out (``interval_hours`` stays the schedule's interval)."""
     n_hours = rate_8h.shape[0]
     frames = []
     schedules: dict[tuple[bool, bool], tuple[np.ndarray, np.ndarray]] = {}
@@ -513,6 +613,9 @@ def _funding(syms, params, start, start_hod, rate_8h) -> pl.DataFrame:
         if flags not in schedules:
             schedules[flags] = _event_schedule(start_hod, n_hours, fast=flags[0], four_h=flags[1])
         ks, intervals = schedules[flags]
+        if data is not None:
+            kept = ~data.funding_dropped[ks - 1, j]
+            ks, intervals = ks[kept], intervals[kept]
         frames.append((j, ks, intervals, rate_8h[ks - 1, j] * intervals / 8.0))
     sym_idx = np.concatenate([np.full(len(f[1]), f[0]) for f in frames])
     ks = np.concatenate([f[1] for f in frames])
@@ -555,9 +658,9 @@ def _implied_vol(syms, params, start, h_m, h_i, mult, seed) -> pl.DataFrame:
     ).with_columns(source=pl.lit(SOURCE))
 
 
-def _events(syms, params, start, n_hours, crash_bars) -> pl.DataFrame:
+def _events(syms, params, start, n_hours, crash_bars, data_rows) -> pl.DataFrame:
     hour = timedelta(hours=1)
-    rows: list[tuple[str, str | None, datetime, datetime]] = []
+    rows: list[tuple[str, str | None, datetime, datetime]] = list(data_rows)
     for ep in _episode_starts(n_hours):
         rows.append(("turbulent", None, start + ep * hour, start + (ep + _TURB_LEN) * hour))
         fast_end = start + (ep + _FAST_FUNDING_LEN) * hour
@@ -575,3 +678,86 @@ def _events(syms, params, start, n_hours, crash_bars) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema, orient="row").sort(
         ["start", "kind", "symbol"], nulls_last=False
     )
+
+
+def _drawn_plan(symbol: str, seed: int, n_hours: int, n_days: int) -> _Plan:
+    """Data events of a symbol that is not planted, from its own streams (module docstring rates).
+
+    Four life draws, then one (outage start, length) pair and one bad-print draw per hour and one
+    funding-gap draw per UTC day, in time order, so a later end only appends events.
+    """
+    key = _key(symbol)
+    late, listing_u, delisted, delisting_u = _rng(seed, key, _LIFE).random(4)
+    listing = _LATE_HOURS[0] + int(listing_u * (_LATE_HOURS[1] - _LATE_HOURS[0])) if late < _LATE_PROB else 0
+    delisting = None
+    if delisted < _DELIST_PROB:
+        lo, hi = _DELIST_AFTER_HOURS
+        delisting = listing + lo + int(delisting_u * (hi - lo))
+    u = _rng(seed, key, _OUTAGE).random((n_hours, 2))
+    starts = np.flatnonzero(u[:, 0] < _OUTAGE_PROB_H)
+    lengths = _OUTAGE_HOURS[0] + (u[starts, 1] * (_OUTAGE_HOURS[1] - _OUTAGE_HOURS[0] + 1)).astype(np.int64)
+    bad = np.flatnonzero(_rng(seed, key, _BAD_PRINT).random(n_hours) < _BAD_PRINT_PROB_H)
+    days = np.flatnonzero(_rng(seed, key, _FUNDING_GAP).random(n_days) < _FUNDING_GAP_PROB_D)
+    return _Plan(listing, delisting, tuple(zip(starts.tolist(), lengths.tolist())), tuple(bad.tolist()),
+                 tuple(days.tolist()))
+
+
+def _data_events(syms: list[str], seed: int, start: datetime, n_hours: int) -> _DataEvents:
+    """Masks and event rows of every symbol's plan (planted or drawn) over the bars [0, n_hours).
+
+    hidden = not listed (t < L or t >= D) or inside an outage (own or exchange-wide); an outage or bad
+    print counts only when it starts while the symbol is listed, a bad print only on a published bar,
+    a missing funding day only when it starts while the symbol is listed. Funding events are indexed
+    by their bar_ts (event at start + k h settles bar k - 1), so the funding of hidden bars is dropped.
+    """
+    hour = timedelta(hours=1)
+    first_midnight = -start.hour % 24
+    n_days = max((n_hours - first_midnight) // 24 + 1, 0)  # days whose first funding event is <= end
+    plans = [_PLANTED[s] if s in _PLANTED else _drawn_plan(s, seed, n_hours, n_days) for s in syms]
+    tau = np.arange(n_hours)[:, None]
+    listing = np.array([p.listing for p in plans], dtype=np.int64)
+    never = np.iinfo(np.int64).max
+    delisting = np.array([never if p.delisting is None else p.delisting for p in plans], dtype=np.int64)
+    outage_end = np.full((n_hours, len(syms)), -1, dtype=np.int64)  # end of the outage starting at t
+    bad = np.zeros((n_hours, len(syms)), dtype=bool)
+    day_gone = np.zeros((n_hours, len(syms)), dtype=bool)
+    rows: list[tuple[str, str | None, datetime, datetime]] = []
+    for j, (sym, plan) in enumerate(zip(syms, plans)):
+        lo, hi = listing[j], delisting[j]  # listed on bars [lo, hi)
+        if 0 < plan.listing < n_hours:
+            rows.append(("listing", sym, start + plan.listing * hour, start + plan.listing * hour))
+        if plan.delisting is not None and plan.delisting < n_hours:
+            rows.append(("delisting", sym, start + plan.delisting * hour, start + plan.delisting * hour))
+        for a, length in plan.outages:
+            if lo <= a < min(hi, n_hours):
+                outage_end[a, j] = a + length
+                rows.append(("outage", sym, start + a * hour, start + (a + length) * hour))
+        bad[[t for t in plan.bad_prints if lo <= t < min(hi, n_hours)], j] = True
+        for day in plan.funding_days:
+            midnight = first_midnight + 24 * day
+            if lo <= midnight <= n_hours and midnight < hi:
+                day_gone[max(midnight - 1, 0) : midnight + 23, j] = True  # events with ts in [midnight, +24 h)
+                if midnight < n_hours:
+                    rows.append(("funding_missing", sym, start + midnight * hour, start + (midnight + 24) * hour))
+    a, length = _EXCHANGE_OUTAGE
+    if a < n_hours:
+        rows.append(("outage", None, start + a * hour, start + (a + length) * hour))
+    in_outage = (np.maximum.accumulate(outage_end, axis=0) > tau) | ((tau >= a) & (tau < a + length))
+    hidden = (tau < listing) | (tau >= delisting) | in_outage
+    bad &= ~hidden
+    for t, j in zip(*np.nonzero(bad)):
+        rows.append(("bad_print", syms[j], start + int(t) * hour, start + (int(t) + 1) * hour))
+    return _DataEvents(listing, hidden, bad, hidden | day_gone, rows)
+
+
+def _listed_at_price0(bars: _Bars, params: list[_Params], listing: np.ndarray) -> _Bars:
+    """Rescale the prices of each symbol listed late (inside the bars) so its listing bar opens at price0.
+
+    ``open, close <- open, close x price0 / open(L)``; excursion factors, returns, funding and basis
+    are ratios and stay; a symbol listed from the start (or after the last bar) keeps factor 1.
+    """
+    n_hours, n = bars.close.shape
+    late = np.flatnonzero((listing > 0) & (listing < n_hours))
+    scale = np.ones(n)
+    scale[late] = np.array([params[j].price0 for j in late]) / bars.open[listing[late], late]
+    return _Bars(bars.open * scale, bars.close * scale, bars.up, bars.down)
