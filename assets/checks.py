@@ -41,20 +41,44 @@ def table_asset(
     )
 
 
+ROW_KEYS = ("as_of", "ts", "bar_ts", "from_ts", "strategy", "estimator", "symbol", "underlying", "scenario", "kind")
+FIRST_FAILURES = 3  # failing rows named in the one-line summary (make run, the run's failure report)
+
+
 def check_frame(frame: pl.DataFrame, model: type[pa.DataFrameModel], key: dg.AssetKey) -> dg.AssetCheckResult:
-    """Validate `frame` against `model`; a failure lists up to 20 failure cases as markdown."""
+    """Validate `frame` against `model`; a failure lists up to 20 failing rows as markdown (the
+    check, the column and value, and the row's key: symbol, ts, ...) and names the first few in
+    the `first_failures` text."""
     try:
         model.validate(frame, lazy=True)
     except pandera.errors.SchemaErrors as exc:
-        cases = exc.failure_cases
+        rows = failing_rows(frame, exc.failure_cases)
+        first = "; ".join(", ".join(f"{k}={v}" for k, v in row.items() if v is not None)
+                          for row in rows.head(FIRST_FAILURES).iter_rows(named=True))
         return dg.AssetCheckResult(
             asset_key=key,
             check_name=SCHEMA_CHECK,
             passed=False,
             severity=dg.AssetCheckSeverity.ERROR,
-            metadata={"failure_count": cases.height, "failures": dg.MetadataValue.md(markdown_table(cases.head(20)))},
+            metadata={"failure_count": exc.failure_cases.height, "first_failures": first,
+                      "failures": dg.MetadataValue.md(markdown_table(rows.head(20)))},
         )
     return dg.AssetCheckResult(asset_key=key, check_name=SCHEMA_CHECK, passed=True, metadata={"rows": frame.height})
+
+
+def failing_rows(frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFrame:
+    """One line per pandera failure case: check, column, value, and the key columns of the failing
+    row (looked up by the case's row index; null when the failure is not about one row)."""
+    keys = [c for c in ROW_KEYS if c in frame.columns]
+    readable = [pl.col(c).dt.to_string("%Y-%m-%d %H:%M") if isinstance(frame.schema[c], pl.Datetime)
+                else pl.col(c).cast(pl.String) for c in keys]
+    indexed = frame.select(keys).with_row_index("index").with_columns(readable)
+    lines = cases.select(
+        "check", pl.when(pl.col("schema_context") == "Column").then(pl.col("column")).alias("column"),
+        pl.when(pl.col("schema_context") == "Column").then(pl.col("failure_case")).alias("value"),
+        pl.col("index").cast(pl.UInt32),
+    )
+    return lines.join(indexed, on="index", how="left").sort("index", nulls_last=True).select(*keys, "check", "column", "value")
 
 
 def validated(

@@ -15,13 +15,14 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
-from assets.features import ESTIMATES, NET_RETURNS, aligned_returns
+from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, one_bar_returns
 from assets.frontier import FRONTIER, frontier_figure, frontier_strategy
-from assets.portfolio import WEIGHTS, _ordered
+from assets.portfolio import WEIGHTS, stored_moments
 from assets.signals import SIGNALS, regime_at
-from perpfolio import backtest, estimators, report, returns, stress
+from perpfolio import backtest, estimators, report, returns, stress, universe as universe_lib
 from perpfolio.errors import ConfigError
 from perpfolio.optimize import load_strategies
+from pipelines.resources import RawMarket
 from pipelines.settings import Settings
 
 EQUITY = dg.AssetKey(["backtest", "equity"])
@@ -48,20 +49,29 @@ def traded_weights(weights: pl.DataFrame, strategy: str, symbols: list[str]) -> 
 
 def books(weights: pl.DataFrame, settings: Settings) -> tuple[dict[str, tuple[list[datetime], np.ndarray]], dict[str, str]]:
     """{book: (asofs, K x N targets)} for every strategy, then every baseline that fits the universe
-    (on the union of the strategies' traded asofs); and {baseline: why it was skipped}."""
+    (on the union of the strategies' traded asofs, within each asof's point-in-time universe, read
+    from the weights' universe column); and {baseline: why it was skipped}."""
     symbols = list(settings.symbols)
     out = {s: traded_weights(weights, s, symbols) for s in weights["strategy"].unique(maintain_order=True)}
     out = {s: v for s, v in out.items() if v[0]}
     asofs = sorted({a for dates, _ in out.values() for a in dates})
     skipped = {}
+    members = universe_members(weights, asofs, symbols) if asofs else None
     for kind in settings.baselines if asofs else ():
         try:
-            targets = backtest.baseline_weights(kind, symbols, len(asofs), static=dict(settings.static_weights))
+            targets = backtest.baseline_weights(kind, symbols, len(asofs), static=dict(settings.static_weights),
+                                                members=members)
         except ConfigError as exc:
             skipped[kind] = str(exc)
             continue
         out[backtest.BASELINE_PREFIX + kind] = (asofs, targets)
     return out, skipped
+
+
+def universe_members(weights: pl.DataFrame, asofs: list[datetime], symbols: list[str]) -> np.ndarray:
+    """K x N: the symbols in the point-in-time universe at each asof, from portfolio.weights' universe column."""
+    per_asof = weights.unique(["as_of", "symbol"]).select("as_of", "symbol", in_universe=pl.col("universe") == "in")
+    return universe_lib.members_at(per_asof, asofs, symbols)
 
 
 def regime_flags(signals: pl.DataFrame, asofs: list[datetime]) -> np.ndarray:
@@ -87,14 +97,17 @@ def volatility_scale(signals: pl.DataFrame, asofs: list[datetime], symbols: list
 
 def predicted_covariances(estimates: pl.DataFrame, estimator: str, asofs: list[datetime], symbols: list[str]) -> np.ndarray:
     """K x N x N annualized covariances of features.estimates' ``estimator`` at each asof (configured
-    symbol order); NaN where it has none (the sizing then leaves that rebalance unlevered)."""
-    stored, found, moments = estimators.moments_from_long(estimates, estimator=estimator)
-    if sorted(found) != sorted(symbols):
-        raise ValueError(f"features.estimates ({estimator}) holds symbols {found}, expected the configured {symbols}")
-    cov = _ordered(moments, found, symbols)[1]
+    symbol order); NaN where it has none (the sizing then leaves that rebalance unlevered). A symbol
+    outside an asof's universe has NaN rows and columns; its weight there is 0, so those entries
+    are set to 0 and the book's predicted variance is that of its members."""
+    stored, moments = stored_moments(estimates, estimator, symbols)
+    cov = moments.cov
     stamps = estimators.to_datetime64(asofs)
     idx = np.minimum(np.searchsorted(stored, stamps), len(stored) - 1)
-    return np.where((stored[idx] == stamps)[:, None, None], cov[idx], np.nan)
+    member = np.isfinite(moments.mean[idx])  # K x N
+    pair = member[:, :, None] & member[:, None, :]
+    known = (stored[idx] == stamps) & member.any(axis=1)
+    return np.where(known[:, None, None], np.where(pair, cov[idx], 0.0), np.nan)
 
 
 def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
@@ -127,8 +140,8 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         f"positions drift between rebalances, stop-loss {stop}, position sizing {sizing_text}.",
     )
     def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame, **sizing_inputs: pl.DataFrame):
-        ts, price = aligned_returns(net_returns, symbols, "price_return")
-        _, funding = aligned_returns(net_returns, symbols, "funding_return")
+        ts, price = aligned_returns(net_returns, symbols, "price_return", bar_hours=settings.bar_hours)
+        _, funding = aligned_returns(net_returns, symbols, "funding_return", bar_hours=settings.bar_hours)
         plans, skipped = books(weights, settings)
         paths, unpredicted = [], 0
         for name, (asofs, targets) in plans.items():
@@ -149,6 +162,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
                 slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
                 slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / ppy, sizing=sizing, predicted_cov=cov,
+                delisted_after=max(1, 24 // settings.bar_hours),
             )
             paths.append(path.with_columns(strategy=pl.lit(name)))
         frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)
@@ -192,34 +206,44 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     @table_asset(
         STRESS, schemas.Stress, ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS)},
         group_name="risk", kinds={"duckdb", "numpy"},
-        description=f"Scenarios of {settings.scenarios_file.name} (price shocks with rolling betas, funding and volatility "
-        f"spikes) on the weights of every rebalance of every book, plus a replay of the worst historical hours on the "
-        f"latest weights; gross leverage {', '.join(f'{x:g}' for x in settings.stress_leverages)}, cross and isolated "
-        "margin with tiered maintenance margin, liquidation and capital sufficiency.",
+        description=f"Scenarios of {settings.scenarios_file.name} (price shocks moving the others by their betas to the "
+        f"shocked symbol, default {settings.stress_reference}; funding and volatility spikes) on the weights of every "
+        f"rebalance of every book, plus a replay of the worst historical bars on the latest weights; an account of "
+        f"{settings.account_usdt:,.0f} USDT at gross leverage {', '.join(f'{x:g}' for x in settings.stress_leverages)}, "
+        "cross and isolated margin with each symbol's tiered maintenance margin (tier_source says whose), "
+        "liquidation, oversized positions and capital sufficiency.",
     )
-    def stress_tests(net_returns: pl.DataFrame, weights: pl.DataFrame):
-        ts, matrix = aligned_returns(net_returns, symbols)
-        _, price = aligned_returns(net_returns, symbols, "price_return")
-        reference = symbols.index("BTCUSDT") if "BTCUSDT" in symbols else 0
-        tiers = stress.load_leverage_tiers()
-        configured, n_worst = stress.load_scenarios(settings.scenarios_file)
-        scenarios = [sc if sc.kind != "price" or sc.reference is None or sc.reference in symbols
-                     else stress.Scenario(sc.name, sc.shock, symbols[reference]) for sc in configured]
-        replays = list(stress.worst_hours(ts, price, symbols, count=n_worst))
-        window_stats: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    def stress_tests(net_returns: pl.DataFrame, weights: pl.DataFrame, market: RawMarket):
+        # one-bar returns only (NaN where a symbol has no bar or its return spans a gap): betas, vols, replays
+        ts, matrix, _ = one_bar_returns(net_returns, symbols, bar_hours=settings.bar_hours)
+        _, price, _ = one_bar_returns(net_returns.with_columns(net_return=pl.col("price_return")), symbols,
+                                      bar_hours=settings.bar_hours)
+        resolved = market.leverage_tiers(symbols)
+        tiers, sources = {s: r.tiers for s, r in resolved.items()}, {s: r.source for s, r in resolved.items()}
+        configured, n_worst = stress.load_scenarios(settings.scenarios_file, symbols=symbols,
+                                                    reference=settings.stress_reference)
+        scenarios = list(configured)
+        replay_ref = settings.stress_reference if settings.stress_reference in symbols else None
+        replays = list(stress.worst_bars(ts, price, symbols, count=n_worst, bar_hours=settings.bar_hours,
+                                         reference=replay_ref))
+        references = sorted({sc.reference for sc in scenarios if sc.kind == "price" and sc.reference != stress.JOINT}
+                            | ({replay_ref} if replay_ref else set()))
+        window_stats: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
         frames = []
         for name, (asofs, targets) in books(weights, settings)[0].items():
             for k, (asof, end, w) in enumerate(zip(asofs, bar_index(ts, asofs), targets)):
-                if end not in window_stats:
+                if end not in window_stats:  # pairwise over each symbol's own returns in the window (NaN skipped)
                     window = matrix[max(0, end - settings.window_bars + 1): end + 1]
-                    window = window[~np.isnan(window).any(axis=1)]
-                    window_stats[end] = (stress.rolling_betas(window, reference=reference), window.std(axis=0, ddof=1))
+                    window_stats[end] = ({ref: stress.rolling_betas(window, reference=symbols.index(ref))
+                                          for ref in references}, stress.bar_vols(window))
                 betas, vols = window_stats[end]
                 todo = scenarios + (replays if k == len(asofs) - 1 else [])
                 for leverage in settings.stress_leverages:
                     for mode in MARGIN_MODES:
                         rows = stress.stress_test(w, symbols, betas, scenarios=todo, leverage=leverage, tiers=tiers,
-                                                  buffer=settings.margin_buffer, vols=vols, margin_mode=mode)
+                                                  buffer=settings.margin_buffer, account_usdt=settings.account_usdt,
+                                                  vols=vols, bar_hours=settings.bar_hours, margin_mode=mode,
+                                                  tier_sources=sources)
                         frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(name)))
         frame = pl.concat(frames) if frames else pl.DataFrame()
         if frames:  # the table states fractions of pre-shock equity; a wiped-out account has no margin ratio (null)
@@ -228,27 +252,35 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         else:
             frame = schemas.empty(schemas.Stress)
         meta = {"rows": frame.height, "liquidations": int(frame["liquidated"].sum()),
+                "oversized_rows": int(frame["oversized"].is_not_null().sum()),
+                "proxied_rows": int(frame["proxied"].is_not_null().sum()), "account_usdt": settings.account_usdt,
+                "tier_sources": ", ".join(f"{s}: {src}" for s, src in sources.items()),
                 "scenarios": ", ".join(sc.name for sc in scenarios + replays)}
         yield from validated(frame, schemas.Stress, STRESS, metadata=meta)
 
     @table_asset(
         LIQUIDATION, schemas.Liquidation, ins={"weights": dg.AssetIn(WEIGHTS)}, group_name="risk", kinds={"duckdb", "numpy"},
         description="Liquidation price (as a ratio to the current price) and distance to it for every position of each "
-        "book's latest weights, moving that symbol alone, per stress leverage, cross and isolated margin.",
+        f"book's latest weights on an account of {settings.account_usdt:,.0f} USDT, moving that symbol alone, per stress "
+        "leverage, cross and isolated margin, with whose tiers (tier_source) and whether the position exceeds them.",
     )
-    def liquidation(weights: pl.DataFrame):
-        tiers = stress.load_leverage_tiers()
+    def liquidation(weights: pl.DataFrame, market: RawMarket):
+        resolved = market.leverage_tiers(symbols)
+        tiers, sources = {s: r.tiers for s, r in resolved.items()}, {s: r.source for s, r in resolved.items()}
         frames = []
         for name, (asofs, targets) in books(weights, settings)[0].items():
             for leverage in settings.stress_leverages:
                 for mode in MARGIN_MODES:
-                    levels = stress.liquidation_levels(targets[-1], symbols, leverage=leverage, tiers=tiers, margin_mode=mode)
+                    levels = stress.liquidation_levels(targets[-1], symbols, leverage=leverage, tiers=tiers, margin_mode=mode,
+                                                       account_usdt=settings.account_usdt, tier_sources=sources)
                     frames.append(levels.with_columns(as_of=pl.lit(asofs[-1]), strategy=pl.lit(name),
                                                       leverage=pl.lit(float(leverage))))
         frame = pl.concat(frames) if frames else schemas.empty(schemas.Liquidation)
         nearest = frame["distance"].min() if frame.height else None
         yield from validated(frame, schemas.Liquidation, LIQUIDATION,
-                             metadata={"rows": frame.height, "nearest_distance": float(nearest) if nearest is not None else -1.0})
+                             metadata={"rows": frame.height, "nearest_distance": float(nearest) if nearest is not None else -1.0,
+                                       "exceeding_max_notional": int(frame["exceeds_max_notional"].sum()),
+                                       "account_usdt": settings.account_usdt})
 
     @table_asset(
         COMPARISON, schemas.Comparison, ins={"metrics": dg.AssetIn(METRICS), "stress": dg.AssetIn(STRESS)},

@@ -9,22 +9,35 @@ import polars as pl
 from assets import schemas
 from assets.checks import table_asset, validated
 from assets.raw import CANDLES, FUNDING, time_range
-from perpfolio import estimators, returns, signals as signal_lib
+from perpfolio import estimators, returns, signals as signal_lib, universe as universe_lib
 from pipelines.partitions import lookback, rebalance_asofs
 from pipelines.settings import Settings
 
 NET_RETURNS = dg.AssetKey(["features", "net_returns"])
+UNIVERSE = dg.AssetKey(["features", "universe"])
 ESTIMATES = dg.AssetKey(["features", "estimates"])
 
 
-def aligned_returns(frame: pl.DataFrame, symbols: list[str], column: str = "net_return") -> tuple[np.ndarray, np.ndarray]:
-    """(ts, T x N matrix) with columns in the configured symbol order; NaN where a symbol has no bar."""
-    ts, found, matrix = returns.returns_matrix(frame, column=column)
+def aligned_returns(frame: pl.DataFrame, symbols: list[str], column: str = "net_return", *,
+                    bar_hours: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ts, T x N matrix) on the complete bar grid (every bar from the first to the last of the
+    frame), columns in the configured symbol order; NaN where a symbol has no bar."""
+    ts, found, matrix = returns.returns_matrix(frame, column=column, bar_hours=bar_hours)
     out = np.full((len(ts), len(symbols)), np.nan)
     for j, symbol in enumerate(symbols):
         if symbol in found:
             out[:, j] = matrix[:, found.index(symbol)]
     return ts, out
+
+
+def one_bar_returns(net_returns: pl.DataFrame, symbols: list[str], *, bar_hours: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ts, one-bar net returns, present) on the complete bar grid: the returns are NaN where a
+    symbol has no bar AND where its return spans a gap (a multi-bar return is not one bar's
+    observation); ``present`` is True where the symbol has a bar (a price) at all."""
+    ts, net = aligned_returns(net_returns, symbols, bar_hours=bar_hours)
+    _, filled = aligned_returns(net_returns.with_columns(pl.col("filled").cast(pl.Float64)), symbols, "filled",
+                                bar_hours=bar_hours)
+    return ts, np.where(filled == 0.0, net, np.nan), np.isfinite(net)
 
 
 def window_ends(ts: np.ndarray, asofs: list) -> np.ndarray:
@@ -43,17 +56,23 @@ def regime_lookback_days(settings: Settings) -> int:
     return math.ceil(bars * settings.bar_hours / 24) + 1
 
 
-def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matrix: np.ndarray, asofs: list) -> tuple[pl.DataFrame, dict]:
+def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matrix: np.ndarray, asofs: list,
+                   members: np.ndarray) -> tuple[pl.DataFrame, dict]:
     """Long features.estimates rows of every named estimator (fixed window) and of the regime-reset
-    variants ``<name>_reset`` (window from ``reset_windows``), annualized, with metadata."""
+    variants ``<name>_reset`` (window from ``reset_windows``), annualized, with metadata.
+
+    ``matrix``: T x N one-bar returns on the complete bar grid (``one_bar_returns``); ``members``:
+    K x N point-in-time universe (features.universe) that each asof is estimated on."""
     ppy = returns.periods_per_year(settings.bar_hours)
     ends = window_ends(ts, asofs)
     common = dict(ddof=1, tau=settings.downside_tau, half_life=settings.ewma_half_life_bars,
-                  n_factors=min(settings.n_factors, max(len(symbols) - 1, 0)))
+                  n_factors=min(settings.n_factors, max(len(symbols) - 1, 0)), members=members,
+                  max_missing=settings.max_missing_bars)
     fixed = estimators.rolling_estimates(matrix, ends, window=settings.window_bars, **common)
     turbulent, _ = signal_lib.regime_states(
         matrix, short=settings.regime_short_bars, long=settings.regime_long_bars,
         enter=settings.regime_enter, exit=settings.regime_exit, memory=settings.regime_long_bars,
+        max_missing_fraction=settings.max_missing_fraction,
     )
     windows = signal_lib.reset_windows(
         ends, signal_lib.regime_breakpoints(turbulent), window=settings.window_bars,
@@ -68,7 +87,7 @@ def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matri
         for name, m in reset.items()
     ]
     statuses = dict(zip(*np.unique(fixed["sample"].status, return_counts=True)))
-    meta_cv = cv_metadata(settings, ts, matrix, ends)
+    meta_cv = cv_metadata(settings, ts, matrix[:, members[-1]], ends) if members[-1].any() else {}
     meta = {
         "asofs": len(asofs), "window_bars": settings.window_bars, "estimators": sorted(fixed) + [f"{n}_reset" for n in reset],
         "reset_asofs": int(np.sum(windows < settings.window_bars)), "min_reset_window": int(windows.min()),
@@ -117,23 +136,50 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         yield from validated(frame, schemas.NetReturns, NET_RETURNS, metadata=meta)
 
     @table_asset(
+        UNIVERSE, schemas.Universe, partitions=partitions, partition_expr="as_of",
+        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days))},
+        group_name="features", kinds={"duckdb", "numpy"},
+        description=f"Point-in-time universe at each daily asof: a symbol is in when it has a price at the asof, its "
+        f"last {settings.window_bars} bars are covered since its listing and at most {settings.max_missing_bars} of "
+        "them lack a one-bar return; otherwise it holds weight 0 and the row says why.",
+    )
+    def universe(context: dg.AssetExecutionContext, net_returns: pl.DataFrame):
+        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        if not asofs:
+            yield from validated(schemas.empty(schemas.Universe), schemas.Universe, UNIVERSE, metadata={"asofs": 0})
+            return
+        ts, one_bar, present = one_bar_returns(net_returns, symbols, bar_hours=settings.bar_hours)
+        members = universe_lib.point_in_time_universe(one_bar, present, window_ends(ts, asofs), window=settings.window_bars,
+                                                      max_missing=settings.max_missing_bars)
+        frame = universe_lib.universe_frame(asofs, symbols, members, window=settings.window_bars)
+        latest = frame.filter(pl.col("as_of") == pl.col("as_of").max())
+        counts = frame.group_by("reason").len().sort("reason")
+        meta = {"asofs": len(asofs), "members_min": int(members.member.sum(axis=1).min()),
+                "members_max": int(members.member.sum(axis=1).max()),
+                "latest_members": ", ".join(latest.filter(pl.col("in_universe"))["symbol"]) or "none",
+                **{f"rows_{reason}": n for reason, n in counts.iter_rows()}}
+        yield from validated(frame, schemas.Universe, UNIVERSE, metadata=meta)
+
+    @table_asset(
         ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of",
         ins={"net_returns": dg.AssetIn(
             NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)))
-        )},
+        ), "universe": dg.AssetIn(UNIVERSE)},
         group_name="features", kinds={"duckdb", "numpy"},
         description=f"Rolling mean, covariance, downside D_i and semicovariance over the last {settings.window_bars} "
-        f"bars at each daily asof, annualized x{ppy:g}, long format, one set per estimator: sample (ddof=1), ewma "
+        f"bars at each daily asof, on the symbols of features.universe and the window's complete bars, annualized "
+        f"x{ppy:g}, long format, one set per estimator: sample (ddof=1), ewma "
         f"(half-life {settings.ewma_half_life_bars:g} bars), ledoit_wolf, oas, factor, shrinkage; and sample_reset / "
         f"ledoit_wolf_reset whose window restarts at a regime breakpoint (at least {settings.reset_window_bars} bars).",
     )
-    def estimates(context: dg.AssetExecutionContext, net_returns: pl.DataFrame):
+    def estimates(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, universe: pl.DataFrame):
         asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
         if not asofs:
             yield from validated(schemas.empty(schemas.Estimates), schemas.Estimates, ESTIMATES, metadata={"asofs": 0})
             return
-        ts, matrix = aligned_returns(net_returns, symbols)
-        frame, meta = estimate_frame(settings, symbols, ts, matrix, asofs)
+        ts, matrix, _ = one_bar_returns(net_returns, symbols, bar_hours=settings.bar_hours)
+        members = universe_lib.members_at(universe, asofs, symbols)
+        frame, meta = estimate_frame(settings, symbols, ts, matrix, asofs, members)
         yield from validated(frame, schemas.Estimates, ESTIMATES, metadata=meta)
 
-    return [net_returns, estimates]
+    return [net_returns, universe, estimates]

@@ -15,9 +15,9 @@ import polars as pl
 from assets import schemas
 from assets.checks import table_asset, validated
 from assets.features import ESTIMATES
-from assets.portfolio import WEIGHTS, _ordered
-from perpfolio import estimators, report
-from perpfolio.optimize import StrategySpec, frontier_walk, load_strategies, validate_for_universe
+from assets.portfolio import WEIGHTS, stored_moments
+from perpfolio import report
+from perpfolio.optimize import FRONTIER_SCHEMA, Constraints, StrategySpec, frontier_walk, load_strategies, validate_for_universe
 from pipelines.settings import Settings
 
 FRONTIER = dg.AssetKey(["portfolio", "frontier"])
@@ -31,13 +31,35 @@ def frontier_strategy(specs: list[StrategySpec]) -> StrategySpec:
 
 def frontier_moments(estimates: pl.DataFrame, symbols: list[str], estimator: str) -> tuple[list[datetime], np.ndarray, np.ndarray, np.ndarray]:
     """(asofs as UTC datetimes, K x N annualized means, K x N x N annualized covariances, K statuses)
-    of ``estimator`` in features.estimates, in the configured symbol order."""
-    asofs, found, moments = estimators.moments_from_long(estimates, estimator=estimator)
-    if sorted(found) != sorted(symbols):
-        raise ValueError(f"features.estimates ({estimator}) holds symbols {found}, expected the configured {symbols}")
-    mean, cov = _ordered(moments, found, symbols)[:2]
+    of ``estimator`` in features.estimates, in the configured symbol order; NaN for a symbol
+    outside an asof's universe."""
+    asofs, moments = stored_moments(estimates, estimator, symbols)
     stamps = pl.Series(asofs).dt.replace_time_zone("UTC").to_list()
-    return stamps, mean, cov, moments.status
+    return stamps, moments.mean, moments.cov, moments.status
+
+
+def frontier_by_universe(asofs: list[datetime], mu: np.ndarray, cov: np.ndarray, symbols: list[str], *,
+                         n_points: int, constraints: Constraints) -> tuple[pl.DataFrame, list[float], int]:
+    """The frontier of every asof on its own universe (the symbols with a finite mean), solved in
+    groups of asofs with the same members; (frames, sweep timings, asofs skipped because the
+    members are too few for the budget under the bounds)."""
+    members = np.isfinite(mu)
+    groups: dict[bytes, list[int]] = {}
+    for k in range(len(asofs)):
+        groups.setdefault(members[k].tobytes(), []).append(k)
+    frames, timings, skipped = [], [], 0
+    for todo in groups.values():
+        cols = np.flatnonzero(members[todo[0]])
+        c = constraints
+        if not cols.size or not cols.size * c.min_weight <= c.budget <= cols.size * c.max_weight:
+            skipped += len(todo)
+            continue
+        frame, times = frontier_walk([asofs[k] for k in todo], mu[np.ix_(todo, cols)], cov[np.ix_(todo, cols, cols)],
+                                     [symbols[i] for i in cols], n_points=n_points, constraints=c)
+        frames.append(frame)
+        timings += times
+    frame = pl.concat(frames).sort("as_of", "point") if frames else pl.DataFrame(schema=FRONTIER_SCHEMA)
+    return frame, timings, skipped
 
 
 def frontier_figure(frontier: pl.DataFrame, estimates: pl.DataFrame, weights: pl.DataFrame, symbols: list[str],
@@ -52,13 +74,14 @@ def frontier_figure(frontier: pl.DataFrame, estimates: pl.DataFrame, weights: pl
     as_of = counts["as_of"].max()
     curve = solved.filter(pl.col("as_of") == as_of).unique("point").sort("point")
     _, mu, cov, _ = frontier_moments(estimates.filter(pl.col("as_of") == as_of), symbols, estimator)
-    mu, cov = mu[0], cov[0]
+    cols = np.flatnonzero(np.isfinite(mu[0]))  # the asof's universe
+    mu, cov, names = mu[0][cols], cov[0][np.ix_(cols, cols)], [symbols[i] for i in cols]
     books = {}
     for (strategy,), part in weights.filter(pl.col("as_of") == as_of).group_by("strategy"):
         held = dict(part.select("symbol", "weight").iter_rows())
-        w = np.array([held.get(s, 0.0) for s in symbols])
+        w = np.array([held.get(s, 0.0) for s in names])
         books[strategy] = (float(np.sqrt(w @ cov @ w)), float(mu @ w))
-    assets = {s: (float(np.sqrt(cov[i, i])), float(mu[i])) for i, s in enumerate(symbols)}
+    assets = {s: (float(np.sqrt(cov[i, i])), float(mu[i])) for i, s in enumerate(names)}
     return report.plot_frontier(curve["volatility"].to_numpy(), curve["expected_return"].to_numpy(), books,
                                 assets=assets, as_of=f"{as_of:%Y-%m-%d %H:%M} UTC", estimator=estimator)
 
@@ -86,10 +109,12 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
             return
         asofs, mu, cov, status = frontier_moments(estimates, symbols, spec.estimator)
         ok = np.flatnonzero(status == "ok")
-        frame, timings = frontier_walk([asofs[k] for k in ok], mu[ok], cov[ok], symbols, n_points=points, constraints=c)
+        frame, timings, too_small = frontier_by_universe([asofs[k] for k in ok], mu[ok], cov[ok], symbols, n_points=points,
+                                                         constraints=c)
         per_point = frame.unique(["as_of", "point"])
         meta |= {
-            "asofs": len(ok),
+            "asofs": len(ok) - too_small,
+            "asofs_skipped_universe_too_small": too_small,
             **{f"asofs_skipped_{s}": int(n) for s, n in zip(*np.unique(status[status != "ok"], return_counts=True))},
             "points_failed": int((per_point["status"] != "optimal").sum()),
             "sweep_ms_mean": float(np.mean(timings)) if timings else 0.0,

@@ -8,10 +8,10 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import table_asset, validated
-from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, window_ends
+from assets.features import ESTIMATES, NET_RETURNS, UNIVERSE, aligned_returns, one_bar_returns, window_ends
 from assets.raw import CANDLES
 from assets.signals import SIGNALS, regime_at
-from perpfolio import estimators, returns
+from perpfolio import estimators, returns, universe as universe_lib
 from perpfolio.optimize import AsofInputs, EstimateSet, load_strategies, optimize_walk_forward, validate_for_universe
 from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
 from pipelines.partitions import lookback
@@ -42,10 +42,11 @@ def previous_weights(stored: pl.DataFrame, before: datetime, symbols: list[str])
     return out
 
 
-def _ordered(moments: estimators.Moments, found: list[str], symbols: list[str]) -> tuple[np.ndarray, ...]:
-    order = [found.index(s) for s in symbols]
-    return (moments.mean[:, order], moments.cov[:, order][:, :, order], moments.downside[:, order],
-            moments.semicov[:, order][:, :, order])
+def stored_moments(estimates: pl.DataFrame, estimator: str, symbols: list[str]) -> tuple[np.ndarray, estimators.Moments]:
+    """(asofs, Moments) of one estimator of features.estimates in the configured symbol order; NaN
+    for a symbol outside an asof's universe."""
+    asofs, _, moments = estimators.moments_from_long(estimates, estimator=estimator, symbols=symbols)
+    return asofs, moments
 
 
 def _signal_matrix(signals: pl.DataFrame, stamps: pl.DataFrame, symbols: list[str], column: str) -> np.ndarray:
@@ -57,44 +58,47 @@ def _signal_matrix(signals: pl.DataFrame, stamps: pl.DataFrame, symbols: list[st
 
 def asof_inputs(
     estimates: pl.DataFrame, signals: pl.DataFrame, net_returns: pl.DataFrame, candles: pl.DataFrame,
-    symbols: list[str], settings: Settings,
+    universe: pl.DataFrame, symbols: list[str], settings: Settings,
 ) -> list[AsofInputs]:
-    """One optimizer input per asof: annualized sample moments, VRP, the funding forecast, the estimate status, and what
-    the optional terms need: every other named estimator (a strategy's `estimator`), the
-    Ledoit-Wolf covariance for the min-variance fallback, the regime,
-    the window's return scenarios (CVaR), the window length in years (robust mean) and the
-    liquid universe (trailing quote volume over the window)."""
-    asofs, found, moments = estimators.moments_from_long(estimates, estimator="sample")
-    if sorted(found) != sorted(symbols):
-        raise ValueError(f"features.estimates holds symbols {found}, expected the configured {symbols}")
-    mean, cov, downside, semicov = _ordered(moments, found, symbols)
-    alternatives = {}  # every other stored estimator, for strategies that name one
-    for name in sorted(set(estimates["estimator"]) - {"sample"}):
-        _, alt_found, alt = estimators.moments_from_long(estimates, estimator=name)
-        alternatives[name] = (*_ordered(alt, alt_found, symbols), alt.status)
-    shrunk = alternatives["ledoit_wolf"][1] if "ledoit_wolf" in alternatives else None
+    """One optimizer input per asof: annualized sample moments, VRP, the funding forecast, the estimate status, the
+    point-in-time universe (features.universe), and what the optional terms need: every other
+    named estimator (a strategy's `estimator`), the Ledoit-Wolf covariance for the min-variance
+    fallback, the regime, the window's complete one-bar returns of the members (CVaR scenarios),
+    the window length in years (robust mean) and the liquid universe (trailing quote volume over
+    the window)."""
+    asofs, moments = stored_moments(estimates, "sample", symbols)
+    alternatives = {name: stored_moments(estimates, name, symbols)[1]  # every other stored estimator
+                    for name in sorted(set(estimates["estimator"]) - {"sample"})}
+    shrunk = alternatives["ledoit_wolf"].cov if "ledoit_wolf" in alternatives else None
     stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
     vrp = _signal_matrix(signals, stamps, symbols, "vrp")  # NaN (no usable implied vol): a zero tilt downstream
     funding = _signal_matrix(signals, stamps, symbols, "funding_forecast_1h")
     regimes = regime_at(signals, stamps["as_of"].to_list())
-    ts, matrix = aligned_returns(net_returns, symbols)
+    members = universe_lib.members_at(universe, asofs, symbols)
+    ts, matrix, _ = one_bar_returns(net_returns, symbols, bar_hours=settings.bar_hours)
     ends = window_ends(ts, stamps["as_of"].to_list())
     window = settings.window_bars
     tradable = None
     if settings.min_quote_volume is not None or settings.top_k is not None:
         quote = candles.with_columns(quote_volume=pl.col("close") * pl.col("volume"))
-        q_ts, q_matrix = aligned_returns(quote, symbols, "quote_volume")
-        volume = trailing_quote_volume(q_matrix, window_ends(q_ts, stamps["as_of"].to_list()), window=window)
+        q_ts, q_matrix = aligned_returns(quote, symbols, "quote_volume", bar_hours=1)
+        hours = window * settings.bar_hours  # candles are hourly
+        volume = trailing_quote_volume(q_matrix, window_ends(q_ts, stamps["as_of"].to_list()), window=hours)
         tradable = liquid_universe(volume, min_quote_volume=settings.min_quote_volume, top_k=settings.top_k)
+
+    def scenarios(k: int) -> np.ndarray | None:
+        if ends[k] < 0:
+            return None
+        return matrix[universe_lib.complete_rows(np.isfinite(matrix), members[k], ends[k] - window + 1, ends[k])]
+
     return [
         AsofInputs(
-            asof=asof, mu=mean[k], cov=cov[k], downside=downside[k], semicov=semicov[k], vrp=vrp[k],
-            funding_1h=funding[k], status=str(moments.status[k]), regime=regimes[k],
-            fallback_cov=None if shrunk is None else shrunk[k],
-            scenarios=matrix[max(0, ends[k] - window + 1): ends[k] + 1] if ends[k] >= 0 else None,
+            asof=asof, mu=moments.mean[k], cov=moments.cov[k], downside=moments.downside[k], semicov=moments.semicov[k],
+            vrp=vrp[k], funding_1h=funding[k], status=str(moments.status[k]), regime=regimes[k],
+            fallback_cov=None if shrunk is None else shrunk[k], scenarios=scenarios(k),
             window_years=window / returns.periods_per_year(settings.bar_hours),
-            tradable=None if tradable is None else tradable[k],
-            alternatives={name: EstimateSet(m[0][k], m[1][k], m[2][k], m[3][k], str(m[4][k]))
+            tradable=None if tradable is None else tradable[k], members=members[k],
+            alternatives={name: EstimateSet(m.mean[k], m.cov[k], m.downside[k], m.semicov[k], str(m.status[k]))
                           for name, m in alternatives.items()},
         )
         for k, asof in enumerate(stamps["as_of"].to_list())
@@ -106,17 +110,18 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
-        ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS),
+        ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS), "universe": dg.AssetIn(UNIVERSE),
              "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days)),
              "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(settings.lookback_days)),
              # the day before's stored weights seed the walk-forward (self-dependency): a range run and
              # a sequence of daily runs then start every day from the same previous weights
              "stored": dg.AssetIn(WEIGHTS, partition_mapping=PREVIOUS_DAY, metadata={"allow_missing_table": True})},
         group_name="portfolio", kinds={"duckdb", "cvxpy"},
-        description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}; "
+        description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}, solved on "
+        "the point-in-time universe (features.universe; the other symbols hold 0 and the universe column says why); "
         "status says optimal or which fallback produced them and why.",
     )
-    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame,
+    def weights(context: dg.AssetExecutionContext, estimates: pl.DataFrame, signals: pl.DataFrame, universe: pl.DataFrame,
                 net_returns: pl.DataFrame, candles: pl.DataFrame, stored: pl.DataFrame):
         specs = load_strategies(settings.strategies_file)
         validate_for_universe(specs, len(symbols))
@@ -124,8 +129,9 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
             yield from validated(schemas.empty(schemas.Weights), schemas.Weights, WEIGHTS, metadata={"decisions": 0})
             return
         previous = previous_weights(stored, context.partition_time_window.start, symbols)
-        inputs = asof_inputs(estimates, signals, net_returns, candles, symbols, settings)
-        frame = optimize_walk_forward(specs, symbols, inputs, previous=previous)
+        inputs = asof_inputs(estimates, signals, net_returns, candles, universe, symbols, settings)
+        frame = optimize_walk_forward(specs, symbols, inputs, previous=previous).join(
+            universe.select("as_of", "symbol", pl.col("reason").alias("universe")), on=["as_of", "symbol"], how="left")
         per_decision = frame.unique(["as_of", "strategy"])
         statuses = per_decision.group_by("status").len().sort("status")
         meta = {

@@ -15,6 +15,8 @@ import polars.selectors as cs
 from pandera.engines.polars_engine import DateTime
 from pandera.api.polars.model_config import BaseConfig
 
+from perpfolio.universe import REASONS as UNIVERSE_REASONS
+
 UTC_US = {"time_unit": "us", "time_zone": "UTC"}
 WEIGHT_SUM_TOLERANCE = 1e-6
 
@@ -133,6 +135,31 @@ class NetReturns(Table):
         return _unique_key(data, ["ts", "symbol"])
 
 
+class Universe(Table):
+    """features.universe: the point-in-time universe, one row per rebalance asof and configured symbol:
+    in it (estimated and optimized) or not, and why (perpfolio.universe)."""
+
+    as_of: DateTime = _ts("rebalance asof: open time of the last bar of the estimation window, UTC")
+    symbol: str = pa.Field(description="exchange symbol")
+    in_universe: bool = pa.Field(description="true when the symbol has the data its estimate needs at this asof")
+    reason: str = pa.Field(isin=list(UNIVERSE_REASONS), description="in, or why not: not_listed (no bar yet), "
+                           "no_price_at_asof (outage or delisted), insufficient_history (window not covered since "
+                           "listing), too_many_missing (more than PERPFOLIO_MAX_MISSING_FRACTION of the window lacks a "
+                           "one-bar return), constant_price (stale feed), joint_missing (dropped so the members keep "
+                           "enough complete bars together)")
+    bars_missing: int = pa.Field(ge=0, description="bars of the window without a one-bar return (a missing bar, or the "
+                                 "return spanning a gap)")
+    window_bars: int = pa.Field(gt=0, description="bars in the estimation window (PERPFOLIO_WINDOW_BARS)")
+
+    @pa.dataframe_check(error="duplicate (as_of, symbol)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "symbol"])
+
+    @pa.dataframe_check(error="in_universe must be true exactly when reason is 'in'")
+    def reason_matches(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("in_universe") == (pl.col("reason") == "in"))
+
+
 class Estimates(Table):
     """features.estimates: rolling moments in long form, ANNUALIZED; null values when status != ok."""
 
@@ -196,19 +223,29 @@ class Weights(Table):
     symbol: str = pa.Field(description="exchange symbol")
     weight: float = pa.Field(ge=-10, le=10, description="fraction of equity; negative is short")
     budget: float = pa.Field(description="the strategy's constraints.budget: its weights sum to it (1 = fully invested)")
-    status: str = pa.Field(str_matches=r"^(optimal|fallback:.+)$", description="optimal or fallback:<which>:<reason>")
+    status: str = pa.Field(str_matches=r"^(optimal|fallback:.+)$", description="optimal or fallback:<which>:<reason> "
+                           "(fallback:equal_capped:universe_too_small / fallback:flat:<why>: too few symbols in the "
+                           "universe to place the budget within the bounds, or none; the rest is cash)")
     solver: str = pa.Field(description="solver that produced the weights, or the fallback rule")
     objective: float = pa.Field(nullable=True, description="objective value of the solved problem")
     solve_ms: float = pa.Field(ge=0, description="wall time of the solve chain, milliseconds")
+    universe: str = pa.Field(isin=list(UNIVERSE_REASONS), description="in: the symbol was in the point-in-time universe "
+                             "(features.universe); otherwise why not, and the weight is 0")
 
     @pa.dataframe_check(error="duplicate (as_of, strategy, symbol)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
         return _unique_key(data, ["as_of", "strategy", "symbol"])
 
-    @pa.dataframe_check(error="weights of an (as_of, strategy) do not sum to its budget within 1e-6")
+    @pa.dataframe_check(error="weights of an (as_of, strategy) do not sum to its budget within 1e-6 (and the status "
+                        "does not say the universe was too small)")
     def sums_to_budget(cls, data: pa.PolarsData) -> pl.LazyFrame:
         total = pl.col("weight").sum().over("as_of", "strategy")
-        return data.lazyframe.select((total - pl.col("budget")).abs() <= WEIGHT_SUM_TOLERANCE)
+        too_small = pl.col("status").str.starts_with("fallback:equal_capped:") | pl.col("status").str.starts_with("fallback:flat:")
+        return data.lazyframe.select(too_small | ((total - pl.col("budget")).abs() <= WEIGHT_SUM_TOLERANCE))
+
+    @pa.dataframe_check(error="a symbol outside the universe holds a weight")
+    def zero_outside_universe(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select((pl.col("universe") == "in") | (pl.col("weight") == 0))
 
 
 FRONTIER_TOLERANCE = 1e-6  # bounds, target and monotonicity of portfolio.frontier (the optimizer's verification tolerance)
@@ -332,6 +369,10 @@ class Equity(Table):
                                       "(PERPFOLIO_TARGET_VOL, capped at PERPFOLIO_MAX_LEVERAGE; 1 when off)")
     cash_fraction: float = pa.Field(ge=0, lt=1, description="cash buffer c of the latest rebalance: the book runs "
                                     "sizing_leverage x (1 - cash_fraction) of its weights (PERPFOLIO_CASH_BUFFER; 0 when off)")
+    delisting_closes: int = pa.Field(ge=0, description="positions closed in the bar because their symbol was delisted "
+                                     "(its data ends a day or more before the history): sold at its last close with costs")
+    untraded: int = pa.Field(ge=0, description="positions a rebalance in this bar could not trade because the symbol had "
+                             "no price (an outage): kept at their drifted notional until the next rebalance")
 
     @pa.dataframe_check(error="duplicate (ts, strategy)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -366,6 +407,7 @@ class Metrics(Table):
     ret_costs: float = pa.Field(le=0, description="attribution: -(fees + slippage) / initial equity")
     ret_interest: float = pa.Field(description="attribution: interest on equity / initial equity; the four add up to total_return")
     stops: int = pa.Field(ge=0, description="positions closed by the stop-loss")
+    delisting_closes: int = pa.Field(ge=0, description="positions closed at a delisting (their last price)")
     avg_sizing_leverage: float = pa.Field(gt=0, description="mean vol-target multiplier lambda over the bars (1 without sizing)")
     avg_cash_fraction: float = pa.Field(ge=0, lt=1, description="mean cash-buffer fraction over the bars (0 without a buffer)")
     fallbacks: int = pa.Field(ge=0, description="rebalances whose weights came from a fallback (0 for baselines)")
@@ -382,13 +424,26 @@ class Stress(Table):
     margin_mode: str = pa.Field(isin=["cross", "isolated"], description="one margin pool, or a margin per position")
     shock: float = pa.Field(description="price return of the reference (price), funding rate per 8h (funding), "
                             "adverse move in per-bar sigmas (volatility), or the worst replayed return (replay)")
+    reference: str = pa.Field(nullable=True, description="price: the shocked symbol (others move by their beta to it) or "
+                              "'all' (joint shock); replay: the symbol whose move x beta stands in for a missing one; "
+                              "null otherwise")
+    account_usdt: float = pa.Field(gt=0, description="account equity (USDT) the positions are sized on (PERPFOLIO_ACCOUNT_USDT)")
     pnl: float = pa.Field(description="PnL of the shock as a fraction of equity")
     equity_after: float = pa.Field(description="equity after the shock, fraction of equity before")
     margin_ratio: float = pa.Field(nullable=True, ge=0, description="maintenance margin / equity after (isolated: of the "
                                    "position closest to liquidation); null when no equity is left")
     liquidated: bool = pa.Field(description="cross: equity after <= maintenance margin; isolated: any position liquidated")
     positions_liquidated: int = pa.Field(ge=0, description="positions closed by liquidation")
-    capital_sufficient: bool = pa.Field(description="not liquidated and equity after >= maintenance margin + buffer")
+    capital_sufficient: bool = pa.Field(description="not liquidated, not oversized and equity after >= maintenance "
+                                        "margin + buffer")
+    oversized: str = pa.Field(nullable=True, description="held symbols whose notional (before or after the shock) exceeds "
+                              "their last leverage bracket, margined with that bracket extended; null when none")
+    proxied: str = pa.Field(nullable=True, description="held symbols moved by a substitute and how: beta 1 (no beta to "
+                            "the reference in the window), largest held volatility, beta x reference or bar mean "
+                            "(replay bar without their return); null when none")
+    tier_source: str = pa.Field(nullable=True, description="where the held symbols' leverage tiers came from, distinct and "
+                                "comma-separated: file:<name>, exchange:<name>, snapshot:<exchange>:<date> or default; "
+                                "null for a flat book")
 
     @pa.dataframe_check(error="duplicate (as_of, strategy, scenario, leverage, margin_mode)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -430,7 +485,9 @@ class Comparison(Table):
     worst_equity_after: float = pa.Field(description="its equity after, fraction of equity before (minimum over rebalances)")
     liquidations: int = pa.Field(ge=0, description="stress rows (rebalance x scenario x leverage x margin mode) that liquidate")
     max_safe_leverage: float = pa.Field(ge=0, description="highest stress leverage with capital sufficient in every scenario, "
-                                        "rebalance and margin mode (0: none)")
+                                        "rebalance and margin mode (0: none), on an account of account_usdt")
+    account_usdt: float = pa.Field(gt=0, description="account equity (USDT) the stress rows, and so max_safe_leverage, "
+                                   "assume: tiered margin grows with the position, so a larger account is safe at less")
 
 
 class Liquidation(Table):
@@ -443,9 +500,15 @@ class Liquidation(Table):
     margin_mode: str = pa.Field(isin=["cross", "isolated"], description="margin mode")
     symbol: str = pa.Field(description="exchange symbol")
     weight: float = pa.Field(description="target weight, fraction of equity")
+    notional: float = pa.Field(description="position notional, USDT (negative = short): leverage x account x weight")
+    account_usdt: float = pa.Field(gt=0, description="account equity (USDT) the position is sized on (PERPFOLIO_ACCOUNT_USDT)")
     liquidation_price_ratio: float = pa.Field(nullable=True, gt=0, description="liquidation price / current price; "
                                               "null when no positive price liquidates")
     distance: float = pa.Field(nullable=True, ge=0, description="adverse price move to liquidation, fraction")
+    exceeds_max_notional: bool = pa.Field(description="the notional is beyond the symbol's last leverage bracket (the "
+                                          "exchange would not accept it; margined with that bracket extended)")
+    tier_source: str = pa.Field(description="where the symbol's leverage tiers came from: file:<name>, exchange:<name>, "
+                                "snapshot:<exchange>:<date> or default")
 
     @pa.dataframe_check(error="duplicate (as_of, strategy, leverage, margin_mode, symbol)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
@@ -454,18 +517,28 @@ class Liquidation(Table):
 
 class DataQuality(Table):
     """raw.data_quality: one row per data-quality issue of the raw layer, symbol and UTC day (a gap
-    crossing midnight is two rows). No row means the day was read clean. Gaps are reported, never filled."""
+    crossing midnight is two rows). No row means the day was read clean. Gaps are reported, never filled;
+    bad prints (outlier) stop the run or are quarantined (PERPFOLIO_OUTLIERS; perpfolio.quality)."""
 
     symbol: str = pa.Field(description="exchange symbol")
     dataset: str = pa.Field(isin=["candles", "funding", "mark", "index"],
                             description="which raw table the issue is in (mark / index: raw.reference_prices rows of that kind)")
-    issue: str = pa.Field(isin=["gap", "duplicates", "out_of_order"], description="gap: hourly bars missing; duplicates: "
-                          "repeated (ts, symbol) rows dropped, first kept; out_of_order: rows earlier than the row before them, sorted")
-    from_ts: DateTime = _ts("first affected hour (gap: first missing bar open), UTC")
-    to_ts: DateTime = _ts("last affected hour (gap: last missing bar open, inclusive), UTC")
+    issue: str = pa.Field(isin=["gap", "duplicates", "out_of_order", "outlier", "funding_gap"], description="gap: hourly "
+                          "bars missing; duplicates: repeated (ts, symbol) rows dropped, first kept; out_of_order: rows "
+                          "earlier than the row before them, sorted; outlier: a bad print (close or open outside the "
+                          "bar's [low, high], or a jump that reverts within two bars); funding_gap: funding events "
+                          "expected on the symbol's schedule while it trades are absent")
+    from_ts: DateTime = _ts("first affected hour (gap: first missing bar open; outlier: the bar; funding_gap: first "
+                            "missing event time), UTC")
+    to_ts: DateTime = _ts("last affected hour (gap: last missing bar open, inclusive; funding_gap: last missing event), UTC")
     bars_missing: int = pa.Field(ge=0, description="hourly bars missing in [from_ts, to_ts] (gap rows; 0 otherwise)")
     duplicates_dropped: int = pa.Field(ge=0, description="rows dropped as duplicates (duplicates rows; 0 otherwise)")
     out_of_order: int = pa.Field(ge=0, description="rows found out of order and sorted (out_of_order rows; 0 otherwise)")
+    events_missing: int = pa.Field(ge=0, description="funding events missing in [from_ts, to_ts] (funding_gap rows; 0 otherwise)")
+    value: float = pa.Field(nullable=True, gt=0, description="the flagged close, quote currency (outlier rows; null otherwise)")
+    detail: str = pa.Field(nullable=True, description="outlier: previous and next closes, robust z-score and reversal, "
+                           "and where the row came from (file: line, exchange endpoint, or the source); funding_gap: the "
+                           "interval expected and the events around the gap; null otherwise")
 
     @pa.dataframe_check(error="duplicate (symbol, dataset, issue, from_ts)")
     def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:

@@ -7,7 +7,7 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import table_asset, validated
-from assets.features import NET_RETURNS, aligned_returns, regime_lookback_days
+from assets.features import NET_RETURNS, aligned_returns, one_bar_returns, regime_lookback_days
 from assets.raw import IMPLIED_VOL
 from perpfolio import signals as signal_lib
 from pipelines.partitions import lookback, rebalance_asofs
@@ -40,7 +40,8 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         },
         group_name="signals", kinds={"duckdb", "numpy"},
         description="VRP = implied variance - realized variance (annualized). Implied variance is iv^2 of the "
-        "underlying's index, or for symbols without one a proxy scaled from BTC's by relative realized variance. "
+        "underlying's own index (e.g. Deribit DVOL for BTC and ETH); a symbol without one has no VRP "
+        f"({'a proxy scaled from BTC by relative realized variance, iv_source proxy:BTC' if settings.vrp_proxy else 'PERPFOLIO_VRP_PROXY=on proxies it from BTC'}). "
         "Also: VRP z-score, AR(1) next-day funding forecast (per hour) and funding-adjusted VRP, momentum, EWMA and "
         "GARCH(1,1) predicted vol, calm/turbulent regime from the short/long vol ratio with its breakpoint.",
     )
@@ -49,10 +50,13 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         if not asofs:
             yield from validated(schemas.empty(schemas.Signals), schemas.Signals, SIGNALS, metadata={"asofs": 0})
             return
-        ts, matrix = aligned_returns(net_returns, symbols)
-        _, funding = aligned_returns(net_returns, symbols, column="funding_return")
+        ts, matrix = aligned_returns(net_returns, symbols, bar_hours=settings.bar_hours)
+        _, one_bar, _ = one_bar_returns(net_returns, symbols, bar_hours=settings.bar_hours)
+        _, funding = aligned_returns(net_returns, symbols, column="funding_return", bar_hours=settings.bar_hours)
         frame, extra = signal_lib.build_signals(
-            ts, matrix, funding, asofs, symbols, implied_vol, window=settings.window_bars, bar_hours=settings.bar_hours,
+            ts, matrix, funding, asofs, symbols, implied_vol, one_bar_returns=one_bar,
+            max_missing_fraction=settings.max_missing_fraction, vrp_proxy="BTC" if settings.vrp_proxy else None,
+            window=settings.window_bars, bar_hours=settings.bar_hours,
             momentum_bars=settings.momentum_bars, ewma_half_life_bars=settings.ewma_half_life_bars,
             vrp_z_days=settings.vrp_z_days, regime_short_bars=settings.regime_short_bars,
             regime_long_bars=settings.regime_long_bars, regime_enter=settings.regime_enter,

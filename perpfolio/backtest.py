@@ -662,8 +662,8 @@ def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
     """One row per book: the backtest headline beside its worst stress outcome.
 
     Inputs: ``metrics`` (strategy, total_return, sharpe, max_drawdown, max_loss_day, cvar_99) and
-    ``stress`` rows (strategy, scenario, leverage, margin_mode, equity_after as a fraction of the
-    equity before, liquidated, capital_sufficient). Per strategy:
+    ``stress`` rows (strategy, scenario, leverage, margin_mode, account_usdt, equity_after as a
+    fraction of the equity before, liquidated, capital_sufficient). Per strategy:
 
     * kind = "baseline" for names starting with ``baseline:``, else "strategy"; rank by Sharpe (1 = best,
       equal Sharpe ratios ranked by name)
@@ -673,11 +673,13 @@ def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
     * liquidations: number of stress rows that liquidate (all leverages and margin modes)
     * max_safe_leverage: the highest leverage L whose rows (every rebalance, scenario and margin mode)
       are all capital sufficient; 0 when none is
+    * account_usdt: the account size (USDT) those rows were sized on, which max_safe_leverage assumes
+      (tiered maintenance margin grows with the notional); one size per book, else a DataError
     """
     for frame, cols, what in ((metrics, ("strategy", "total_return", "sharpe", "max_drawdown", "max_loss_day",
                                          "cvar_99"), "metrics"),
-                              (stress, ("strategy", "scenario", "leverage", "margin_mode", "equity_after",
-                                        "liquidated", "capital_sufficient"), "stress")):
+                              (stress, ("strategy", "scenario", "leverage", "margin_mode", "account_usdt",
+                                        "equity_after", "liquidated", "capital_sufficient"), "stress")):
         missing = [c for c in cols if c not in frame.columns]
         if missing:
             raise DataError(f"compare: {what} lacks columns {missing}")
@@ -689,7 +691,12 @@ def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
     safe = (stress.group_by("strategy", "leverage").agg(pl.col("capital_sufficient").all())
             .group_by("strategy").agg(max_safe_leverage=pl.col("leverage").filter(pl.col("capital_sufficient"))
                                       .max().fill_null(0.0)))
-    liq = stress.group_by("strategy").agg(liquidations=pl.col("liquidated").sum().cast(pl.Int64))
+    liq = stress.group_by("strategy").agg(liquidations=pl.col("liquidated").sum().cast(pl.Int64),
+                                          account_usdt=pl.col("account_usdt").first(),
+                                          accounts=pl.col("account_usdt").n_unique())
+    mixed = liq.filter(pl.col("accounts") > 1)["strategy"].to_list()
+    if mixed:
+        raise DataError(f"compare: stress rows of {mixed} were sized on different account_usdt; one size per book")
     out = (metrics.select("strategy", "total_return", "sharpe", "max_drawdown", "max_loss_day", "cvar_99")
            .with_columns(
                kind=pl.when(pl.col("strategy").str.starts_with(BASELINE_PREFIX)).then(pl.lit("baseline"))
@@ -705,4 +712,5 @@ def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
         raise DataError(f"compare: no stress rows at leverage {low} (cross margin) for {lacking}")
     return out.sort("rank").select(
         "strategy", "kind", "rank", "total_return", "excess_vs_equal_weight", "sharpe", "max_drawdown",
-        "max_loss_day", "cvar_99", "worst_scenario", "worst_equity_after", "liquidations", "max_safe_leverage")
+        "max_loss_day", "cvar_99", "worst_scenario", "worst_equity_after", "liquidations", "max_safe_leverage",
+        "account_usdt")

@@ -55,11 +55,12 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
             "io_manager": WarehouseIOManager(database=str(settings.warehouse)),
             "market": market or RawMarket(
                 source=settings.source, symbols=list(settings.symbols), origin=settings.origin.isoformat(), seed=settings.seed,
+                synthetic_events=settings.synthetic_events, outliers=settings.outliers,
                 archive_dir=str(settings.archive_dir or ""), iv_csv=[str(p) for p in settings.iv_csv],
                 exchange=settings.exchange, exchange_url=settings.exchange_url or "",
                 exchange_cache=str(settings.exchange_cache), exchange_refresh=settings.exchange_refresh,
                 exchange_rate_limit=settings.exchange_rate_limit, exchange_timeout_s=settings.exchange_timeout_s,
-                exchange_retries=settings.exchange_retries,
+                exchange_retries=settings.exchange_retries, tiers_file=str(settings.tiers_file or ""),
             ),
         },
         executor=executor_for(settings.executor),

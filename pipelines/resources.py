@@ -9,7 +9,7 @@ table.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -19,12 +19,14 @@ from dagster_duckdb.io_manager import DuckDbClient
 from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
 from perpfolio.errors import ConfigError
+from perpfolio.quality import OUTLIER_POLICIES, detection_window, drop_outliers, find_funding_gaps, find_outliers
 from perpfolio.warehouse import connect_waiting
-from perpfolio.sources.archive import ArchiveData, empty_data, gap_report, read_archive
-from perpfolio.sources.exchange import DvolClient, client_for, read_exchange
+from perpfolio.sources.archive import ORIGIN_SCHEMA, ArchiveData, empty_data, gap_report, read_archive
+from perpfolio.sources.exchange import DvolClient, client_for, read_exchange, read_leverage_tiers
 from perpfolio.sources.exchange_cache import ExchangeCache
 from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
+from perpfolio.tiers import SymbolTiers, TierTable, load_snapshot, load_tier_file, resolve_tiers
 
 
 class _TransactionalClient(DuckDbClient):
@@ -115,18 +117,21 @@ class RawData:
     """The raw layer of one window as a source gives it: one frame per raw table (assets/raw.py),
     in the schemas of perpfolio.sources.archive (CANDLES_, FUNDING_, REFERENCE_, QUALITY_SCHEMA) and
     perpfolio.sources.implied_vol. ``reference_prices`` is empty for symbols whose source has no
-    mark or index prices; ``data_quality`` empty means the window was read clean."""
+    mark or index prices; ``data_quality`` empty means the window was read clean. ``candle_origin``
+    (ORIGIN_SCHEMA, not a table) says where each candle was read, for the data-quality messages; a
+    candle without a row there is named by its ``source``."""
 
     candles: pl.DataFrame
     funding: pl.DataFrame
     implied_vol: pl.DataFrame
     reference_prices: pl.DataFrame
     data_quality: pl.DataFrame
+    candle_origin: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=ORIGIN_SCHEMA))
 
     @classmethod
     def of(cls, data: ArchiveData, implied_vol: pl.DataFrame) -> "RawData":
         """A source's ArchiveData (the container every reader returns) and its implied vol."""
-        return cls(data.candles, data.funding, implied_vol, data.reference_prices, data.quality)
+        return cls(data.candles, data.funding, implied_vol, data.reference_prices, data.quality, data.candle_origin)
 
     @classmethod
     def empty(cls) -> "RawData":
@@ -149,9 +154,14 @@ class RawMarket(dg.ConfigurableResource):
     bar_ts is in [start, end) and implied-vol observations with ts in [start, end), for `symbols`.
     Nothing after the last closed hour is returned, so a day in progress holds only the bars that
     exist. `fetch_with_quality` adds the data-quality rows (gaps, duplicates dropped, rows out of
-    order) for sources that do not report their own.
+    order) for sources that do not report their own, and for every source the bad prints and the
+    missing funding events of perpfolio.quality; `outliers` (PERPFOLIO_OUTLIERS) says what happens to
+    a bad print: "error" (the raw asset stores raw.data_quality and fails) or "quarantine" (the bar is
+    removed from candles and the run goes on).
 
-    source "synthetic": the built-in market (`origin`, `seed`), index and mark prices included.
+    source "synthetic": the built-in market (`origin`, `seed`), index and mark prices included; with
+    `synthetic_events` symbols are listed late and delisted and the data has outages, bad prints and
+    missing funding days (perpfolio.sources.synthetic, "Data events").
     source "archive": Binance archive files under `archive_dir` (perpfolio.sources.archive; mark
     and index klines where the archive has them) and implied vol from the `iv_csv` files
     (perpfolio.sources.implied_vol); an underlying without a file gets the labelled proxy downstream.
@@ -160,12 +170,18 @@ class RawMarket(dg.ConfigurableResource):
     download cache `exchange_cache` (re-downloaded only with `exchange_refresh`), and Deribit DVOL
     for BTC and ETH (or the `iv_csv` files when given).
     A new source is one more branch of `fetch` returning `RawData.of(<its ArchiveData>, <implied vol>)`.
+
+    `leverage_tiers(symbols)` gives each symbol's maintenance-margin brackets and where they came
+    from (perpfolio.tiers.resolve_tiers): the `tiers_file`, then for source "exchange" the
+    exchange's live tiers where it serves them without a key (Bybit, OKX), then the packaged
+    Binance snapshot, then the conservative default.
     """
 
     source: str = "synthetic"
     symbols: list[str]
     origin: str  # ISO datetime of the first bar of the synthetic history (its seed anchor)
     seed: int = 7
+    synthetic_events: bool = False  # source "synthetic": listings, delistings, outages, bad prints, missing funding
     archive_dir: str = ""  # source "archive": root of the futures/um/... layout
     iv_csv: list[str] = []  # source "archive": DVOL or ts,underlying,iv CSV files; source "exchange": instead of DVOL
     exchange: str = "binance"  # source "exchange": binance | bybit | okx
@@ -175,6 +191,8 @@ class RawMarket(dg.ConfigurableResource):
     exchange_rate_limit: bool = True
     exchange_timeout_s: float = 10.0
     exchange_retries: int = 5
+    tiers_file: str = ""  # leverage tiers file, project or ccxt format ("" = none)
+    outliers: str = "error"  # bad prints: "error" (stop the run) | "quarantine" (drop the bar, record it, go on)
 
     def fetch(self, start: datetime, end: datetime) -> RawData:
         end = _closed(end)
@@ -190,17 +208,45 @@ class RawMarket(dg.ConfigurableResource):
         raise ConfigError(f"RawMarket: unknown source {self.source!r}; choose synthetic, archive or exchange")
 
     def fetch_with_quality(self, start: datetime, end: datetime) -> RawData:
-        """`fetch` with `data_quality` of [start, end) (perpfolio.sources.archive.QUALITY_SCHEMA)."""
+        """`fetch` with `data_quality` of [start, end) (perpfolio.sources.archive.QUALITY_SCHEMA): the
+        source's gaps, duplicates and rows out of order, the bad prints (issue "outlier") and the
+        missing funding events (issue "funding_gap"). Those two are judged with the neighbours of the
+        window: `fetch` of the margins of perpfolio.quality.detection_window before and after it,
+        whose rows are used for judging only. With `outliers` = "quarantine" the flagged bars are
+        removed from `candles` (their rows stay in `data_quality`); with "error" they stay."""
+        if self.outliers not in OUTLIER_POLICIES:
+            raise ConfigError(f"PERPFOLIO_OUTLIERS must be one of {', '.join(OUTLIER_POLICIES)}, got {self.outliers!r}")
         data = self.fetch(start, end)
-        if self.source in _REPORTS_OWN_QUALITY:
-            return data
+        wide_start, wide_end = detection_window(start, end)
+        parts = (self.fetch(wide_start, start), data, self.fetch(end, wide_end))
+        candles = pl.concat([p.candles for p in parts])
         end = _closed(end)
-        quality = gap_report(data.candles, self.symbols, start, end) if end > start else empty_data().quality
-        return replace(data, data_quality=quality)
+        if self.source in _REPORTS_OWN_QUALITY:
+            quality = data.data_quality
+        else:
+            quality = gap_report(data.candles, self.symbols, start, end) if end > start else empty_data().quality
+        found = pl.concat([
+            find_outliers(candles, candle_origin=pl.concat([p.candle_origin for p in parts])).filter(
+                pl.col("from_ts").is_between(start, end, closed="left")),
+            find_funding_gaps(pl.concat([p.funding for p in parts]), candles, start=start, end=end),
+        ])
+        kept = drop_outliers(data.candles, found) if self.outliers == "quarantine" else data.candles
+        return replace(data, candles=kept, data_quality=pl.concat([quality, found]).sort("symbol", "dataset", "from_ts", "issue"))
+
+    def leverage_tiers(self, symbols: list[str]) -> dict[str, SymbolTiers]:
+        """{symbol: (brackets, source)} by the precedence of the class docstring."""
+        def live(missing: list[str]) -> TierTable | None:
+            return read_leverage_tiers(client_for(self.exchange, **self._client_options()), missing)
+
+        user = load_tier_file(self.tiers_file) if self.tiers_file else None
+        return resolve_tiers(symbols, snapshot=load_snapshot(), user=user, live=live if self.source == "exchange" else None)
+
+    def _client_options(self) -> dict:
+        return {"base_url": self.exchange_url or None, "timeout_s": self.exchange_timeout_s,
+                "max_retries": self.exchange_retries, "rate_limit": self.exchange_rate_limit}
 
     def _exchange(self, start: datetime, end: datetime) -> RawData:
-        options = {"base_url": self.exchange_url or None, "timeout_s": self.exchange_timeout_s,
-                   "max_retries": self.exchange_retries, "rate_limit": self.exchange_rate_limit}
+        options = self._client_options()
         client = client_for(self.exchange, **options)
         dvol = None if self.iv_csv else DvolClient(**options)
         with ExchangeCache(self.exchange_cache) if self.exchange_cache else nullcontext() as cache:
@@ -209,7 +255,8 @@ class RawMarket(dg.ConfigurableResource):
 
     def _synthetic(self, start: datetime, end: datetime) -> RawData:
         origin = datetime.fromisoformat(self.origin)
-        market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed)
+        market = generate_market(self.symbols, origin, max(end, origin + timedelta(hours=1)), seed=self.seed,
+                                 data_events=self.synthetic_events)
         in_window = lambda col: pl.col(col).is_between(start, end, closed="left")  # noqa: E731
         return RawData(
             candles=market.candles.filter(in_window("ts")),

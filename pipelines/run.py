@@ -50,9 +50,10 @@ def failure_report(job: dg.JobDefinition, result, partitions: str) -> str:
     checks = [e.event_specific_data for e in result.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.event_specific_data.passed]
     for check in checks:
-        count = check.metadata.get("failure_count")
+        count, first = check.metadata.get("failure_count"), check.metadata.get("first_failures")
         lines.append(f"  - check {check.asset_key.to_user_string()}:{check.check_name} failed"
-                     + (f" ({count.value} failing rows)" if count is not None else "") + f", partitions {partitions}")
+                     + (f" ({count.value} failing rows)" if count is not None else "") + f", partitions {partitions}"
+                     + (f"; first: {first.value}" if first is not None else ""))
     for event in (e for e in result.all_events if e.is_step_failure):
         try:
             assets_def = job.asset_layer.get_assets_def_for_node(NodeHandle.from_string(event.step_key))

@@ -14,9 +14,13 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
-from perpfolio.errors import ConfigError
+from perpfolio.errors import ConfigError, DataError
 from perpfolio.estimators import ESTIMATORS
+from perpfolio.optimize.config import load_strategies
+from perpfolio.sources.archive import archive_files
 from perpfolio.optimize.sizing import SizingRule
+from perpfolio.stress import load_scenarios
+from perpfolio.tiers import load_tier_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +63,7 @@ class Settings:
     end: date | None = date(2025, 7, 29)
     seed: int = 1
     source: Literal["synthetic", "archive", "exchange"] = "synthetic"
+    synthetic_events: bool = False  # source "synthetic": listings, delistings, outages, bad prints, missing funding
     archive_dir: Path | None = None  # root of a Binance archive layout (futures/um/...) when source = "archive"
     iv_csv: tuple[Path, ...] = ()  # implied-vol CSVs (Deribit DVOL or ts,underlying,iv); source "exchange": instead of DVOL
     exchange: Literal["binance", "bybit", "okx"] = "binance"  # source = "exchange": whose USDT perpetuals
@@ -68,6 +73,7 @@ class Settings:
     exchange_rate_limit: bool = True  # ccxt's limiter at the exchange's documented request weights
     exchange_timeout_s: float = 10.0
     exchange_retries: int = 5  # retries of a 429 / 5xx / timeout / unreadable response, then the run fails
+    outliers: Literal["error", "quarantine"] = "error"  # bad prints (perpfolio.quality): stop the run, or drop the bar and go on
     warehouse: Path = PROJECT_ROOT / "warehouse" / "perpfolio.duckdb"
     reports_dir: Path = PROJECT_ROOT / "warehouse" / "reports"
     strategies_file: Path = PROJECT_ROOT / "config" / "strategies.toml"
@@ -84,6 +90,9 @@ class Settings:
     regime_long_bars: int = 720
     regime_enter: float = 2.0  # short/long realized-vol ratio that enters the turbulent regime
     regime_exit: float = 1.2  # ratio at or below which it returns to calm
+    # point-in-time universe (perpfolio.universe): share of an estimation window's bars a symbol may miss
+    max_missing_fraction: float = 0.05
+    vrp_proxy: bool = False  # a symbol without its own implied-vol index gets a VRP proxied from BTC's (labelled)
     fee_bps: float = 5.0
     slippage_bps: float = 2.0
     stress_leverages: tuple[float, ...] = (1.0, 3.0, 5.0, 10.0)
@@ -110,6 +119,9 @@ class Settings:
     static_weights: tuple[tuple[str, float], ...] = (("BTCUSDT", 0.5), ("ETHUSDT", 0.3), ("SOLUSDT", 0.2))
     spot_notional: tuple[tuple[str, float], ...] = ()  # spot book of risk.spot_hedge, USDT per symbol; () = 1 USDT long each
     scenarios_file: Path = PROJECT_ROOT / "config" / "scenarios.toml"
+    stress_reference: str = "BTCUSDT"  # shocked by price scenarios that name no reference; betas are against it
+    account_usdt: float = 100_000.0  # account equity (USDT) that risk.stress and risk.liquidation size positions on
+    tiers_file: Path | None = None  # leverage tiers (project or ccxt format) ahead of live and snapshot tiers; None = off
 
     def __post_init__(self) -> None:
         if self.end is not None and self.end < self.start:
@@ -134,6 +146,9 @@ class Settings:
                 f"PERPFOLIO_REGIME_ENTER are required, got {self.regime_short_bars}, {self.regime_long_bars}, "
                 f"{self.regime_exit}, {self.regime_enter}"
             )
+        if not 0 <= self.max_missing_fraction < 0.5 or self.max_missing_bars >= self.window_bars - 1:
+            raise ConfigError(f"PERPFOLIO_MAX_MISSING_FRACTION must be in [0, 0.5) and leave at least 2 complete bars of "
+                              f"the window, got {self.max_missing_fraction}")
         if len(set(self.symbols)) != len(self.symbols) or not self.symbols:
             raise ConfigError(f"PERPFOLIO_SYMBOLS must list distinct symbols, got {self.symbols}")
         if not -1 < self.cash_rate < 1:
@@ -176,6 +191,12 @@ class Settings:
             )
         if self.source not in ("synthetic", "archive", "exchange"):
             raise ConfigError(f"PERPFOLIO_SOURCE {self.source!r} is not available; choose synthetic, archive or exchange")
+        if not isinstance(self.synthetic_events, bool) or (self.synthetic_events and self.source != "synthetic"):
+            raise ConfigError(f"PERPFOLIO_SYNTHETIC_EVENTS must be on or off, and on only with PERPFOLIO_SOURCE=synthetic, "
+                              f"got {self.synthetic_events!r} with source {self.source!r}")
+        if self.outliers not in ("error", "quarantine"):
+            raise ConfigError(f"PERPFOLIO_OUTLIERS must be error (stop the run on a bad print) or quarantine (drop the bar "
+                              f"from raw.candles, record it in raw.data_quality and go on), got {self.outliers!r}")
         if self.exchange not in ("binance", "bybit", "okx"):
             raise ConfigError(f"PERPFOLIO_EXCHANGE must be binance, bybit or okx, got {self.exchange!r}")
         if self.exchange_timeout_s <= 0 or self.exchange_retries < 0:
@@ -186,6 +207,41 @@ class Settings:
         missing_iv = [str(p) for p in self.iv_csv if not Path(p).is_file()]
         if missing_iv:
             raise ConfigError(f"PERPFOLIO_IV_CSV: no such file(s) {missing_iv}")
+        try:  # the strategies file is read at load time too, so a bad name or key fails before any run
+            load_strategies(self.strategies_file, n_assets=len(self.symbols))
+        except ConfigError as exc:
+            raise ConfigError(f"PERPFOLIO_STRATEGIES_FILE: {exc}") from exc
+        if self.source == "archive":
+            self._check_archive_coverage()
+        if not (math.isfinite(self.account_usdt) and self.account_usdt > 0):
+            raise ConfigError(f"PERPFOLIO_ACCOUNT_USDT must be a finite USDT amount > 0, got {self.account_usdt}")
+        # checked at load time, not after a walk-forward: a broken file names its problem here
+        for variables, check in (
+            ("PERPFOLIO_TIERS_FILE", lambda: self.tiers_file is None or load_tier_file(self.tiers_file)),
+            ("PERPFOLIO_SCENARIOS_FILE / PERPFOLIO_STRESS_REFERENCE",
+             lambda: load_scenarios(self.scenarios_file, symbols=self.symbols, reference=self.stress_reference)),
+        ):
+            try:
+                check()
+            except ConfigError as exc:
+                raise ConfigError(f"{variables}: {exc}") from exc
+
+    def _check_archive_coverage(self) -> None:
+        """Every configured symbol has candle files in the archive for some of [start, end]: a symbol
+        with no data at all in the window is a typo or a wrong folder, rejected at load time."""
+        last = self.last_day(datetime.now(timezone.utc).date())
+        window_end = datetime(last.year, last.month, last.day, tzinfo=timezone.utc) + timedelta(days=1)
+        empty = []
+        for symbol in self.symbols:
+            try:
+                files = archive_files(self.archive_dir, symbol, "klines", self.origin, window_end)
+            except DataError as exc:
+                raise ConfigError(f"PERPFOLIO_SYMBOLS: {exc}") from exc
+            if not files:
+                empty.append(symbol)
+        if empty:
+            raise ConfigError(f"PERPFOLIO_SYMBOLS: {', '.join(empty)} have no klines files in {self.archive_dir} for "
+                              f"{self.start}..{last} (PERPFOLIO_START..END); check the symbols, the folder or the dates")
 
     def sizing_rule(self) -> SizingRule | None:
         """The backtest's position sizing, or None when vol targeting and the cash buffer are both off."""
@@ -207,6 +263,11 @@ class Settings:
         """Spot positions hedged by risk.spot_hedge, USDT notional per symbol: PERPFOLIO_SPOT_NOTIONAL,
         or 1 USDT long of every configured symbol (hedge notionals then read per USDT of spot)."""
         return dict(self.spot_notional) if self.spot_notional else dict.fromkeys(self.symbols, 1.0)
+
+    @property
+    def max_missing_bars(self) -> int:
+        """Bars of an estimation window a symbol may miss and stay in the universe: floor(fraction x window)."""
+        return math.floor(self.max_missing_fraction * self.window_bars)
 
     @property
     def lookback_days(self) -> int:
@@ -235,6 +296,8 @@ class Settings:
             "end": lambda v: None if v.lower() == "open" else date.fromisoformat(v),
             "seed": int,
             "source": str,
+            "synthetic_events": _flag,
+            "outliers": lambda v: v.lower(),
             "archive_dir": Path,
             "iv_csv": lambda v: tuple(Path(x.strip()) for x in v.split(",") if x.strip()),
             "exchange": lambda v: v.lower(),
@@ -260,6 +323,8 @@ class Settings:
             "regime_long_bars": int,
             "regime_enter": float,
             "regime_exit": float,
+            "max_missing_fraction": float,
+            "vrp_proxy": _flag,
             "fee_bps": float,
             "slippage_bps": float,
             "stress_leverages": lambda v: tuple(float(x) for x in v.split(",") if x.strip()),
@@ -285,6 +350,9 @@ class Settings:
             "static_weights": _parse_static_weights,
             "spot_notional": _parse_static_weights,
             "scenarios_file": Path,
+            "stress_reference": normalize_symbol,
+            "account_usdt": float,
+            "tiers_file": lambda v: None if v.lower() in ("off", "none") else Path(v),
         }
         values = {}
         for f in fields(cls):

@@ -287,6 +287,7 @@ class TestMetrics:
             "ret_costs": -1.5 * fees.sum() / e0,
             "ret_interest": 0.0,  # the frame has no interest column: cash earns nothing
             "stops": 0.0,
+            "delisting_closes": 0.0,
             "avg_sizing_leverage": 1.0,  # no sizing columns: the weights ran as given
             "avg_cash_fraction": 0.0,
             "sharpe": ret.mean() / ret.std(ddof=1) * np.sqrt(ppy),
@@ -458,8 +459,9 @@ class TestCompare:
             ("baseline:equal_weight", 5.0, "isolated", "x", 0.10, False, True),
         ]:
             rows.append({"strategy": s, "leverage": lev, "margin_mode": mode, "scenario": sc, "equity_after": eq,
-                         "liquidated": liq, "capital_sufficient": ok})
+                         "liquidated": liq, "capital_sufficient": ok, "account_usdt": 25_000.0})
         out = compare(metrics, pl.DataFrame(rows))
+        assert out["account_usdt"].to_list() == [25_000.0, 25_000.0]  # the account max_safe_leverage assumes
         assert out["strategy"].to_list() == ["baseline:equal_weight", "a"]
         a = out.row(1, named=True)
         assert (a["kind"], a["rank"], a["worst_scenario"], a["worst_equity_after"]) == ("strategy", 2, "y", 0.90)
@@ -477,7 +479,7 @@ def test_compare_ranks_equal_sharpe_by_name():
     base = {"total_return": 0.1, "sharpe": 1.0, "max_drawdown": 0.1, "max_loss_day": 0.01, "cvar_99": 0.01}
     stress = pl.DataFrame({"strategy": ["b", "a"], "scenario": ["x", "x"], "leverage": [1.0, 1.0],
                            "margin_mode": ["cross", "cross"], "equity_after": [0.9, 0.9], "liquidated": [False] * 2,
-                           "capital_sufficient": [True] * 2})
+                           "capital_sufficient": [True] * 2, "account_usdt": [1e5] * 2})
     for order in (["a", "b"], ["b", "a"]):
         out = compare(pl.DataFrame([{"strategy": s, **base} for s in order]), stress)
         assert dict(out.select("strategy", "rank").iter_rows()) == {"a": 1, "b": 2}

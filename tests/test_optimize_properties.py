@@ -52,7 +52,6 @@ from perpfolio.optimize import (
     optimize_walk_forward,
     parse_strategies,
 )
-from perpfolio.optimize.terms import empirical_cvar
 
 TOL = 1e-6  # the pipeline's promise: every constraint within 1e-6
 OBJ_RTOL, OBJ_ATOL = 1e-5, 1e-6  # see the module docstring
@@ -790,6 +789,24 @@ class TestDirectOsqpPath:
 
 class TestFoundByTheProperties:
     """Regression tests for bugs the properties above found; each docstring tells the story."""
+
+    def test_a_direct_osqp_failure_is_re_solved_by_clarabel(self, monkeypatch):
+        """A two-asset min-variance book with a stress-loss limit: the direct OSQP path reached its
+        iteration limit at the tight re-solve and returned solver_error, while the same strategy through
+        cvxpy (whose OSQP failures CLARABEL re-solves) was optimal, so the two paths disagreed and the
+        strategy fell back to min-variance for nothing. The direct path now gets the same CLARABEL re-solve."""
+        table = {"name": "s", "objective": "min_variance", "solver": "OSQP", "constraints": {
+            "budget": 1.0, "min_weight": 0.0, "max_weight": 1.0, "stress_shock": -0.25, "max_stress_loss": 0.2539}}
+        spec = parse_strategies([table])[0]
+        data = SolveData(mu=np.array([0.1, 0.2]), cov=np.array([[0.04, 0.01], [0.01, 0.09]]), downside=np.zeros(2),
+                         semicov=np.zeros((2, 2)), vrp=np.zeros(2))
+        problem = PortfolioProblem(spec, 2)
+        assert problem.direct is not None
+        monkeypatch.setattr(problem.direct, "solve", lambda *_: (None, "solver_error"))  # the iteration limit
+        result = problem.solve(data)
+        reference = PortfolioProblem(parse_strategies([{**table, "solver": "CLARABEL"}])[0], 2).solve(data)
+        assert (result.status, result.solver) == ("optimal", "CLARABEL:after_OSQP_solver_error")
+        np.testing.assert_allclose(result.weights, reference.weights, atol=1e-8)
 
     def test_osqp_iteration_limit_is_re_solved_by_clarabel(self):
         """A long-short downside book with margin, L2 and max rebalance on a rank-1 covariance: OSQP

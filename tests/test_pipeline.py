@@ -24,6 +24,7 @@ TABLES = {
     "raw.funding": ["ts", "symbol"],
     "raw.implied_vol": ["ts", "underlying"],
     "features.net_returns": ["ts", "symbol"],
+    "features.universe": ["as_of", "symbol"],
     "features.estimates": ["as_of", "estimator", "quantity", "symbol", "symbol_j"],
     "signals.signals": ["as_of", "symbol"],
     "portfolio.weights": ["as_of", "strategy", "symbol"],
@@ -81,7 +82,7 @@ class TestWholeChain:
 
     def test_every_table_satisfies_its_schema(self, pipeline):
         _, tables = pipeline
-        models = dict(zip(TABLES, [schemas.Candles, schemas.Funding, schemas.ImpliedVol, schemas.NetReturns,
+        models = dict(zip(TABLES, [schemas.Candles, schemas.Funding, schemas.ImpliedVol, schemas.NetReturns, schemas.Universe,
                                    schemas.Estimates, schemas.Signals, schemas.Weights, schemas.Frontier, schemas.Equity,
                                    schemas.Metrics, schemas.Monthly, schemas.Comparison, schemas.Stress,
                                    schemas.Liquidation, schemas.DataQuality, schemas.ReferencePrices,
@@ -104,8 +105,13 @@ class TestWholeChain:
     def test_weights_sum_to_one_and_respect_bounds(self, pipeline):
         _, tables = pipeline
         weights = tables["portfolio.weights"]
-        sums = weights.group_by("as_of", "strategy").agg(pl.col("weight").sum())
-        assert (sums["weight"] - 1.0).abs().max() <= 1e-6
+        sums = weights.group_by("as_of", "strategy").agg(pl.col("weight").sum(), pl.col("status").first())
+        invested = sums.filter(~pl.col("status").str.starts_with("fallback:flat:"))
+        assert invested.height and (invested["weight"] - 1.0).abs().max() <= 1e-6
+        # the warm-up has no symbol in the universe yet: flat, and says why
+        assert set(sums.filter(pl.col("status").str.starts_with("fallback:flat:"))["status"]) == {
+            "fallback:flat:insufficient_history"}
+        assert sums.filter(pl.col("status").str.starts_with("fallback:flat:"))["weight"].abs().max() == 0.0
         assert weights["weight"].min() >= -1e-6
         assert weights["weight"].max() <= 0.5 + 1e-6
 
@@ -213,7 +219,7 @@ class TestGuards:
             return schemas.conform(pl.DataFrame({
                 "as_of": [asof] * 2, "strategy": ["s"] * 2, "symbol": ["BTCUSDT", "ETHUSDT"], "weight": w,
                 "budget": [budget] * 2, "status": ["optimal"] * 2, "solver": ["CLARABEL"] * 2, "objective": [0.1] * 2,
-                "solve_ms": [1.0] * 2,
+                "solve_ms": [1.0] * 2, "universe": ["in"] * 2,
             }), schemas.Weights)
 
         key = dg.AssetKey(["portfolio", "weights"])
@@ -246,9 +252,11 @@ def test_definitions_load_with_the_designed_lineage():
         "raw/reference_prices": set(),
         "risk/spot_hedge": {"features/net_returns", "raw/reference_prices", "raw/candles"},
         "features/net_returns": {"raw/candles", "raw/funding"},
-        "features/estimates": {"features/net_returns"},
+        "features/universe": {"features/net_returns"},
+        "features/estimates": {"features/net_returns", "features/universe"},
         "signals/signals": {"features/net_returns", "raw/implied_vol"},
-        "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights", "features/net_returns", "raw/candles"},  # previous day's weights seed the walk-forward
+        "portfolio/weights": {"features/estimates", "signals/signals", "portfolio/weights", "features/net_returns", "raw/candles",
+                              "features/universe"},  # previous day's weights seed the walk-forward
         "portfolio/frontier": {"features/estimates", "portfolio/weights"},
         "backtest/equity": {"features/net_returns", "portfolio/weights", "signals/signals"},
         "backtest/metrics": {"backtest/equity", "portfolio/weights"},
@@ -373,7 +381,7 @@ max_weight = 1.0
         assert set(solved["strategy"]) == {"min_variance", "shrunk", "half", "carry", "robust"}  # every term found its data
         # the funding tilt reads signals.signals' forecast of each asof, in the configured symbol order
         inputs = asof_inputs(tables["features.estimates"], tables["signals.signals"], tables["features.net_returns"],
-                             tables["raw.candles"], list(settings.symbols), settings)
+                             tables["raw.candles"], tables["features.universe"], list(settings.symbols), settings)
         last = inputs[-1]
         forecast = tables["signals.signals"].filter(pl.col("as_of") == last.asof)
         expected = [forecast.filter(pl.col("symbol") == s)["funding_forecast_1h"].item() for s in settings.symbols]
@@ -384,8 +392,8 @@ max_weight = 1.0
             on="strategy", index=["as_of", "symbol"], values="weight").drop_nulls()
         assert halves.height > 0
         np.testing.assert_allclose(halves["half"], 0.5 * halves["shrunk"], atol=1e-6)
-        assert (weights.filter(pl.col("strategy") == "half").group_by("as_of").agg(pl.col("weight").sum())["weight"]
-                - 0.5).abs().max() <= 1e-6
+        half = weights.filter((pl.col("strategy") == "half") & ~pl.col("status").str.starts_with("fallback:flat:"))
+        assert (half.group_by("as_of").agg(pl.col("weight").sum())["weight"] - 0.5).abs().max() <= 1e-6
         assert "baseline:equal_weight" in set(tables["backtest.metrics"]["strategy"]) and "half" in set(
             tables["backtest.metrics"]["strategy"])
         pair = solved.filter(pl.col("strategy").is_in(["min_variance", "shrunk"])).pivot(

@@ -38,6 +38,7 @@ every asset's mean) is handled at solve time by the fallback chain.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -197,6 +198,9 @@ def validate_for_universe(specs: list[StrategySpec], n_assets: int) -> None:
             )
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 def _number(name: str, key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(f"strategy {name!r}: {key}={value!r} must be a finite number")
@@ -205,8 +209,9 @@ def _number(name: str, key: str, value: object) -> float:
 
 def _parse_one(index: int, table: dict) -> StrategySpec:
     name = table.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"strategy #{index}: 'name' must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"strategy #{index}: name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting "
+                          "with a letter or digit (it names files of the report and columns of the warehouse)")
     unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence", "estimator"}
     if unknown:
         raise ConfigError(f"strategy {name!r}: unknown key(s) {sorted(unknown)}")

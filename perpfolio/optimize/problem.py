@@ -217,14 +217,13 @@ class PortfolioProblem:
                 w, status = self.direct.solve(data, scale)
             except DataError:
                 return SolveResult(None, "missing_input", solver)  # e.g. a funding tilt without a forecast
-            if w is None:
-                return SolveResult(None, status, solver)
         else:
             w, status = self._solve_cvxpy(data, scale, solver)
-            failure = self._failure(w, status, data)
-            if solver == "OSQP" and status not in _DATA_FAILURES and (failure or status != cp.OPTIMAL):
-                w, status = self._solve_cvxpy(data, scale, RETRY_SOLVER)
-                solver = f"{RETRY_SOLVER}:after_OSQP_{failure or status}"
+        failure = self._failure(w, status, data)
+        if solver == "OSQP" and status not in _DATA_FAILURES and (failure or status != cp.OPTIMAL):
+            # OSQP (direct or through cvxpy) at its iteration limit, inaccurate or failing: CLARABEL re-solves
+            w, status = self._solve_cvxpy(data, scale, RETRY_SOLVER)
+            solver = f"{RETRY_SOLVER}:after_OSQP_{failure or status}"
         failure = self._failure(w, status, data)
         if failure:
             return SolveResult(None, failure, solver)

@@ -15,7 +15,8 @@ Every asof is solved on its point-in-time universe (``AsofInputs.members``): the
 variable per member, the other symbols hold weight 0. When the members are too few for the
 budget under the bounds (``n min_weight <= budget <= n max_weight`` fails), the strategy holds
 ``clip(budget / n, min_weight, max_weight)`` in each member and the rest in cash
-(``fallback:equal_capped:universe_too_small``; ``fallback:flat:empty_universe`` with no member):
+(``fallback:equal_capped:universe_too_small``; ``fallback:flat:<why>`` with no member, e.g.
+``fallback:flat:insufficient_history`` during the warm-up):
 the bounds hold and the row says why the budget does not. The previous weights are a fallback
 only when they hold nothing outside the universe.
 
@@ -226,7 +227,7 @@ def optimize_walk_forward(
         decided: dict[str, Decision] = {}  # weights of the members only
         for spec in order:
             w_prev = prev.get(spec.name)
-            small = _too_few_members(spec, cols.size)
+            small = _too_few_members(spec, cols.size, estimate_for(spec, item).status)
             if small is not None:
                 decided[spec.name] = small
             else:
@@ -254,14 +255,16 @@ def optimize_walk_forward(
     return pl.DataFrame(rows, schema=WEIGHTS_SCHEMA)
 
 
-def _too_few_members(spec: StrategySpec, n_members: int) -> Decision | None:
+def _too_few_members(spec: StrategySpec, n_members: int, estimate_status: str) -> Decision | None:
     """The decision when the universe is too small for the strategy's budget under its bounds
-    (module docstring), else None."""
+    (module docstring), else None. An empty universe says why when the estimate does (e.g. the
+    warm-up: ``fallback:flat:insufficient_history``)."""
     c = spec.constraints
     if n_members and n_members * c.min_weight <= c.budget <= n_members * c.max_weight:
         return None
     if not n_members:
-        return Decision(np.zeros(0), "fallback:flat:empty_universe", "none", None, 0.0)
+        reason = "empty_universe" if estimate_status == "ok" else estimate_status
+        return Decision(np.zeros(0), f"fallback:flat:{reason}", "none", None, 0.0)
     each = float(np.clip(c.budget / n_members, c.min_weight, c.max_weight))
     return Decision(np.full(n_members, each), "fallback:equal_capped:universe_too_small", "none", None, 0.0)
 
