@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## materialize the whole default window on the built-in synthetic market
 	$(PY) -m pipelines.run
 
-test: $(STAMP) browser  ## the whole test suite
-	$(PY) -m pytest -q
+test: $(STAMP) browser  ## the whole test suite, on two worker processes (a test file stays on one worker)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # Optional, separate step: Debian's chromium for the report's headless screenshot test. It never
 # fails the build: without root apt-get (or when the install fails) it says why and the test skips.

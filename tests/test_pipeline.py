@@ -1,5 +1,6 @@
 """The whole asset chain, materialized into a temporary DuckDB warehouse on a short window."""
 
+import shutil
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -412,9 +413,12 @@ def test_adaptive_rebalancing_trades_less_in_turbulence(tmp_path):
                     warehouse=tmp_path / "daily.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
                     baselines=("equal_weight",))
     adaptive = replace(base, warehouse=tmp_path / "adaptive.duckdb", reports_dir=tmp_path / "r2", rebalance="adaptive")
+    materialize(base)
+    shutil.copy(base.warehouse, adaptive.warehouse)  # same walk-forward: only the evaluation reads the frequency
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert build_definitions(adaptive).resolve_job_def("evaluation").execute_in_process(instance=instance).success
     trades = {}
     for settings in (base, adaptive):
-        materialize(settings)
         tables = read_tables(settings.warehouse)
         assert "turbulent" in set(tables["signals.signals"]["regime"])  # the episode is detected
         book = tables["backtest.equity"].filter(pl.col("strategy") == "baseline:equal_weight")
