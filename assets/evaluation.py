@@ -20,7 +20,7 @@ from assets.frontier import FRONTIER, frontier_figure, frontier_strategy
 from assets.portfolio import WEIGHTS, stored_moments
 from assets.signals import SIGNALS, regime_at
 from perpfolio import backtest, estimators, report, returns, stress, universe as universe_lib
-from perpfolio.errors import ConfigError
+from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize import load_strategies
 from pipelines.resources import RawMarket
 from pipelines.settings import Settings
@@ -34,6 +34,7 @@ LIQUIDATION = dg.AssetKey(["risk", "liquidation"])
 REPORT = dg.AssetKey(["report"])
 EVALUATION_KEYS = (EQUITY, METRICS, MONTHLY, COMPARISON, STRESS, LIQUIDATION, REPORT)
 WARMUP_STATUS = "insufficient_history"
+MIN_PATH_BARS = 2  # bars a book's equity path needs from its first rebalance for its metrics (one bar return)
 MARGIN_MODES = ("cross", "isolated")
 
 
@@ -147,6 +148,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         for name, (asofs, targets) in plans.items():
             bars = bar_index(ts, asofs)
             start = int(bars[0])
+            if len(ts) - start < MIN_PATH_BARS:  # e.g. the first traded asof is the last bar loaded
+                skipped[name] = f"{len(ts) - start} bar(s) from its first rebalance on; metrics need {MIN_PATH_BARS}"
+                continue
             turbulent = regime_flags(signals, asofs) if settings.rebalance == "adaptive" else None
             plan = dict(n_bars=len(ts) - start, frequency=settings.rebalance, turbulent=turbulent)
             reb, w = backtest.rebalance_plan(bars - start, targets, **plan)
@@ -165,11 +169,17 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 delisted_after=max(1, 24 // settings.bar_hours),
             )
             paths.append(path.with_columns(strategy=pl.lit(name)))
-        frame = pl.concat(paths) if paths else schemas.empty(schemas.Equity)
+        if not paths:
+            raise DataError(
+                f"backtest.equity: no book has a traded rebalance followed by another bar yet ({len(ts)} bars loaded, "
+                f"books skipped: {skipped or 'none had a rebalance after the warm-up'}); the first "
+                f"{settings.lookback_days} days are the estimation window's warm-up (PERPFOLIO_WINDOW_BARS="
+                f"{settings.window_bars}): materialize a longer range")
+        frame = pl.concat(paths)
         final = frame.group_by("strategy").agg(pl.col("equity").last()).sort("strategy")
         meta = {"books": len(paths), "rebalance": settings.rebalance, "stop_loss": stop, "sizing": sizing_text,
                 **({"sizing_unpredicted_asofs": unpredicted} if "estimates" in sizing_inputs else {}),
-                **{f"baseline_skipped_{k}": v for k, v in skipped.items()},
+                **{f"book_skipped_{k}": v for k, v in skipped.items()},
                 **{f"final_equity_{s}": float(e) for s, e in final.iter_rows()}}
         yield from validated(frame, schemas.Equity, EQUITY, metadata=meta)
 

@@ -12,6 +12,8 @@ import pytest
 from assets import schemas
 from assets.checks import check_frame
 from perpfolio.errors import ConfigError
+from pipelines.definitions import build_definitions
+from pipelines.run import RunFailed, materialize_range
 from pipelines.settings import PROJECT_ROOT, Settings
 
 from tests.conftest import REAL_DATA
@@ -53,3 +55,14 @@ def test_a_blocked_check_names_its_failing_rows():
     first = result.metadata["first_failures"].value
     assert first.startswith("ts=2025-01-01 01:00, symbol=ETHUSDT, check=greater_than(0), column=close, value=-2.0")
     assert "| 2025-01-01 01:00 | ETHUSDT | greater_than(0) | close | -2.0 |" in result.metadata["failures"].value
+
+
+def test_a_window_too_short_to_trade_says_so(tmp_path: Path):
+    """Regression: three days with a two-day window leave each book one bar after its first rebalance;
+    the metrics step crashed with "need at least 2 bars" (and, with no book at all, a missing column)."""
+    settings = Settings(start=date(2025, 3, 1), end=date(2025, 3, 3), window_bars=48, warehouse=tmp_path / "w.duckdb",
+                        reports_dir=tmp_path / "reports")
+    with dg.DagsterInstance.ephemeral() as instance, pytest.raises(RunFailed) as failed:
+        materialize_range(build_definitions(settings), settings.start, settings.end, instance)
+    assert "asset backtest/equity" in str(failed.value)
+    assert "no book has a traded rebalance followed by another bar yet" in str(failed.value)
