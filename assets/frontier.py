@@ -2,8 +2,10 @@
 
 The frontier is solved under the budget and weight bounds of the strategies file's min-variance
 strategy (the first strategy whose objective is ``min_variance``; the first strategy when there is
-none) on the estimates that strategy reads (its ``estimator`` in features.estimates). Asofs whose
-estimate status is not "ok" (warm-up, missing data) have no frontier and no rows.
+none) on the estimates that strategy reads (its ``estimator`` in features.estimates), over each
+asof's point-in-time universe (the symbols with estimates). Asofs whose estimate status is not
+"ok" (warm-up, missing data) or whose universe is too small for the budget under the bounds have
+no frontier and no rows.
 """
 
 from datetime import datetime

@@ -28,7 +28,7 @@ COMPARISON = """
 SELECT c.rank, c.strategy, round(m.sharpe, 2) AS sharpe, round(m.ann_return, 4) AS ann_return,
        round(m.max_drawdown, 4) AS max_drawdown, round(m.max_loss, 4) AS max_loss_hour,
        round(m.turnover, 1) AS turnover, round(m.funding_pnl, 4) AS funding_pnl, m.fallbacks,
-       round(c.worst_equity_after, 3) AS worst_stress_equity, c.max_safe_leverage
+       round(c.worst_equity_after, 3) AS worst_stress_equity, c.max_safe_leverage, c.account_usdt
 FROM backtest.comparison c JOIN backtest.metrics m USING (strategy) ORDER BY c.rank
 """
 
