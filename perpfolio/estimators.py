@@ -276,19 +276,29 @@ def rolling_estimates(
         groups.setdefault((members[j].tobytes(), int(n_obs[j])), []).append(int(j))
     for (_, count), todo in groups.items():
         cols = np.flatnonzero(members[todo[0]])
+        everyone = cols.size == n  # plain row gathers and slice writes: no per-column fancy indexing
         for chunk in range(0, len(todo), _CHUNK):
             windows_ = np.array(todo[chunk : chunk + _CHUNK])
             take = np.stack([rows[j] for j in windows_])  # (c, count) row indices
-            w = returns[take[:, :, None], cols[None, None, :]]  # (c, count, members)
+            w = returns[take] if everyone else returns[take[:, :, None], cols[None, None, :]]  # (c, count, members)
+            if count < windows[windows_].max():  # rows skipped: the prefix check of _window_rows did not apply
+                constant = (w.max(axis=1) == w.min(axis=1)).any(axis=1)  # a member constant over the window
+                status[windows_[constant]] = "degenerate"
+                windows_, take, w = windows_[~constant], take[~constant], w[~constant]
+                if not windows_.size:
+                    continue
             weights = age_weights(ends[windows_, None] - take, half_life)  # (c, count)
             parts = _chunk_estimates(w, methods, ddof=ddof, tau=tau, weights=weights,
                                      n_factors=min(int(n_factors), cols.size - 1), market_factor=market_factor)
             for quantity, arrays in parts.items():
                 for method, value in arrays.items():
-                    if quantity == "mean":
-                        out[quantity][method][windows_[:, None], cols[None, :]] = value
+                    target = out[quantity][method]
+                    if everyone:
+                        target[windows_] = value
+                    elif quantity == "mean":
+                        target[windows_[:, None], cols[None, :]] = value
                     else:
-                        out[quantity][method][windows_[:, None, None], cols[None, :, None], cols[None, None, :]] = value
+                        target[windows_[:, None, None], cols[None, :, None], cols[None, None, :]] = value
     downside = {m: np.diagonal(a, axis1=1, axis2=2).copy() for m, a in out["semicov"].items()}
     n_obs = n_obs.astype(np.int64)
     result = {}
@@ -585,28 +595,41 @@ def _window_rows(
     returns: np.ndarray, ends: np.ndarray, windows: np.ndarray, members: np.ndarray, *, max_missing: int, ddof: int
 ) -> tuple[list[np.ndarray | None], np.ndarray, np.ndarray]:
     """``(rows, n_obs, status)`` of the windows ``[ends - windows + 1, ends]``: the complete rows
-    of each window's members (None unless the status is "ok"), their count and the status
-    (see ``rolling_estimates``)."""
+    of each window's members (None unless the status is "ok"), their count and the status before
+    the constant-member check of windows with skipped rows ("degenerate", made on the gathered
+    windows; see ``rolling_estimates``). Windows are taken per member set: prefix counts of its
+    complete rows give every window's count at once, a window without incomplete rows is a range
+    whose constant members prefix counts of value changes find, and only a window with incomplete
+    rows lists its rows one by one."""
     valid = np.isfinite(returns)
+    # changes[t, i]: how often symbol i's return differs from the row before, up to row t
+    changes = np.concatenate([np.zeros((1, returns.shape[1]), np.int64), np.cumsum(np.diff(returns, axis=0) != 0, axis=0)])
     status = np.full(ends.size, "ok", dtype=_STATUS_DTYPE)
     n_obs = np.zeros(ends.size, dtype=np.int64)
     rows: list[np.ndarray | None] = [None] * ends.size
-    for j, (end, length, member) in enumerate(zip(ends, windows, members)):
-        start = end - length + 1
-        first = max(start, 0)
-        used = first + np.flatnonzero(valid[first : end + 1][:, member].all(axis=1))
-        n_obs[j] = used.size if member.any() else 0
-        if start < 0:
-            status[j] = "insufficient_history"
+    starts = ends - windows + 1
+    first = np.maximum(starts, 0)
+    patterns, which = np.unique(members, axis=0, return_inverse=True)
+    for p, member in enumerate(patterns):
+        todo = np.flatnonzero(which.ravel() == p)
+        if not member.any():
+            status[todo] = np.where(starts[todo] < 0, "insufficient_history", "missing_data")
             continue
-        if not member.any() or used.size < max(length - max_missing, ddof + 1, 2):
-            status[j] = "missing_data"
-            continue
-        values = returns[used][:, member]
-        if (values.max(axis=0) == values.min(axis=0)).any():
-            status[j] = "degenerate"
-            continue
-        rows[j] = used
+        complete = valid[:, member].all(axis=1)
+        counts = np.concatenate([[0], np.cumsum(complete)])
+        n_obs[todo] = counts[ends[todo] + 1] - counts[first[todo]]
+        for j in todo:
+            if starts[j] < 0:
+                status[j] = "insufficient_history"
+            elif n_obs[j] < max(windows[j] - max_missing, ddof + 1, 2):
+                status[j] = "missing_data"
+            elif n_obs[j] == windows[j]:
+                if (changes[ends[j], member] == changes[starts[j], member]).any():
+                    status[j] = "degenerate"
+                else:
+                    rows[j] = np.arange(starts[j], ends[j] + 1)
+            else:
+                rows[j] = starts[j] + np.flatnonzero(complete[starts[j] : ends[j] + 1])
     return rows, n_obs, status
 
 
