@@ -252,10 +252,14 @@ def simulate(
     # held[t]: index of the last execution strictly before bar t (-1: flat, before the first trade).
     held = np.searchsorted(exec_bars, np.arange(n_bars), side="left") - 1
     priced = ~np.isnan(r)
-    _check_funding(f, priced, bar_ts, symbols)
-    r, f = np.where(priced, r, 0.0), np.where(priced, f, 0.0)  # no bar: carried at the last price
-    last_bar = np.where(priced.any(axis=0), n_bars - 1 - np.argmax(priced[::-1], axis=0), -1)
-    delist_bar = np.where((last_bar >= 0) & (n_bars - 1 - last_bar >= delisted_after), last_bar, n_bars)
+    delist_bar = np.full(n_sym, n_bars)  # no delisting
+    if not priced.all():
+        _check_funding(f, priced, bar_ts, symbols)
+        r, f = np.where(priced, r, 0.0), np.where(priced, f, 0.0)  # no bar: carried at the last price
+        last_bar = np.where(priced.any(axis=0), n_bars - 1 - np.argmax(priced[::-1], axis=0), -1)
+        delist_bar = np.where((last_bar >= 0) & (n_bars - 1 - last_bar >= delisted_after), last_bar, n_bars)
+    elif np.isnan(f).any():
+        _check_funding(f, priced, bar_ts, symbols)
     tradable = priced[exec_bars] if len(exec_bars) else np.zeros((0, n_sym), dtype=bool)
     gone = delist_bar[None, :] <= exec_bars[:, None]  # delisted at or before the execution: trade to 0
 
@@ -269,8 +273,11 @@ def simulate(
     stop_coef = np.zeros((n_bars, n_sym))  # |x0| . stop_coef[t] = notional closed by stops at bar t
     if stop_loss is not None and len(exec_bars):
         growth, stop_coef = _apply_stops(growth, np.sign(w), exec_bars, stop_loss)
-    growth, delist_coef = _apply_delistings(growth, exec_bars, delist_bar)
-    close_coef = stop_coef + delist_coef  # |x0| . close_coef[t] = notional closed at bar t (stops, delistings)
+    delist_coef = None
+    if (delist_bar < n_bars).any():
+        growth, delist_coef = _apply_delistings(growth, exec_bars, delist_bar)
+    # |x0| . close_coef[t] = notional closed at bar t (stops, delistings)
+    close_coef = stop_coef if delist_coef is None else stop_coef + delist_coef
     growth_prev = np.vstack([np.ones((1, n_sym)), growth[:-1]])
     growth_prev[seg_starts[seg_starts < n_bars]] = 1.0
     price_coef = growth_prev * r  # price_pnl[t] = x0[held[t]] . price_coef[t]
@@ -334,7 +341,8 @@ def simulate(
     turnover = np.divide(traded_bar, pre_cost, out=np.zeros(n_bars), where=pre_cost > 0)
     turnover[exec_bars] = np.divide(traded, e_pre, out=np.zeros(n_exec), where=e_pre > 0)
     stops = ((stop_coef > 0) & (x_held != 0)).sum(axis=1)
-    delisting_closes = ((delist_coef > 0) & (x_held != 0)).sum(axis=1)
+    delisting_closes = (np.zeros(n_bars, dtype=np.int64) if delist_coef is None
+                        else ((delist_coef > 0) & (x_held != 0)).sum(axis=1))
     untraded_bar = np.zeros(n_bars, dtype=np.int64)
     untraded_bar[exec_bars] = untraded
     gross = np.abs(x_held * growth).sum(axis=1)
