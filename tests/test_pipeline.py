@@ -49,6 +49,15 @@ def materialize(settings: Settings, market: RawMarket | None = None) -> None:
         materialize_range(build_definitions(settings, market=market), settings.start, settings.end, instance)
 
 
+def walk_forward(settings: Settings, market: RawMarket | None = None) -> None:
+    """Only the daily_walk_forward job over the whole window (no evaluation)."""
+    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
+            "dagster/asset_partition_range_end": settings.end.isoformat()}
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = build_definitions(settings, market=market).resolve_job_def("daily_walk_forward")
+        assert job.execute_in_process(instance=instance, tags=tags).success
+
+
 def read_tables(warehouse: Path) -> dict[str, pl.DataFrame]:
     with duckdb.connect(str(warehouse), read_only=True) as con:
         present = {f"{s}.{t}" for s, t in con.sql("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()}
@@ -148,11 +157,13 @@ class TestWholeChain:
 
 
 class TestIdempotence:
-    def test_rematerializing_replaces_partitions(self, short_settings):
-        materialize(short_settings)
-        first = {n: canonical(f) for n, f in read_tables(short_settings.warehouse).items()}
-        materialize(short_settings)
-        second = {n: canonical(f) for n, f in read_tables(short_settings.warehouse).items()}
+    def test_rematerializing_replaces_partitions(self, pipeline, tmp_path):
+        settings, tables = pipeline
+        first = {n: canonical(f) for n, f in tables.items()}
+        again = replace(settings, warehouse=tmp_path / "again.duckdb", reports_dir=tmp_path / "reports")
+        shutil.copy(settings.warehouse, again.warehouse)  # the stored tables, then everything materialized over them
+        materialize(again)
+        second = {n: canonical(f) for n, f in read_tables(again.warehouse).items()}
         assert first.keys() == second.keys() == TABLES.keys()
         for name in TABLES:
             assert first[name].height == second[name].height, name
@@ -229,13 +240,13 @@ class TestGuards:
         assert check_frame(weights([0.5, -0.5], 0.0), schemas.Weights, key).passed  # market neutral
         assert not check_frame(weights([0.5, 0.5], 0.0), schemas.Weights, key).passed
 
-    def test_weights_do_not_see_the_future(self, short_settings, tmp_path):
+    def test_weights_do_not_see_the_future(self, pipeline, tmp_path):
         """Perturb every price, funding rate and iv from 2025-01-05 00:00 on: weights up to asof 01-04 23:00 are unchanged."""
         cutoff = datetime(2025, 1, 5, tzinfo=timezone.utc)
-        materialize(short_settings)
-        base = read_tables(short_settings.warehouse)["portfolio.weights"]
-        shifted_settings = replace(short_settings, warehouse=tmp_path / "shifted.duckdb")
-        materialize(shifted_settings, _ShiftedFuture(**market_for(short_settings), cutoff=cutoff.isoformat()))
+        settings, tables = pipeline
+        base = tables["portfolio.weights"]
+        shifted_settings = replace(settings, warehouse=tmp_path / "shifted.duckdb")
+        walk_forward(shifted_settings, _ShiftedFuture(**market_for(settings), cutoff=cutoff.isoformat()))
         shifted = read_tables(shifted_settings.warehouse)["portfolio.weights"]
         before = pl.col("as_of") < cutoff
         assert canonical(base.filter(before)).equals(canonical(shifted.filter(before)))
@@ -434,9 +445,12 @@ def test_volatility_scaled_slippage_costs_more_around_the_turbulent_episode(tmp_
                     warehouse=tmp_path / "flat.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
                     baselines=("equal_weight",))
     scaled = replace(base, warehouse=tmp_path / "scaled.duckdb", reports_dir=tmp_path / "r2", slippage_vol_scaled=True)
+    materialize(base)
+    shutil.copy(base.warehouse, scaled.warehouse)  # same walk-forward: only the evaluation reads the slippage setting
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert build_definitions(scaled).resolve_job_def("evaluation").execute_in_process(instance=instance).success
     books = {}
     for settings in (base, scaled):
-        materialize(settings)
         equity = read_tables(settings.warehouse)["backtest.equity"]
         books[settings.slippage_vol_scaled] = equity.filter(pl.col("strategy") == "baseline:equal_weight")
     flat, vol = books[False], books[True]
@@ -459,10 +473,20 @@ def test_volatility_scale_by_hand():
     np.testing.assert_allclose(got, [[2.0, 0.25, 1.0], [1.0, 4.0, 1.0]])
 
 
-def test_cash_rate_is_earned_by_the_equity(short_settings):
+def evaluate_a_copy(pipeline, tmp_path: Path, **changes) -> Settings:
+    """The module pipeline's warehouse copied, then only the evaluation job re-run with ``changes``
+    (settings that only the backtest reads); returns the settings of the copy."""
+    settings = replace(pipeline[0], warehouse=tmp_path / "copy.duckdb", reports_dir=tmp_path / "reports", **changes)
+    shutil.copy(pipeline[0].warehouse, settings.warehouse)
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert build_definitions(settings).resolve_job_def("evaluation").execute_in_process(instance=instance).success
+    return settings
+
+
+def test_cash_rate_is_earned_by_the_equity(pipeline, tmp_path):
     """PERPFOLIO_CASH_RATE=0.05: every bar earns 5%/8760 on the equity before it."""
-    materialize(replace(short_settings, cash_rate=0.05))
-    book = read_tables(short_settings.warehouse)["backtest.equity"].filter(pl.col("strategy") == "min_variance").sort("ts")
+    settings = evaluate_a_copy(pipeline, tmp_path, cash_rate=0.05)
+    book = read_tables(settings.warehouse)["backtest.equity"].filter(pl.col("strategy") == "min_variance").sort("ts")
     before = np.concatenate([[1.0], book["equity"].to_numpy()[:-1]])
     np.testing.assert_allclose(book["interest"].to_numpy(), 0.05 / 8760 * before, rtol=1e-12)
     assert Settings.from_env({"PERPFOLIO_CASH_RATE": "0.05"}).cash_rate == 0.05
