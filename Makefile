@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## materialize the whole default window on the built-in synthetic market
 	$(PY) -m pipelines.run
 
-test: $(STAMP) browser  ## the whole test suite, on two worker processes (a test file stays on one worker)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+# Two pytest workers (a test file stays on one worker), each with single-threaded BLAS: two workers
+# on two cores do not also fight over BLAS threads.
+test: $(STAMP) browser  ## the whole test suite
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 # Optional, separate step: Debian's chromium for the report's headless screenshot test. It never
 # fails the build: without root apt-get (or when the install fails) it says why and the test skips.

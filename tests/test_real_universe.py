@@ -73,13 +73,13 @@ def at(day: str, hour: int = 23) -> datetime:
 
 class TestTenRealPerps:
     def test_whole_chain_through_the_comparison_and_the_report(self, tmp_path, monkeypatch, capsys):
-        tables, printed = run(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-31"), monkeypatch, capsys)
+        tables, printed = run(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-21"), monkeypatch, capsys)
         assert "Strategy comparison" in printed and "report.html" in printed
         assert (tmp_path / "reports" / "report.html").stat().st_size > 10_000
         empty = {name for name, frame in tables.items() if frame.is_empty()}
         # the real archive is clean (no gap, bad print or missing funding) and has no mark/index klines
         assert empty == {"raw.data_quality", "raw.reference_prices"}
-        assert set(tables["raw.candles"]["symbol"]) == set(SYMBOLS) and tables["raw.candles"].height == 10 * 31 * 24
+        assert set(tables["raw.candles"]["symbol"]) == set(SYMBOLS) and tables["raw.candles"].height == 10 * 21 * 24
         universe = tables["features.universe"]
         assert set(universe.filter(pl.col("as_of") >= at("2025-01-08"))["reason"]) == {"in"}
         assert set(universe.filter(pl.col("as_of") < at("2025-01-07"))["reason"]) == {"insufficient_history"}
@@ -97,11 +97,11 @@ class TestTenRealPerps:
             s: ("index",) if s in ("BTCUSDT", "ETHUSDT") else ("unavailable",) for s in SYMBOLS}
 
     def test_four_hour_bars(self, tmp_path):
-        tables = materialize(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-31", PERPFOLIO_BAR_HOURS="4",
+        tables = materialize(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-21", PERPFOLIO_BAR_HOURS="4",
                                          PERPFOLIO_WINDOW_BARS="42"))
         assert tables["backtest.comparison"].height > 0 and (tmp_path / "reports" / "report.html").exists()
         returns = tables["features.net_returns"]
-        assert (returns["ts"].dt.hour() % 4 == 0).all() and returns.height == 10 * (31 * 6 - 1)
+        assert (returns["ts"].dt.hour() % 4 == 0).all() and returns.height == 10 * (21 * 6 - 1)
         # the volatility scenario: sigmas x multiplier x per-BAR vol x sqrt(hours / bar_hours)
         vol = tables["risk.stress"].filter(pl.col("kind") == "volatility")
         assert vol.height > 0 and vol["pnl"].max() <= 0.0
