@@ -94,7 +94,8 @@ def validated(
 
 
 def markdown_table(frame: pl.DataFrame) -> str:
-    """A frame as a markdown table (floats to 4 significant digits), for asset metadata."""
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    """A frame as a markdown table (floats to 4 significant digits, nulls as '–'), for asset metadata
+    and generated pages."""
+    fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     header = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * frame.width + "\n"
     return header + "".join("| " + " | ".join(fmt(v) for v in row) + " |\n" for row in frame.iter_rows())

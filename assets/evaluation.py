@@ -7,7 +7,9 @@ portfolio.weights and every configured baseline (``baseline:<name>``, constant w
 "book"; books share the same decision asofs and rebalancing frequency.
 """
 
+from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 
 import dagster as dg
 import numpy as np
@@ -19,7 +21,8 @@ from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, one_bar_ret
 from assets.frontier import FRONTIER, frontier_figure, frontier_strategy
 from assets.portfolio import WEIGHTS, stored_moments
 from assets.signals import SIGNALS, regime_at
-from perpfolio import backtest, estimators, report, returns, stress, universe as universe_lib
+from perpfolio import backtest, estimators, report, returns, significance as significance_lib, stress
+from perpfolio import universe as universe_lib
 from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize import load_strategies
 from pipelines.resources import RawMarket
@@ -32,7 +35,17 @@ COMPARISON = dg.AssetKey(["backtest", "comparison"])
 STRESS = dg.AssetKey(["risk", "stress"])
 LIQUIDATION = dg.AssetKey(["risk", "liquidation"])
 REPORT = dg.AssetKey(["report"])
-EVALUATION_KEYS = (EQUITY, METRICS, MONTHLY, COMPARISON, STRESS, LIQUIDATION, REPORT)
+STRESS_VS_REALIZED = dg.AssetKey(["risk", "stress_vs_realized"])  # built in assets/stress_check.py
+STRESS_CONFUSION = dg.AssetKey(["risk", "stress_confusion"])
+CONTRIBUTIONS = dg.AssetKey(["risk", "contributions"])  # built in assets/attribution.py
+ATTRIBUTION = dg.AssetKey(["backtest", "attribution"])
+BREAK_EVEN = dg.AssetKey(["backtest", "break_even"])
+RISK_MODEL = dg.AssetKey(["backtest", "risk_model"])  # built in assets/risk_quality.py
+RISK_MODEL_SUMMARY = dg.AssetKey(["backtest", "risk_model_summary"])
+SIGNIFICANCE = dg.AssetKey(["backtest", "significance"])  # built in assets/significance.py
+BY_REGIME = dg.AssetKey(["backtest", "by_regime"])  # built in assets/ablations.py
+EVALUATION_KEYS = (EQUITY, METRICS, MONTHLY, COMPARISON, STRESS, LIQUIDATION, REPORT, STRESS_VS_REALIZED, STRESS_CONFUSION,
+                   CONTRIBUTIONS, ATTRIBUTION, BREAK_EVEN, RISK_MODEL, RISK_MODEL_SUMMARY, SIGNIFICANCE, BY_REGIME)
 WARMUP_STATUS = "insufficient_history"
 MIN_PATH_BARS = 2  # bars a book's equity path needs from its first rebalance for its metrics (one bar return)
 MARGIN_MODES = ("cross", "isolated")
@@ -120,6 +133,57 @@ def bar_index(ts: np.ndarray, asofs: list[datetime]) -> np.ndarray:
     return idx
 
 
+def book_simulations(
+    net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame, settings: Settings, *,
+    estimates: pl.DataFrame | None = None,
+) -> tuple[dict[str, Callable[..., pl.DataFrame]], dict[str, str], int]:
+    """Every book's backtest exactly as backtest.equity runs it: ``({book: run}, {book: why skipped},
+    rebalances without a predicted covariance)``. ``run()`` is ``backtest.simulate`` bound to the book's
+    bars (from its first traded asof), rebalance plan, costs, stop, cash rate and sizing; keywords
+    override (``run(fee_bps=0, slippage_bps=0)``, ``run(by_symbol=True)``). ``estimates`` is read only
+    when the sizing rule predicts each book's volatility (required then). DataError when no book has a
+    traded rebalance followed by another bar."""
+    symbols = list(settings.symbols)
+    sizing = settings.sizing_rule()
+    if sizing is not None and sizing.needs_covariance and estimates is None:
+        raise DataError(f"book_simulations: the sizing rule {sizing.describe()} needs features.estimates "
+                        f"({settings.sizing_estimator} covariance)")
+    ts, price = aligned_returns(net_returns, symbols, "price_return", bar_hours=settings.bar_hours)
+    _, funding = aligned_returns(net_returns, symbols, "funding_return", bar_hours=settings.bar_hours)
+    plans, skipped = books(weights, settings)
+    runs, unpredicted = {}, 0
+    for name, (asofs, targets) in plans.items():
+        bars = bar_index(ts, asofs)
+        start = int(bars[0])
+        if len(ts) - start < MIN_PATH_BARS:  # e.g. the first traded asof is the last bar loaded
+            skipped[name] = f"{len(ts) - start} bar(s) from its first rebalance on; metrics need {MIN_PATH_BARS}"
+            continue
+        turbulent = regime_flags(signals, asofs) if settings.rebalance == "adaptive" else None
+        plan = dict(n_bars=len(ts) - start, frequency=settings.rebalance, turbulent=turbulent)
+        reb, w = backtest.rebalance_plan(bars - start, targets, **plan)
+        scale = None
+        if settings.slippage_vol_scaled:  # the same plan selects the matching rows of the multipliers
+            _, scale = backtest.rebalance_plan(bars - start, volatility_scale(signals, asofs, symbols), **plan)
+        cov = None
+        if sizing is not None and sizing.needs_covariance:  # predicted covariance at each asof, same plan
+            by_asof = predicted_covariances(estimates, settings.sizing_estimator, asofs, symbols)
+            unpredicted += int((~np.isfinite(by_asof).all(axis=(1, 2))).sum())
+            _, cov = backtest.rebalance_plan(bars - start, by_asof, **plan)
+        runs[name] = partial(
+            backtest.simulate, ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
+            slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
+            slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / returns.periods_per_year(settings.bar_hours),
+            sizing=sizing, predicted_cov=cov, delisted_after=max(1, 24 // settings.bar_hours),
+        )
+    if not runs:
+        raise DataError(
+            f"backtest.equity: no book has a traded rebalance followed by another bar yet ({len(ts)} bars loaded, "
+            f"books skipped: {skipped or 'none had a rebalance after the warm-up'}); the first "
+            f"{settings.lookback_days} days are the estimation window's warm-up (PERPFOLIO_WINDOW_BARS="
+            f"{settings.window_bars}): materialize a longer range")
+    return runs, skipped, unpredicted
+
+
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
     symbols = list(settings.symbols)
     ppy = returns.periods_per_year(settings.bar_hours)
@@ -141,40 +205,9 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         f"positions drift between rebalances, stop-loss {stop}, position sizing {sizing_text}.",
     )
     def equity(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame, **sizing_inputs: pl.DataFrame):
-        ts, price = aligned_returns(net_returns, symbols, "price_return", bar_hours=settings.bar_hours)
-        _, funding = aligned_returns(net_returns, symbols, "funding_return", bar_hours=settings.bar_hours)
-        plans, skipped = books(weights, settings)
-        paths, unpredicted = [], 0
-        for name, (asofs, targets) in plans.items():
-            bars = bar_index(ts, asofs)
-            start = int(bars[0])
-            if len(ts) - start < MIN_PATH_BARS:  # e.g. the first traded asof is the last bar loaded
-                skipped[name] = f"{len(ts) - start} bar(s) from its first rebalance on; metrics need {MIN_PATH_BARS}"
-                continue
-            turbulent = regime_flags(signals, asofs) if settings.rebalance == "adaptive" else None
-            plan = dict(n_bars=len(ts) - start, frequency=settings.rebalance, turbulent=turbulent)
-            reb, w = backtest.rebalance_plan(bars - start, targets, **plan)
-            scale = None
-            if settings.slippage_vol_scaled:  # the same plan selects the matching rows of the multipliers
-                _, scale = backtest.rebalance_plan(bars - start, volatility_scale(signals, asofs, symbols), **plan)
-            cov = None
-            if "estimates" in sizing_inputs:  # predicted covariance at each asof, rows chosen by the same plan
-                by_asof = predicted_covariances(sizing_inputs["estimates"], settings.sizing_estimator, asofs, symbols)
-                unpredicted += int((~np.isfinite(by_asof).all(axis=(1, 2))).sum())
-                _, cov = backtest.rebalance_plan(bars - start, by_asof, **plan)
-            path = backtest.simulate(
-                ts[start:], price[start:], funding[start:], reb, w, fee_bps=settings.fee_bps,
-                slippage_bps=settings.slippage_bps, lag_bars=1, symbols=symbols, stop_loss=settings.stop_loss,
-                slippage_scale=scale, cash_rate_per_bar=settings.cash_rate / ppy, sizing=sizing, predicted_cov=cov,
-                delisted_after=max(1, 24 // settings.bar_hours),
-            )
-            paths.append(path.with_columns(strategy=pl.lit(name)))
-        if not paths:
-            raise DataError(
-                f"backtest.equity: no book has a traded rebalance followed by another bar yet ({len(ts)} bars loaded, "
-                f"books skipped: {skipped or 'none had a rebalance after the warm-up'}); the first "
-                f"{settings.lookback_days} days are the estimation window's warm-up (PERPFOLIO_WINDOW_BARS="
-                f"{settings.window_bars}): materialize a longer range")
+        runs, skipped, unpredicted = book_simulations(net_returns, weights, signals, settings,
+                                                      estimates=sizing_inputs.get("estimates"))
+        paths = [run().with_columns(strategy=pl.lit(name)) for name, run in runs.items()]
         frame = pl.concat(paths)
         final = frame.group_by("strategy").agg(pl.col("equity").last()).sort("strategy")
         meta = {"books": len(paths), "rebalance": settings.rebalance, "stop_loss": stop, "sizing": sizing_text,
@@ -302,16 +335,25 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         frame = backtest.compare(metrics, stress)
         yield from validated(frame, schemas.Comparison, COMPARISON, metadata={"table": dg.MetadataValue.md(markdown_table(frame))})
 
+    specs = load_strategies(settings.strategies_file)
+    hybrids = {s.name: s.parameters.baseline for s in specs if s.objective == "hybrid"}
+
     @dg.asset(
         key=REPORT,
         ins={name: dg.AssetIn(key) for name, key in
              {"metrics": METRICS, "comparison": COMPARISON, "equity": EQUITY, "weights": WEIGHTS, "signals": SIGNALS,
-              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES, "frontier": FRONTIER}.items()},
+              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES, "frontier": FRONTIER,
+              "significance": SIGNIFICANCE, "risk_model": RISK_MODEL, "risk_model_summary": RISK_MODEL_SUMMARY,
+              "stress_vs_realized": STRESS_VS_REALIZED, "stress_confusion": STRESS_CONFUSION,
+              "attribution": ATTRIBUTION, "contributions": CONTRIBUTIONS, "break_even": BREAK_EVEN,
+              "by_regime": BY_REGIME}.items()},
         group_name="report", kinds={"html", "matplotlib"},
-        description=f"Self-contained HTML report with plots under {settings.reports_dir}; the plots also show here.",
+        description=f"Self-contained HTML report with plots under {settings.reports_dir}; the plots also show here. "
+        f"Computed on the {settings.market_label}.",
     )
-    def strategy_report(metrics, comparison, equity, weights, signals, stress, liquidation, estimates,
-                        frontier) -> dg.MaterializeResult:
+    def strategy_report(metrics, comparison, equity, weights, signals, stress, liquidation, estimates, frontier,
+                        significance, risk_model, risk_model_summary, stress_vs_realized, stress_confusion, attribution,
+                        contributions, break_even, by_regime) -> dg.MaterializeResult:
         levs = sorted(settings.stress_leverages)
         lev = levs[len(levs) // 2]
         latest = stress.filter((pl.col("as_of") == pl.col("as_of").max().over("strategy")) & (pl.col("leverage") == lev)
@@ -332,14 +374,31 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                 title=f"Stress: worst equity after over every rebalance at {lev:g}x, cross margin"),
             "liquidation_distance": report.plot_liquidation(liquidation, leverage=lev),
         }
-        estimator = frontier_strategy(load_strategies(settings.strategies_file)).estimator
+        estimator = frontier_strategy(specs).estimator
         frontier_png = frontier_figure(frontier, estimates, weights, symbols, estimator)  # the stored portfolio.frontier
         if frontier_png is not None:
             figures["efficient_frontier"] = frontier_png
-        path = report.write_report(settings.reports_dir, title="perpfolio strategy report", metrics=metrics,
-                                   figures=figures, tables={"Comparison": comparison})
+        ranked = risk_model_summary.sort("rank")["estimator"].to_list()
+        figures |= {
+            "sharpe_intervals": report.plot_significance(significance, statistic="sharpe"),
+            "annual_return_intervals": report.plot_significance(significance, statistic="ann_return"),
+            "risk_model_bias": report.plot_risk_model_bias(risk_model.drop_nulls("bias"), order=ranked),
+            "stress_vs_realized": report.plot_stress_vs_realized(stress_vs_realized),
+            "return_attribution": report.plot_return_attribution(attribution),
+            "risk_contributions": report.plot_risk_contributions(contributions),
+        }
+        ablations = [p for p in significance_lib.ablation_pairs(specs) if p[0] in set(significance["strategy"])]
+        summary = [f"Computed on the {settings.market_label}."] + [
+            line for h, base in hybrids.items()
+            for line in significance_lib.verdict(significance, h, [base, significance_lib.EQUAL_WEIGHT])]
+        tables = {"Comparison": comparison, **report.evidence_sections(
+            significance, risk_model_summary.sort("rank"), stress_confusion, break_even, by_regime, ablations=ablations)}
+        path = report.write_report(settings.reports_dir, title=f"perpfolio strategy report — {settings.market_label}",
+                                   metrics=metrics, figures=figures, tables=tables, summary=summary)
         return dg.MaterializeResult(metadata={
             "path": dg.MetadataValue.path(str(path)),
+            "market_data": settings.market_label,
+            "verdict": dg.MetadataValue.md("\n\n".join(summary)),
             "comparison": dg.MetadataValue.md(markdown_table(comparison)),
             **{name: dg.MetadataValue.md(report.markdown_image(png, name)) for name, png in figures.items()},
         })

@@ -72,6 +72,7 @@ def asof_inputs(
     shrunk = alternatives["ledoit_wolf"].cov if "ledoit_wolf" in alternatives else None
     stamps = pl.DataFrame({"as_of": pl.Series(asofs).dt.replace_time_zone("UTC")})
     vrp = _signal_matrix(signals, stamps, symbols, "vrp")  # NaN (no usable implied vol): a zero tilt downstream
+    vrp_with_proxy = _signal_matrix(signals, stamps, symbols, "vrp_with_proxy")
     funding = _signal_matrix(signals, stamps, symbols, "funding_forecast_1h")
     regimes = regime_at(signals, stamps["as_of"].to_list())
     members = universe_lib.members_at(universe, asofs, symbols)
@@ -94,7 +95,8 @@ def asof_inputs(
     return [
         AsofInputs(
             asof=asof, mu=moments.mean[k], cov=moments.cov[k], downside=moments.downside[k], semicov=moments.semicov[k],
-            vrp=vrp[k], funding_1h=funding[k], status=str(moments.status[k]), regime=regimes[k],
+            vrp=vrp[k], vrp_with_proxy=vrp_with_proxy[k], funding_1h=funding[k], status=str(moments.status[k]),
+            regime=regimes[k],
             fallback_cov=None if shrunk is None else shrunk[k], scenarios=scenarios(k),
             window_years=window / returns.periods_per_year(settings.bar_hours),
             tradable=None if tradable is None else tradable[k], members=members[k],

@@ -193,7 +193,10 @@ class Signals(Table):
     implied_var: float = pa.Field(nullable=True, ge=0, description="implied variance, annualized")
     realized_var: float = pa.Field(nullable=True, ge=0, description="realized variance over the window, annualized")
     vrp: float = pa.Field(nullable=True, description="implied_var - realized_var")
-    iv_source: str = pa.Field(description="index | proxy:<reference> | unavailable")
+    iv_source: str = pa.Field(description="where vrp's implied variance comes from: index (the symbol's own) | "
+                              "proxy:<reference> (with PERPFOLIO_VRP_PROXY) | unavailable")
+    vrp_with_proxy: float = pa.Field(nullable=True, description="vrp of the symbol's own index where it has one, else of "
+                                     "the BTC-scaled proxy (for strategies with vrp_source = with_proxy), annualized")
     vrp_z: float = pa.Field(nullable=True, description="z-score of vrp against its trailing daily values (PERPFOLIO_VRP_Z_DAYS), unitless")
     funding_forecast_1h: float = pa.Field(
         nullable=True, description="AR(1) forecast of the next 24 h average funding rate, decimal per hour (+ = longs pay)"
@@ -559,3 +562,311 @@ def conform(frame: pl.DataFrame, model: type[pa.DataFrameModel]) -> pl.DataFrame
 def empty(model: type[pa.DataFrameModel]) -> pl.DataFrame:
     """A table with no rows (e.g. a day still in progress has no rebalance yet)."""
     return pl.DataFrame(schema={name: column.dtype.type for name, column in model.to_schema().columns.items()})
+
+
+class ByRegime(Table):
+    """backtest.by_regime: a book's bar returns split by the market regime in force at each bar (the regime
+    signals.signals gave the latest rebalance asof), annualized with 8760 / bar_hours; losses positive."""
+
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    regime: str = pa.Field(isin=["calm", "turbulent"], description="market regime of the bars")
+    bars: int = pa.Field(ge=1, description="bars of the book in that regime")
+    share: float = pa.Field(ge=0, le=1, description="share of the book's bars in that regime")
+    ann_return: float = pa.Field(description="mean bar return x periods per year (arithmetic)")
+    ann_vol: float = pa.Field(nullable=True, ge=0, description="std of bar returns x sqrt(periods per year); null with one bar")
+    sharpe: float = pa.Field(nullable=True, description="ann_return / ann_vol; null when undefined")
+    cvar_95: float = pa.Field(description="mean loss of the worst 5% of the regime's bars")
+    max_loss: float = pa.Field(description="worst bar return of the regime, as a positive loss")
+
+    @pa.dataframe_check(error="duplicate (strategy, regime)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["strategy", "regime"])
+
+
+def _p_value(description: str) -> object:
+    return pa.Field(nullable=True, ge=0, le=1, description=description + "; null without bars (or, independence, "
+                    "without two adjacent scored bars)")
+
+
+class RiskModel(Table):
+    """backtest.risk_model: how well each stored covariance estimator predicted the risk of each book's
+    target portfolio over the bars it was held (perpfolio.risk_quality): bias statistic, QLIKE, and the
+    coverage of the Gaussian one-bar VaR at 95 % and 99 %. Statistics are null without enough scored bars."""
+
+    estimator: str = pa.Field(description="covariance estimator of features.estimates")
+    strategy: str = pa.Field(description="book: strategy name, or baseline:<name>")
+    windows: int = pa.Field(ge=0, description="decisions scored (a forecast and at least one scored bar)")
+    skipped_windows: int = pa.Field(ge=0, description="decisions not scored: no forecast of a held symbol at the asof, "
+                                    "a flat target, or no held bar with every held symbol's return (the latest decision "
+                                    "has no held bar yet)")
+    n_bars: int = pa.Field(ge=0, description="scored bars T: held bars (asof + 2 .. next asof + 1) with a one-bar return "
+                           "for every held symbol")
+    predicted_vol: float = pa.Field(nullable=True, ge=0, description="sqrt(ppy x mean of sigma_k^2 over the scored bars): "
+                                    "predicted vol, annualized")
+    realized_vol: float = pa.Field(nullable=True, ge=0, description="std of the target's one-bar returns x sqrt(ppy), "
+                                   "annualized; null with fewer than 2 bars")
+    bias: float = pa.Field(nullable=True, ge=0, description="bias statistic b = std(z), z = r / sigma (1: correct; > 1: "
+                           "risk under-predicted); null with fewer than 2 bars")
+    bias_lower: float = pa.Field(nullable=True, description="lower end of b's approximate 95 % band, 1 - 1.96 sqrt(1/(2T))")
+    bias_upper: float = pa.Field(nullable=True, description="upper end of b's approximate 95 % band, 1 + 1.96 sqrt(1/(2T))")
+    bias_in_band: bool = pa.Field(nullable=True, description="bias_lower <= bias <= bias_upper")
+    z_kurtosis: float = pa.Field(nullable=True, ge=0, description="kurtosis m4 / m2^2 of z (3 for normal z; crypto's jumps "
+                                 "make it far larger)")
+    bias_lower_robust: float = pa.Field(nullable=True, description="lower end of b's kurtosis-robust 95 % band, "
+                                        "1 - 1.96 sqrt((z_kurtosis - 1) / (4T))")
+    bias_upper_robust: float = pa.Field(nullable=True, description="upper end of b's kurtosis-robust 95 % band, "
+                                        "1 + 1.96 sqrt((z_kurtosis - 1) / (4T))")
+    bias_in_robust_band: bool = pa.Field(nullable=True, description="bias_lower_robust <= bias <= bias_upper_robust")
+    qlike: float = pa.Field(nullable=True, ge=0, description="mean over windows of v/s^2 - ln(v/s^2) - 1 (v: mean r^2 of the "
+                            "window, s: its predicted per-bar vol); 0 is a perfect forecast, lower is better")
+    var95_exceedances: int = pa.Field(ge=0, description="bars with r < -1.645 sigma (the 95 % one-bar VaR exceeded)")
+    var95_expected: float = pa.Field(ge=0, description="exceedances expected under a correct model, 0.05 T")
+    var95_kupiec_p: float = _p_value("p-value of Kupiec's unconditional coverage LR test, chi2(1)")
+    var95_independence_p: float = _p_value("p-value of Christoffersen's independence LR test, chi2(1)")
+    var95_cc_p: float = _p_value("p-value of the conditional coverage test LR_uc + LR_ind, chi2(2)")
+    var99_exceedances: int = pa.Field(ge=0, description="bars with r < -2.326 sigma (the 99 % one-bar VaR exceeded)")
+    var99_expected: float = pa.Field(ge=0, description="exceedances expected under a correct model, 0.01 T")
+    var99_kupiec_p: float = _p_value("p-value of Kupiec's unconditional coverage LR test, chi2(1)")
+    var99_independence_p: float = _p_value("p-value of Christoffersen's independence LR test, chi2(1)")
+    var99_cc_p: float = _p_value("p-value of the conditional coverage test LR_uc + LR_ind, chi2(2)")
+
+    @pa.dataframe_check(error="duplicate (estimator, strategy)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["estimator", "strategy"])
+
+
+class RiskModelSummary(Table):
+    """backtest.risk_model_summary: which covariance estimator forecasts this market's risk best, over
+    the books of backtest.risk_model that have a bias statistic; rank 1 = lowest mean QLIKE."""
+
+    rank: int = pa.Field(ge=1, unique=True, description="1 = lowest mean QLIKE (ties: lowest mean |b - 1|)")
+    estimator: str = pa.Field(unique=True, description="covariance estimator of features.estimates")
+    books: int = pa.Field(ge=1, description="books scored")
+    mean_qlike: float = pa.Field(nullable=True, ge=0, description="mean QLIKE over the books (the ranking loss)")
+    mean_abs_bias_error: float = pa.Field(ge=0, description="mean |b - 1| over the books")
+    mean_bias: float = pa.Field(ge=0, description="mean bias statistic over the books (> 1: risk under-predicted)")
+    books_in_band: int = pa.Field(ge=0, description="books whose b lies inside its (normal) 95 % band")
+    books_in_robust_band: int = pa.Field(ge=0, description="books whose b lies inside its kurtosis-robust 95 % band")
+    books_var95_pass: int = pa.Field(ge=0, description="books whose 95 % VaR passes the conditional coverage test at 5 %")
+    books_var99_pass: int = pa.Field(ge=0, description="books whose 99 % VaR passes the conditional coverage test at 5 %")
+
+
+class StressVsRealized(Table):
+    """risk.stress_vs_realized: risk.stress's liquidation verdict at each rebalance beside what the market
+    then did to the same positions (perpfolio.stress_check): opened at the close of the bar after the asof,
+    held with constant quantities to the next decision's execution bar, marked every bar at the adverse
+    intrabar extreme (low for a long, high for a short) with funding paid and tiered maintenance margin."""
+
+    as_of: DateTime = _ts("rebalance whose weights were stressed and then held")
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    leverage: float = pa.Field(gt=0, description="gross notional / account equity of the positions (PERPFOLIO_STRESS_LEVERAGES)")
+    margin_mode: str = pa.Field(isin=["cross", "isolated"], description="one margin pool, or a margin per position")
+    predicted_liquidated: bool = pa.Field(description="some price, funding or volatility scenario of risk.stress "
+                                          "liquidates (replays left out: latest rebalance only, drawn from the whole history)")
+    predicted_margin_ratio: float = pa.Field(nullable=True, ge=0, description="largest margin ratio of those scenarios "
+                                             "(maintenance margin / equity after; finite); null when one leaves no equity")
+    predicted_worst_scenario: str = pa.Field(description="the scenario with that margin ratio")
+    account_usdt: float = pa.Field(gt=0, description="account equity (USDT) the positions are sized on (PERPFOLIO_ACCOUNT_USDT)")
+    bars_held: int = pa.Field(ge=1, description="bars of the holding window: after the execution bar through the next "
+                              "decision's execution bar (the last decision: through the last bar loaded)")
+    realized_liquidated: bool = pa.Field(description="cross: equity at the adverse marks <= maintenance margin at some bar; "
+                                         "isolated: some position's margin + PnL <= its maintenance margin")
+    realized_positions_liquidated: int = pa.Field(ge=0, description="positions closed by the realized liquidation(s)")
+    realized_liquidated_ts: DateTime = pa.Field(nullable=True, dtype_kwargs=UTC_US,
+                                                description="bar of the first realized liquidation, UTC; null when none")
+    close_only_liquidated: bool = pa.Field(description="the same check marked at the closes only (a realized liquidation "
+                                           "that this misses was revealed by the wicks)")
+    realized_worst_margin_ratio: float = pa.Field(nullable=True, ge=0, description="highest maintenance margin / equity "
+                                                  "at the adverse marks over the window, up to a liquidation (isolated: of "
+                                                  "the position closest to liquidation; finite); null when no equity is left")
+    realized_worst_ts: DateTime = _ts("bar where that ratio was reached (the first if tied), UTC")
+    realized_worst_symbol: str = pa.Field(nullable=True, description="at that bar, the position that had moved most against "
+                                          "itself since entry; null for a flat book")
+    realized_worst_move: float = pa.Field(nullable=True, description="its adverse move since entry at that bar (fraction of "
+                                          "the entry price, + = against the position; finite)")
+    realized_max_adverse_move: float = pa.Field(nullable=True, description="largest adverse intrabar move since entry of any "
+                                                "position over the whole window (fraction, + = against it; finite); null "
+                                                "for a flat book")
+
+    @pa.dataframe_check(error="duplicate (as_of, strategy, leverage, margin_mode)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "strategy", "leverage", "margin_mode"])
+
+
+class StressConfusion(Table):
+    """risk.stress_confusion: per book, stress leverage and margin mode, how often risk.stress's liquidation
+    verdict matched the realized one over the rebalances of risk.stress_vs_realized."""
+
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    leverage: float = pa.Field(gt=0, description="gross notional / account equity (PERPFOLIO_STRESS_LEVERAGES)")
+    margin_mode: str = pa.Field(isin=["cross", "isolated"], description="margin mode")
+    rebalances: int = pa.Field(ge=1, description="rebalances compared")
+    true_alarms: int = pa.Field(ge=0, description="predicted and realized liquidation")
+    false_alarms: int = pa.Field(ge=0, description="predicted, not realized")
+    missed: int = pa.Field(ge=0, description="realized liquidation the stress did not predict")
+    true_calms: int = pa.Field(ge=0, description="neither predicted nor realized")
+    hit_rate: float = pa.Field(nullable=True, ge=0, le=1, description="true_alarms / realized liquidations (finite); null "
+                               "without a realized liquidation")
+    miss_rate: float = pa.Field(nullable=True, ge=0, le=1, description="missed / realized liquidations = 1 - hit_rate "
+                                "(finite); null without a realized liquidation")
+    false_alarm_rate: float = pa.Field(nullable=True, ge=0, le=1, description="false_alarms / rebalances not liquidated "
+                                       "(finite); null when every one was")
+    wick_only: int = pa.Field(ge=0, description="realized liquidations a close-only mark would have missed")
+    worst_margin_ratio: float = pa.Field(nullable=True, ge=0, description="highest realized margin ratio over every "
+                                         "rebalance (finite); null when some window left no equity at its marks")
+    worst_ts: DateTime = _ts("bar of that worst realized margin ratio, UTC")
+    worst_symbol: str = pa.Field(nullable=True, description="the position that had moved most against itself at that bar")
+    worst_as_of: DateTime = _ts("rebalance whose holding window holds that bar")
+    worst_hours: str = pa.Field(description="the worst realized bars, worst first: '<ts> <symbol> <margin ratio>' ('wiped' "
+                                "when no equity was left), separated by '; '")
+
+    @pa.dataframe_check(error="duplicate (strategy, leverage, margin_mode)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["strategy", "leverage", "margin_mode"])
+
+    @pa.dataframe_check(error="true_alarms + false_alarms + missed + true_calms != rebalances")
+    def counts_add_up(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(
+            pl.col("true_alarms") + pl.col("false_alarms") + pl.col("missed") + pl.col("true_calms") == pl.col("rebalances"))
+
+
+ATTRIBUTION_TOLERANCE = 1e-12  # the attribution's sums hold to rounding
+
+
+class RiskContributions(Table):
+    """risk.contributions: Euler risk contributions of every book's target weights at each traded
+    rebalance, under the annualized covariance of the book's estimator (a strategy's ``estimator``,
+    ``sample`` for baselines): RC_i = w_i (Σw)_i, summing over a book's rows of an asof to wᵀΣw.
+    One row per member of the asof's universe (held or not) and per held symbol; every float finite."""
+
+    as_of: DateTime = _ts("rebalance (decision) asof whose target weights are decomposed")
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    estimator: str = pa.Field(description="features.estimates estimator whose covariance Σ is used")
+    symbol: str = pa.Field(description="exchange symbol")
+    weight: float = pa.Field(description="target weight w_i, fraction of equity (before any position sizing)")
+    variance_contribution: float = pa.Field(description="RC_i = w_i (Σw)_i, annualized variance; sums to book_vol² per "
+                                            "book and asof (negative: the position hedges the rest)")
+    share: float = pa.Field(nullable=True, description="RC_i / wᵀΣw, fraction of the book's variance (sums to 1); null "
+                            "when the book's variance is 0")
+    marginal_vol: float = pa.Field(nullable=True, description="∂σ_p/∂w_i = (Σw)_i / σ_p, annualized vol per unit of "
+                                   "weight (what adding to the position does to the book's risk); null when σ_p = 0")
+    book_vol: float = pa.Field(ge=0, description="σ_p = √(wᵀΣw), the book's predicted annualized volatility")
+
+    @pa.dataframe_check(error="duplicate (as_of, strategy, symbol)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "strategy", "symbol"])
+
+
+class Attribution(Table):
+    """backtest.attribution: each book's total return split by symbol and by source, in fractions of
+    the initial equity, from the same simulation as backtest.equity. One row per configured symbol and
+    one row ``cash`` (the interest on equity); ret_total sums over a book's rows to its total_return,
+    and each column to backtest.metrics' ret_price, ret_funding, ret_costs, ret_interest. Every float finite."""
+
+    strategy: str = pa.Field(description="strategy name, or baseline:<name>")
+    symbol: str = pa.Field(description="exchange symbol, or 'cash' for the interest the account's equity earns")
+    ret_price: float = pa.Field(description="Σ_t x_it r_it / E_0: price PnL of the symbol's positions")
+    ret_funding: float = pa.Field(description="Σ_t x_it f_it / E_0: funding received (+) or paid (-)")
+    ret_fees: float = pa.Field(le=0, description="-taker fees on the symbol's trades (rebalances, stops, delisting closes) / E_0")
+    ret_slippage: float = pa.Field(le=0, description="-slippage on the symbol's trades / E_0")
+    ret_costs: float = pa.Field(le=0, description="ret_fees + ret_slippage")
+    ret_interest: float = pa.Field(description="interest on equity / E_0 (the cash row; 0 on a symbol's row)")
+    ret_total: float = pa.Field(description="ret_price + ret_funding + ret_costs + ret_interest")
+
+    @pa.dataframe_check(error="duplicate (strategy, symbol)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["strategy", "symbol"])
+
+    @pa.dataframe_check(error="ret_costs != ret_fees + ret_slippage or ret_total != the sum of the sources")
+    def sums(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        costs = (pl.col("ret_costs") - pl.col("ret_fees") - pl.col("ret_slippage")).abs()
+        total = (pl.col("ret_total") - pl.col("ret_price") - pl.col("ret_funding") - pl.col("ret_costs")
+                 - pl.col("ret_interest")).abs()
+        return data.lazyframe.select((costs <= ATTRIBUTION_TOLERANCE) & (total <= ATTRIBUTION_TOLERANCE))
+
+
+BREAK_EVEN_STATUSES = ["beats_below", "beats_above", "never_beats", "beats_throughout", "reference", "no_reference"]
+
+
+class BreakEven(Table):
+    """backtest.break_even: per book, the trading cost (taker fee + slippage, bps per side of traded
+    notional, in the configured fee : slippage ratio) at which its total return equals that of
+    baseline:equal_weight, both re-simulated at that cost. Every float finite (null where stated)."""
+
+    strategy: str = pa.Field(unique=True, description="strategy name, or baseline:<name>")
+    fee_bps: float = pa.Field(ge=0, description="configured taker fee, bps per side (PERPFOLIO_FEE_BPS)")
+    slippage_bps: float = pa.Field(ge=0, description="configured slippage, bps per side (PERPFOLIO_SLIPPAGE_BPS)")
+    cost_bps: float = pa.Field(ge=0, description="fee_bps + slippage_bps: the cost the backtest ran at")
+    total_return: float = pa.Field(description="the book's total return at the configured cost (= backtest.metrics)")
+    excess_vs_equal_weight: float = pa.Field(nullable=True, description="total_return - equal weight's, configured cost "
+                                             "(null for equal weight itself or without it)")
+    excess_at_zero_cost: float = pa.Field(nullable=True, description="the same gap with both books run without costs")
+    break_even_cost_bps: float = pa.Field(nullable=True, ge=0, description="lowest cost where the two returns are "
+                                          "equal; null when status says there is none up to the search limit")
+    break_even_multiplier: float = pa.Field(nullable=True, ge=0, description="break_even_cost_bps / cost_bps: how "
+                                            "many times today's costs the lead survives (null with cost_bps = 0)")
+    status: str = pa.Field(isin=BREAK_EVEN_STATUSES, description="beats_below: ahead of equal weight below the "
+                           "break-even cost; beats_above: ahead only above it (trades less); never_beats: behind or "
+                           "level at every cost up to the limit; beats_throughout: ahead at every cost up to the "
+                           "limit; reference: equal weight itself; no_reference: no baseline:equal_weight book")
+
+    @pa.dataframe_check(error="break_even_cost_bps is null exactly when status names no crossing")
+    def null_with_reason(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        crossing = pl.col("status").is_in(["beats_below", "beats_above"])
+        return data.lazyframe.select(crossing == pl.col("break_even_cost_bps").is_not_null())
+
+
+SIGNIFICANCE_STATISTICS = ["sharpe", "ann_return", "max_drawdown", "cvar_95"]
+
+
+class Significance(Table):
+    """backtest.significance: how sure the backtest's verdict is (perpfolio.significance). Stationary
+    block bootstrap of every book's simple bar returns (those of backtest.metrics): percentile intervals
+    of its statistics (reference null) and of their difference to a reference book over the bars both
+    have, the same resamples applied to both (paired). psr / dsr on each book's own sharpe row only.
+    Every float finite (null where stated)."""
+
+    strategy: str = pa.Field(description="book: strategy name, or baseline:<name>")
+    reference: str = pa.Field(nullable=True, description="book it is compared with (estimate = book - reference); null: "
+                              "the book's own statistic")
+    statistic: str = pa.Field(isin=SIGNIFICANCE_STATISTICS, description="sharpe (annualized, rf = 0) | ann_return "
+                              "(geometric, annualized) | max_drawdown (positive fraction) | cvar_95 (mean loss of the "
+                              "worst 5% of bars, positive, per bar), as in backtest.metrics")
+    estimate: float = pa.Field(description="the statistic of the observed series (paired: book minus reference)")
+    lower: float = pa.Field(description="lower end of the percentile interval: (1 - level)/2 quantile over the resamples")
+    upper: float = pa.Field(description="upper end: (1 + level)/2 quantile over the resamples")
+    level: float = pa.Field(gt=0, lt=1, description="confidence level of the interval (0.95)")
+    prob_better: float = pa.Field(nullable=True, ge=0, le=1, description="share of resamples where the book is strictly "
+                                  "better than the reference (higher sharpe / ann_return, lower max_drawdown / cvar_95) "
+                                  "by more than 1e-6 of the statistic's bootstrap std (closer is a tie); null on a "
+                                  "book's own rows")
+    n_bars: int = pa.Field(ge=2, description="bar returns resampled: the book's own, or the bars both books have")
+    from_ts: DateTime = _ts("first bar used (open time, UTC)")
+    to_ts: DateTime = _ts("last bar used (open time, UTC)")
+    block_bars: int = pa.Field(ge=1, description="mean block length of the stationary bootstrap, bars "
+                               "(PERPFOLIO_BOOTSTRAP_BLOCK_BARS)")
+    n_resamples: int = pa.Field(ge=1, description="bootstrap resamples (PERPFOLIO_BOOTSTRAP_RESAMPLES)")
+    seed: int = pa.Field(ge=0, description="seed of the resample indices (PERPFOLIO_BOOTSTRAP_SEED)")
+    psr: float = pa.Field(nullable=True, ge=0, le=1, description="probabilistic Sharpe ratio PSR(0): probability that "
+                          "the true Sharpe ratio is positive given the bars, skewness and kurtosis; own sharpe rows only")
+    dsr: float = pa.Field(nullable=True, ge=0, le=1, description="deflated Sharpe ratio PSR(SR0): probability that it "
+                          "beats the best Sharpe ratio luck would give among all the books of the run; own sharpe rows only")
+    dsr_benchmark: float = pa.Field(nullable=True, description="SR0, annualized: the expected maximum Sharpe ratio of "
+                                    "that many zero-skill books with the books' spread of Sharpe ratios; own sharpe rows only")
+
+    @pa.dataframe_check(error="duplicate (strategy, reference, statistic)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["strategy", "reference", "statistic"])
+
+    @pa.dataframe_check(error="lower > upper")
+    def ordered(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("lower") <= pl.col("upper"))
+
+    @pa.dataframe_check(error="prob_better must be set exactly on paired rows, psr / dsr / dsr_benchmark exactly on "
+                        "a book's own sharpe row")
+    def nulls_by_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        own = pl.col("reference").is_null()
+        tested = own & (pl.col("statistic") == "sharpe")
+        return data.lazyframe.select((pl.col("prob_better").is_null() == own)
+                                     & pl.all_horizontal(pl.col(c).is_not_null() == tested
+                                                         for c in ("psr", "dsr", "dsr_benchmark")))

@@ -55,7 +55,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         _, funding = aligned_returns(net_returns, symbols, column="funding_return", bar_hours=settings.bar_hours)
         frame, extra = signal_lib.build_signals(
             ts, matrix, funding, asofs, symbols, implied_vol, one_bar_returns=one_bar,
-            max_missing_fraction=settings.max_missing_fraction, vrp_proxy="BTC" if settings.vrp_proxy else None,
+            max_missing_fraction=settings.max_missing_fraction, vrp_proxy=settings.vrp_proxy,
             window=settings.window_bars, bar_hours=settings.bar_hours,
             momentum_bars=settings.momentum_bars, ewma_half_life_bars=settings.ewma_half_life_bars,
             vrp_z_days=settings.vrp_z_days, regime_short_bars=settings.regime_short_bars,

@@ -81,6 +81,7 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
+from perpfolio.estimators import to_datetime64
 from perpfolio.optimize.sizing import SizingRule
 
 Frequency = Literal["hourly", "daily", "weekly", "adaptive"]
@@ -196,7 +197,8 @@ def simulate(
     sizing: SizingRule | None = None,
     predicted_cov: np.ndarray | None = None,
     delisted_after: int = 24,
-) -> pl.DataFrame:
+    by_symbol: bool = False,
+) -> pl.DataFrame | tuple[pl.DataFrame, pl.DataFrame]:
     """Simulate a book that trades to ``target_weights`` (see the module docstring for the accounting).
 
     Args:
@@ -222,6 +224,8 @@ def simulate(
         delisted_after: a symbol whose last bar lies this many bars (or more) before the last bar
             of the history is delisted at its last bar (module docstring); a shorter silence at the
             end is an outage in progress. Default 24 (a day of hourly bars).
+        by_symbol: also return each symbol's share of the run's totals (below); False (default) =
+            the per-bar frame only.
 
     Returns:
         One row per bar: ts (Datetime us UTC), equity, pnl, price_pnl, funding_pnl, fees, slippage
@@ -230,6 +234,12 @@ def simulate(
         sizing_leverage and cash_fraction (the sizing in force: lambda and c), delisting_closes
         (positions closed at a delisting in the bar) and untraded (positions an execution in the
         bar could not trade: no price).
+        With ``by_symbol``: ``(that frame, per-symbol totals)``, one row per symbol (``symbols``, or
+        the column indices as text) with price_pnl = sum_t x_it r_it, funding_pnl = sum_t x_it f_it,
+        fees = fee_bps/1e4 sum |trade_i| and slippage = slippage_bps/1e4 sum s_i |trade_i| (equity
+        units) over every trade of the symbol: rebalances, stop-loss and delisting closes. Each
+        column sums over the symbols to the frame's column total (the interest is the account's, not
+        a symbol's).
     """
     if stop_loss is not None and not 0 < stop_loss < 1:
         raise DataError(f"simulate: stop_loss must be in (0, 1) or None, got {stop_loss}")
@@ -297,6 +307,7 @@ def simulate(
     scale_rows = np.vstack([scale, np.ones((1, n_sym))])  # slippage multipliers, same rows as x0
     traded = np.zeros(n_exec)
     traded_scaled = np.zeros(n_exec)  # sum_i scale_ji |trade_i|: the notional slippage is charged on
+    trades = np.zeros((n_exec, n_sym))  # |trade_i| of each execution (the per-symbol costs)
     e_pre = np.zeros(n_exec)
     cash = np.zeros(n_exec)  # c_j of each execution (0 without a cash buffer)
     untraded = np.zeros(n_exec, dtype=np.int64)
@@ -317,6 +328,7 @@ def simulate(
         untraded[j] = int(np.sum(~tradable[j] & ~gone[j] & (drifted != 0)))
         trade = np.abs(target - drifted)
         traded[j], traded_scaled[j] = trade.sum(), scale[j] @ trade
+        trades[j] = trade
         e_pre[j] = equity
         equity -= fee_rate * traded[j] + slip_rate * traded_scaled[j]
         x0[j] = target
@@ -349,7 +361,7 @@ def simulate(
     gross[exec_bars] = np.abs(x0[:n_exec]).sum(axis=1)
     peak = np.maximum(np.maximum.accumulate(eq), initial_equity)
     in_force = np.searchsorted(exec_bars, np.arange(n_bars), side="right") - 1  # latest execution at or before t
-    return pl.DataFrame({
+    frame = pl.DataFrame({
         "ts": pl.Series(bar_ts).dt.replace_time_zone("UTC"),
         "equity": eq,
         "pnl": pnl,
@@ -367,6 +379,17 @@ def simulate(
         "delisting_closes": delisting_closes.astype(np.int64),
         "untraded": untraded_bar,
     })
+    if not by_symbol:
+        return frame
+    closed = np.abs(x_held) * close_coef  # notional closed by stops and delistings, per bar and symbol
+    per_symbol = pl.DataFrame({
+        "symbol": list(symbols) if symbols is not None else [str(i) for i in range(n_sym)],
+        "price_pnl": (x_held * price_coef).sum(axis=0),
+        "funding_pnl": (x_held * fund_coef).sum(axis=0),
+        "fees": fee_rate * (closed.sum(axis=0) + trades.sum(axis=0)),
+        "slippage": slip_rate * ((closed * scale_rows[held]).sum(axis=0) + (scale * trades).sum(axis=0)),
+    })
+    return frame, per_symbol
 
 
 def _sizing_inputs(sizing: SizingRule | None, predicted_cov: np.ndarray | None, w: np.ndarray,
@@ -422,10 +445,72 @@ class _DrawdownPath:
         return 0.0 if t < 0 else float(self.equity[t] / self.peak[t] - 1.0)
 
 
+def bar_returns(equity: pl.DataFrame) -> np.ndarray:
+    """Simple per-bar returns ``r_t = E_t / E_{t-1} - 1`` (T values) of one equity path from
+    :func:`simulate`, with ``E_{-1} = E_0 - pnl_0`` the initial equity: the series every return
+    statistic of :func:`performance_metrics` and of :mod:`perpfolio.significance` is computed on.
+
+    Raises DataError when ts, equity or pnl is missing, there are fewer than 2 bars, ts is not
+    strictly increasing (one book per call), equity is not finite or reaches <= 0 before the last bar.
+    """
+    missing = [c for c in ("ts", "equity", "pnl") if c not in equity.columns]
+    if missing:
+        raise DataError(f"bar_returns: equity frame lacks columns {missing}")
+    if equity.height < 2:
+        raise DataError(f"bar_returns: need at least 2 bars, got {equity.height}")
+    ts = equity["ts"].to_numpy()
+    if not np.all(ts[1:] > ts[:-1]):
+        raise DataError("bar_returns: ts must be strictly increasing (one strategy per call)")
+    eq = equity["equity"].to_numpy().astype(float)
+    if not np.all(np.isfinite(eq)):
+        raise DataError("bar_returns: equity contains NaN or inf")
+    path = np.concatenate([[eq[0] - float(equity["pnl"][0])], eq])
+    if np.any(path[:-1] <= 0):
+        raise DataError("bar_returns: equity reaches <= 0; bar returns are undefined after ruin")
+    return path[1:] / path[:-1] - 1.0
+
+
+def return_statistics(ret: np.ndarray, *, periods_per_year: float) -> dict[str, np.ndarray]:
+    """Headline statistics of simple per-bar returns ``ret`` (... x T, T >= 2) along the LAST axis,
+    so one call scores one series or a whole matrix of bootstrap resamples (one per row);
+    ``ppy = periods_per_year``, ``G_t = prod_{s<=t} (1 + r_s)`` the growth of one unit:
+
+    * sharpe = mean(r) / std(r, ddof=1) * sqrt(ppy)   (annualized, rf = 0; NaN where std == 0)
+    * ann_vol = std(r, ddof=1) * sqrt(ppy)
+    * ann_return = G_T^(ppy / T) - 1   (geometric: the compounded annual return)
+    * max_drawdown = -min_t (G_t / max(1, max_{s<=t} G_s) - 1): POSITIVE magnitude (0.2 = -20%)
+    * cvar_95 = :func:`cvar` at 5%: mean loss of the ceil(5% T) worst bars, POSITIVE
+
+    Returns arrays of shape ``ret.shape[:-1]`` (0-d for one series).
+    """
+    r = np.asarray(ret, dtype=float)
+    n, ppy = r.shape[-1], float(periods_per_year)
+    mean, std = r.mean(axis=-1), r.std(axis=-1, ddof=1)
+    growth = np.cumprod(1.0 + r, axis=-1)
+    peak = np.maximum(np.maximum.accumulate(growth, axis=-1), 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sharpe = np.where(std > 0, mean / std * np.sqrt(ppy), np.nan)
+    return {
+        "sharpe": sharpe,
+        "ann_vol": std * np.sqrt(ppy),
+        "ann_return": growth[..., -1] ** (ppy / n) - 1.0,
+        "max_drawdown": -(growth / peak - 1.0).min(axis=-1),
+        "cvar_95": cvar(r, share=0.05),
+    }
+
+
+def cvar(ret: np.ndarray, *, share: float) -> np.ndarray:
+    """Conditional value at risk of per-bar returns (... x T) along the last axis: minus the mean
+    of the ceil(share T) smallest returns, a POSITIVE loss (per bar, not annualized)."""
+    r = np.asarray(ret, dtype=float)
+    k = int(np.ceil(share * r.shape[-1]))
+    return -np.partition(r, k - 1, axis=-1)[..., :k].mean(axis=-1)
+
+
 def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dict[str, float]:
     """Summary statistics of one equity path from :func:`simulate`.
 
-    Bar returns ``r_t = E_t / E_{t-1} - 1`` (simple, per bar) over all T rows, with
+    Bar returns ``r_t = E_t / E_{t-1} - 1`` (simple, per bar; :func:`bar_returns`) over all T rows, with
     ``E_{-1} = E_0 - pnl_0`` the initial equity; ``ppy = periods_per_year`` (8760 / bar_hours).
 
     * total_return = E_T / E_{-1} - 1;  ann_return = (E_T / E_{-1})^(ppy / T) - 1
@@ -451,31 +536,24 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
       a delisting (0 without the column)
     * avg_sizing_leverage, avg_cash_fraction: means over the bars of sizing_leverage (lambda) and
       cash_fraction (c) of the sizing rule (1 and 0 without sizing or without those columns)
+
+    sharpe, ann_vol, ann_return, max_drawdown and cvar_95 are :func:`return_statistics` of r (the
+    bootstrap of :mod:`perpfolio.significance` resamples exactly these).
     """
     missing = [c for c in ("ts", "equity", "pnl", "price_pnl", "funding_pnl", "fees", "slippage", "turnover",
                            "gross_leverage") if c not in equity.columns]
     if missing:
         raise DataError(f"performance_metrics: equity frame lacks columns {missing}")
-    if equity.height < 2:
-        raise DataError(f"performance_metrics: need at least 2 bars, got {equity.height}")
     if periods_per_year <= 0:
         raise DataError(f"performance_metrics: periods_per_year must be > 0, got {periods_per_year}")
-    ts = equity["ts"].to_numpy()
-    if not np.all(ts[1:] > ts[:-1]):
-        raise DataError("performance_metrics: ts must be strictly increasing (one strategy per call)")
+    ret = bar_returns(equity)
     eq = equity["equity"].to_numpy().astype(float)
-    if not np.all(np.isfinite(eq)):
-        raise DataError("performance_metrics: equity contains NaN or inf")
     start = eq[0] - float(equity["pnl"][0])
     path = np.concatenate([[start], eq])
-    if np.any(path[:-1] <= 0):
-        raise DataError("performance_metrics: equity reaches <= 0; bar returns are undefined after ruin")
-    ret = path[1:] / path[:-1] - 1.0
     n, ppy = len(ret), float(periods_per_year)
-    std = ret.std(ddof=1)
+    headline = {k: float(v) for k, v in return_statistics(ret, periods_per_year=ppy).items()}
     down = np.sqrt(np.mean(np.minimum(ret, 0.0) ** 2))
     drawdown = path / np.maximum.accumulate(path) - 1.0
-    ordered = np.sort(ret)
     fees, slip = equity["fees"].to_numpy(), equity["slippage"].to_numpy()
     traded = equity["turnover"].to_numpy() * (eq + fees + slip)
     gross = equity["gross_leverage"].to_numpy()
@@ -489,17 +567,17 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     cash = float(equity["cash_fraction"].mean()) if "cash_fraction" in equity.columns else 0.0
     return {
         "total_return": float(path[-1] / path[0] - 1.0),
-        "sharpe": float(ret.mean() / std * np.sqrt(ppy)) if std > 0 else float("nan"),
+        "sharpe": headline["sharpe"],
         "sortino": float(ret.mean() / down * np.sqrt(ppy)) if down > 0 else float("nan"),
-        "ann_return": float((path[-1] / path[0]) ** (ppy / n) - 1.0),
-        "ann_vol": float(std * np.sqrt(ppy)),
-        "max_drawdown": float(-drawdown.min()),
+        "ann_return": headline["ann_return"],
+        "ann_vol": headline["ann_vol"],
+        "max_drawdown": headline["max_drawdown"],
         "max_drawdown_duration_h": float(_longest_run(drawdown < 0) * 8760.0 / ppy),
         "max_loss": float(-ret.min()),
         "max_loss_day": float(-(daily[1:] / daily[:-1] - 1.0).min()),
         "turnover": float(traded.sum() / eq.mean() * ppy / n),
-        "cvar_95": float(-ordered[: int(np.ceil(0.05 * n))].mean()),
-        "cvar_99": float(-ordered[: int(np.ceil(0.01 * n))].mean()),
+        "cvar_95": headline["cvar_95"],
+        "cvar_99": float(cvar(ret, share=0.01)),
         "funding_pnl": funding,
         "fees": float(fees.sum()),
         "slippage": float(slip.sum()),
@@ -515,6 +593,34 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
         "avg_sizing_leverage": lam,
         "avg_cash_fraction": cash,
     }
+
+
+def regime_metrics(equity: pl.DataFrame, asofs: Sequence, regimes: Sequence[str], *,
+                   periods_per_year: float) -> pl.DataFrame:
+    """A book's bar returns split by the market regime in force (the regime of the latest asof at
+    or before the bar, as ``signals.signals`` decided it; bars before the first asof: the first).
+
+    Bar returns ``r_t = E_t / E_{t-1} - 1`` as in :func:`performance_metrics`; per regime:
+    bars, share of the bars, ann_return = mean(r) * ppy (arithmetic), ann_vol = std(r, ddof=1) *
+    sqrt(ppy), sharpe = ann_return / ann_vol (NaN with fewer than 2 bars or zero vol), cvar_95 =
+    -mean of the ceil(5 %) worst bars and max_loss = -min(r) (POSITIVE losses). Returns regime,
+    bars, share, ann_return, ann_vol, sharpe, cvar_95, max_loss, one row per regime present.
+    """
+    if len(asofs) != len(regimes) or not len(asofs):
+        raise DataError(f"regime_metrics: {len(asofs)} asofs for {len(regimes)} regimes (need one each, at least one)")
+    path = equity.sort("ts")
+    ret = bar_returns(path)
+    at = np.maximum(np.searchsorted(to_datetime64(asofs), to_datetime64(path["ts"]), side="right") - 1, 0)
+    labels = np.asarray(regimes, dtype=object)[at]
+    rows = []
+    for regime in sorted(set(labels.tolist())):
+        r = ret[labels == regime]
+        vol = r.std(ddof=1) * np.sqrt(periods_per_year) if r.size > 1 else float("nan")
+        mean = r.mean() * periods_per_year
+        rows.append({"regime": regime, "bars": int(r.size), "share": r.size / ret.size, "ann_return": float(mean),
+                     "ann_vol": float(vol), "sharpe": float(mean / vol) if vol > 0 else float("nan"),
+                     "cvar_95": float(cvar(r, share=0.05)), "max_loss": float(-r.min())})
+    return pl.DataFrame(rows)
 
 
 def monthly_metrics(equity: pl.DataFrame) -> pl.DataFrame:
@@ -709,8 +815,9 @@ def compare(metrics: pl.DataFrame, stress: pl.DataFrame) -> pl.DataFrame:
            .with_columns(
                kind=pl.when(pl.col("strategy").str.starts_with(BASELINE_PREFIX)).then(pl.lit("baseline"))
                .otherwise(pl.lit("strategy")),
-               # ties (e.g. a strategy that fell back to another's weights) are ranked by name: reproducible
-               rank=pl.struct(pl.col("sharpe").neg(), "strategy").rank("ordinal").cast(pl.Int64),
+               # ties (e.g. a strategy that fell back to another's weights, or a hybrid whose cap does not bind
+               # beside its uncapped overlay) are ranked by name, also when solver noise separates them (< 1e-8)
+               rank=pl.struct(pl.col("sharpe").neg().round(8), "strategy").rank("ordinal").cast(pl.Int64),
                excess_vs_equal_weight=(pl.col("total_return") - ew[0]) if ew.len() else pl.lit(None, pl.Float64),
            )
            .join(worst, on="strategy", how="left").join(liq, on="strategy", how="left")

@@ -66,7 +66,8 @@ def vrp_signals(
     realized_var: np.ndarray,
     implied_vol: pl.DataFrame,
     *,
-    proxy_reference: str | None = None,
+    proxy_reference: str = "BTC",
+    use_proxy: bool = False,
     max_iv_age_hours: int = 48,
 ) -> pl.DataFrame:
     """Variance risk premium ``vrp = implied_var - realized_var`` (annualized variances).
@@ -74,16 +75,18 @@ def vrp_signals(
     ``realized_var``: K x N annualized variances (``realized_variance``), NaN = unknown.
     ``implied_vol``: ts, underlying, iv (annualized decimal). For a symbol (underlying = symbol
     without "USDT") the index value is the latest row with ``asof - max_iv_age_hours <= ts <= asof``:
-    ``implied_var = iv^2``, ``iv_source = "index"``. Without a usable index of its own, and only
-    when a ``proxy_reference`` is given (off by default), the proxy ``implied_var = iv_ref^2 *
-    realized_var_i / realized_var_ref`` (the reference's implied vol scaled by relative realized
-    vol; the reference symbol must be in ``symbols`` with a positive realized variance) gives
-    ``iv_source = "proxy:<reference>"``; its VRP is ``RV_i (IV_ref^2 / RV_ref - 1)``, so whenever
-    the reference's own VRP is positive it favours the most volatile symbols, which is why it is
-    not the default. Otherwise implied_var and vrp are null and ``iv_source = "unavailable"``.
+    ``implied_var = iv^2``, ``iv_source = "index"``. Without a usable index of its own, the proxy
+    ``implied_var = iv_ref^2 * realized_var_i / realized_var_ref`` (the ``proxy_reference``'s
+    implied vol scaled by relative realized vol; the reference symbol must be in ``symbols`` with a
+    positive realized variance); its VRP is ``RV_i (IV_ref^2 / RV_ref - 1)``, so whenever the
+    reference's own VRP is positive it favours the most volatile symbols, which is why ``vrp``
+    takes it only with ``use_proxy`` (then ``iv_source = "proxy:<reference>"``); otherwise
+    implied_var and vrp are null and ``iv_source = "unavailable"``. ``vrp_with_proxy`` is always
+    the own index's VRP where there is one and the proxy's elsewhere, so a strategy can ask for it
+    (its ``vrp_source``) and the two can be compared on the same run.
 
-    Returns asof (Datetime us UTC), symbol, implied_var, realized_var, vrp, iv_source, sorted by
-    asof then in the order of ``symbols``. Nulls stand for unknown values.
+    Returns asof (Datetime us UTC), symbol, implied_var, realized_var, vrp, iv_source,
+    vrp_with_proxy, sorted by asof then in the order of ``symbols``. Nulls stand for unknown values.
     """
     asofs = to_datetime64(asofs)
     realized_var = np.asarray(realized_var, dtype=np.float64)
@@ -96,14 +99,15 @@ def vrp_signals(
     max_age = np.timedelta64(max_iv_age_hours, "h")
     underlyings = [s.removesuffix("USDT") for s in symbols]
     own = np.stack([_index_var(index, u, asofs, max_age) for u in underlyings], axis=1) if n else np.empty((k, 0))
-    ref_iv = _index_var(index, proxy_reference, asofs, max_age) if proxy_reference else np.full(k, np.nan)
+    ref_iv = _index_var(index, proxy_reference, asofs, max_age)
     ref_col = underlyings.index(proxy_reference) if proxy_reference in underlyings else None
     ref_rv = realized_var[:, ref_col] if ref_col is not None else np.full(k, np.nan)
     ref_rv = np.where(ref_rv > 0, ref_rv, np.nan)
     proxy = ref_iv[:, None] * realized_var / ref_rv[:, None]
     has_own = ~np.isnan(own)
-    has_proxy = ~has_own & ~np.isnan(proxy)
-    implied = np.where(has_own, own, proxy)
+    has_proxy = ~has_own & ~np.isnan(proxy) & use_proxy
+    with_proxy = np.where(has_own, own, proxy)
+    implied = np.where(has_own, own, np.where(has_proxy, proxy, np.nan))
     source = np.where(has_own, "index", np.where(has_proxy, f"proxy:{proxy_reference}", "unavailable"))
     return pl.DataFrame(
         {
@@ -113,6 +117,7 @@ def vrp_signals(
             "realized_var": pl.Series(realized_var.ravel(), nan_to_null=True),
             "vrp": pl.Series((implied - realized_var).ravel(), nan_to_null=True),
             "iv_source": pl.Series(source.ravel().tolist(), dtype=pl.String),
+            "vrp_with_proxy": pl.Series((with_proxy - realized_var).ravel(), nan_to_null=True),
         }
     )
 
@@ -523,7 +528,7 @@ def build_signals(
     garch_max_iter: int = 100,
     one_bar_returns: np.ndarray | None = None,
     max_missing_fraction: float = 0.0,
-    vrp_proxy: str | None = None,
+    vrp_proxy: bool = False,
 ) -> tuple[pl.DataFrame, dict]:
     """The signals.signals rows of ``asofs`` (consecutive daily asofs) and metadata.
 
@@ -532,8 +537,9 @@ def build_signals(
     ``one_bar_returns``: ``net_returns`` without the returns that span a gap (NaN there; default
     ``net_returns``): realized variance, predicted vols and the regime use one-bar returns,
     momentum and funding the net returns, spanning ones included. Each symbol may miss
-    ``max_missing_fraction`` of a window's bars (see the signal functions); ``vrp_proxy`` names
-    the reference underlying of the VRP proxy (``vrp_signals``; None: no proxy).
+    ``max_missing_fraction`` of a window's bars (see the signal functions); ``vrp_proxy`` True
+    puts the BTC-scaled proxy into ``vrp`` for symbols without their own index (``vrp_signals``;
+    ``vrp_with_proxy`` always holds it).
     Each asof sees the last bar at or before it. Trailing statistics (VRP z-score, funding AR(1))
     are computed on the daily grid of the ``max(vrp_z_days, funding_fit_days + 1)`` days before
     the first asof, so the loaded history must cover them (plus ``window`` bars, and
@@ -554,7 +560,7 @@ def build_signals(
     one_bar = net_returns if one_bar_returns is None else one_bar_returns
     missing = dict(max_missing_fraction=max_missing_fraction)
     realized = realized_variance(one_bar, grid_ends, window=window, periods_per_year=ppy, **missing)
-    vrp_frame = vrp_signals(grid, symbols, realized, implied_vol, proxy_reference=vrp_proxy)
+    vrp_frame = vrp_signals(grid, symbols, realized, implied_vol, use_proxy=vrp_proxy)
     n = len(symbols)
     vrp = vrp_frame["vrp"].fill_null(np.nan).to_numpy().reshape(grid.size, n)
     vrp_z = trailing_zscore(vrp, lookback=vrp_z_days)

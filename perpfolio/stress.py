@@ -226,8 +226,8 @@ def maintenance_margin(notional: float, tiers: Sequence[Tier]) -> float:
     margined with the last bracket extended; compare with ``tiers[-1].max_notional`` to tell.
     """
     validate_tiers(tiers, where="maintenance_margin")
-    floors, mmr, cum, _ = _bracket_arrays([tiers])
-    return float(_margin(np.array([[abs(notional)]]), floors, mmr, cum)[0, 0])
+    floors, mmr, cum, _ = bracket_arrays([tiers])
+    return float(bracket_margin(np.array([[abs(notional)]]), floors, mmr, cum)[0, 0])
 
 
 def stress_test(
@@ -301,15 +301,15 @@ def stress_test(
         raise ConfigError(f"stress_test: margin_mode must be 'cross' or 'isolated', got {margin_mode!r}")
     if not scenarios:
         raise ConfigError("stress_test: scenarios is empty")
-    tier_lists = _tier_lists(symbols, held, tiers, "stress_test")
+    tier_lists = held_tier_lists(symbols, held, tiers, "stress_test")
     moves, rates, proxied = _scenario_moves(scenarios, symbols, np.sign(w), b, vols, bar_hours)
 
     acct = equity * account_usdt
     pos = leverage * acct * w
     pos_pnl = (moves - rates) * pos
-    floors, mmr, cum, caps = _bracket_arrays(tier_lists)
+    floors, mmr, cum, caps = bracket_arrays(tier_lists)
     after = np.abs(pos * (1.0 + moves))
-    mm_pos = _margin(after, floors, mmr, cum)
+    mm_pos = bracket_margin(after, floors, mmr, cum)
     over = held & ((np.abs(pos) > caps) | (after > caps))
     if margin_mode == "cross":
         pnl = pos_pnl.sum(axis=1)
@@ -399,12 +399,12 @@ def liquidation_levels(
     if not (leverage > 0 and equity > 0 and account_usdt > 0):
         raise ConfigError("liquidation_levels: leverage, equity and account_usdt must be > 0")
     held = w != 0
-    tier_lists = _tier_lists(symbols, held, tiers, "liquidation_levels")
-    floors, mmr, cum, caps = _bracket_arrays(tier_lists)
+    tier_lists = held_tier_lists(symbols, held, tiers, "liquidation_levels")
+    floors, mmr, cum, caps = bracket_arrays(tier_lists)
     acct = equity * account_usdt
     pos = leverage * acct * w
     q = np.abs(pos)
-    mm_now = _margin(q[None, :], floors, mmr, cum)[0]
+    mm_now = bracket_margin(q[None, :], floors, mmr, cum)[0]
     if margin_mode == "cross":
         backing = np.full(len(w), acct)
         others = mm_now.sum() - mm_now
@@ -463,7 +463,9 @@ def _sources(symbols, held, tier_sources) -> str | None:
     return ", ".join(sorted({tier_sources[s] for s, h in zip(symbols, held) if h})) or None
 
 
-def _tier_lists(symbols, held, tiers, where):
+def held_tier_lists(symbols, held, tiers, where):
+    """Each symbol's brackets in symbol order: its own for a held one (ConfigError, naming ``where``,
+    when a held symbol has none), a zero-margin placeholder for one not held."""
     out = []
     for sym, h in zip(symbols, held):
         if not h:
@@ -544,7 +546,7 @@ def _scenario_moves(scenarios, symbols, signs, betas, vols, bar_hours):
     return moves, rates, proxied
 
 
-def _bracket_arrays(tier_lists: Sequence[Sequence[Tier]]):
+def bracket_arrays(tier_lists: Sequence[Sequence[Tier]]):
     """Pad per-symbol brackets to N x B arrays (floors padded with +inf so they never match) and
     each symbol's last max_notional (N)."""
     width = max(len(t) for t in tier_lists)
@@ -559,7 +561,7 @@ def _bracket_arrays(tier_lists: Sequence[Sequence[Tier]]):
     return floors, mmr, cum, caps
 
 
-def _margin(notional, floors, mmr, cum) -> np.ndarray:
+def bracket_margin(notional, floors, mmr, cum) -> np.ndarray:
     """S x N absolute notionals -> S x N maintenance margins (USDT), the last bracket extended."""
     idx = (notional[..., None] >= floors).sum(axis=-1) - 1
     rows = np.arange(notional.shape[1])

@@ -6,7 +6,8 @@ PERPFOLIO_* environment (see pipelines/settings.py and the README).
 
 import dagster as dg
 
-from assets import evaluation, features, frontier, hedge, portfolio, raw, signals
+from assets import (ablations, attribution, evaluation, features, frontier, hedge, portfolio, raw, risk_quality,
+                    signals, significance, stress_check)
 from perpfolio.errors import ConfigError
 from pipelines import freshness, schedules
 from pipelines.partitions import daily_partitions
@@ -38,8 +39,10 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
     """Everything of one deployment; `market` replaces the source built from settings (tests)."""
     partitions = daily_partitions(settings)
     jobs, schedule_defs = schedules.build(partitions)
+    # every asset says what its numbers were computed on (a synthetic market says so in the UI)
+    label = lambda spec: spec.merge_attributes(metadata={"market_data": settings.market_label})  # noqa: E731
     return dg.Definitions(
-        assets=[
+        assets=dg.map_asset_specs(label, [
             *raw.build(partitions),
             *features.build(settings, partitions),
             *signals.build(settings, partitions),
@@ -47,7 +50,12 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
             *frontier.build(settings, partitions),
             *hedge.build(settings, partitions),
             *evaluation.build(settings),
-        ],
+            *attribution.build(settings),
+            *stress_check.build(settings),
+            *ablations.build(settings),
+            *risk_quality.build(settings),
+            *significance.build(settings),
+        ]),
         asset_checks=freshness.build(partitions, list(settings.symbols), settings.max_staleness_hours),
         jobs=jobs,
         schedules=schedule_defs,

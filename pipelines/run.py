@@ -84,8 +84,9 @@ RECONSTRUCT = {"daily_walk_forward": walk_forward_job, "evaluation": evaluation_
 
 def materialize_range(
     defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance, *, executor: str = "in_process"
-) -> None:
-    """One run of the walk-forward job over [start, end], then one run of the evaluation job.
+) -> dict[str, float]:
+    """One run of the walk-forward job over [start, end], then one run of the evaluation job; returns
+    the wall time of each run in seconds, by job name.
 
     Each run is tagged with this process's host and pid, so a later invocation can tell a run
     that was killed (SIGKILL, power loss) from one still going: see `recover_interrupted_runs`.
@@ -93,6 +94,7 @@ def materialize_range(
     tags = {"dagster/asset_partition_range_start": start.isoformat(), "dagster/asset_partition_range_end": end.isoformat()}
     owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    timings = {}
     for job_name, run_tags, partitions in (("daily_walk_forward", tags, f"{start}..{end}"), ("evaluation", {}, "(unpartitioned)")):
         began = time.perf_counter()
         job = defs.resolve_job_def(job_name)
@@ -104,7 +106,9 @@ def materialize_range(
                 pass
         if not result.success:
             raise RunFailed(failure_report(job, result, partitions))
-        print(f"{job_name}: {start}..{end} done in {time.perf_counter() - began:.1f} s (run {result.run_id})")
+        timings[job_name] = time.perf_counter() - began
+        print(f"{job_name}: {start}..{end} done in {timings[job_name]:.1f} s (run {result.run_id})")
+    return timings
 
 
 def recover_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         except RunFailed as exc:
             sys.exit(str(exc))
     with connect_waiting(str(settings.warehouse), {}, read_only=True) as con:  # another run may be writing
-        print("\nStrategy comparison (walk-forward, after fees, slippage and funding):")
+        print(f"\nStrategy comparison on the {settings.market_label} (walk-forward, after fees, slippage and funding):")
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, tbl_hide_dataframe_shape=True,
                        tbl_hide_column_data_types=True):
             print(con.sql(COMPARISON).pl())

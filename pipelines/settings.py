@@ -122,6 +122,10 @@ class Settings:
     stress_reference: str = "BTCUSDT"  # shocked by price scenarios that name no reference; betas are against it
     account_usdt: float = 100_000.0  # account equity (USDT) that risk.stress and risk.liquidation size positions on
     tiers_file: Path | None = None  # leverage tiers (project or ccxt format) ahead of live and snapshot tiers; None = off
+    # backtest.significance (perpfolio.significance): stationary block bootstrap of every book's bar returns
+    bootstrap_block_bars: int = 168  # mean block length in bars (168 = a week of hourly bars)
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.end is not None and self.end < self.start:
@@ -213,6 +217,11 @@ class Settings:
             raise ConfigError(f"PERPFOLIO_STRATEGIES_FILE: {exc}") from exc
         if self.source == "archive":
             self._check_archive_coverage()
+        for name, value, least in (("BOOTSTRAP_BLOCK_BARS", self.bootstrap_block_bars, 1),
+                                   ("BOOTSTRAP_RESAMPLES", self.bootstrap_resamples, 100),
+                                   ("BOOTSTRAP_SEED", self.bootstrap_seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"PERPFOLIO_{name} must be an integer >= {least}, got {value!r}")
         if not (math.isfinite(self.account_usdt) and self.account_usdt > 0):
             raise ConfigError(f"PERPFOLIO_ACCOUNT_USDT must be a finite USDT amount > 0, got {self.account_usdt}")
         # checked at load time, not after a walk-forward: a broken file names its problem here
@@ -263,6 +272,16 @@ class Settings:
         """Spot positions hedged by risk.spot_hedge, USDT notional per symbol: PERPFOLIO_SPOT_NOTIONAL,
         or 1 USDT long of every configured symbol (hedge notionals then read per USDT of spot)."""
         return dict(self.spot_notional) if self.spot_notional else dict.fromkeys(self.symbols, 1.0)
+
+    @property
+    def market_label(self) -> str:
+        """What the numbers were computed on, for every place results are shown (report, printout, UI)."""
+        if self.source == "synthetic":
+            events = ", with listings, outages and bad prints" if self.synthetic_events else ""
+            return f"SYNTHETIC market (built-in, seed {self.seed}{events}): not real data"
+        if self.source == "archive":
+            return f"real data: Binance archive files in {self.archive_dir}"
+        return f"real data: {self.exchange} API" + (f" at {self.exchange_url}" if self.exchange_url else "")
 
     @property
     def max_missing_bars(self) -> int:
@@ -353,6 +372,9 @@ class Settings:
             "stress_reference": normalize_symbol,
             "account_usdt": float,
             "tiers_file": lambda v: None if v.lower() in ("off", "none") else Path(v),
+            "bootstrap_block_bars": int,
+            "bootstrap_resamples": int,
+            "bootstrap_seed": int,
         }
         values = {}
         for f in fields(cls):

@@ -59,7 +59,7 @@ def test_the_exchange_source_gives_the_tables_of_the_market_it_replays(exchange_
     assert set(tables["raw.candles"]["source"]) == {"exchange"}
     assert set(tables["raw.implied_vol"]["source"]) == {"dvol"}
     # DVOL travels in percent (iv x 100), which moves implied vol and what is computed from it by an ulp
-    tiered = {"risk.stress", "risk.liquidation", "backtest.comparison"}
+    tiered = {"risk.stress", "risk.liquidation", "backtest.comparison", "risk.stress_vs_realized", "risk.stress_confusion"}
     assert_same_tables(without_source(tables), without_source(reference), set(reference) - tiered,
                        tolerance={"rtol": 1e-9, "atol": 1e-12})
     # the risk tables are margined on the exchange's own live tiers (the replay server's OKX position tiers),
@@ -70,6 +70,10 @@ def test_the_exchange_source_gives_the_tables_of_the_market_it_replays(exchange_
     assert set(tables["risk.liquidation"]["tier_source"]) == {"exchange:okx@127.0.0.1"}
     assert set(reference["risk.liquidation"]["tier_source"]) == {"snapshot:binance:2026-09-29"}
     assert set(tables["risk.stress"]["tier_source"].drop_nulls()) == {"exchange:okx@127.0.0.1"}
+    # the stress-vs-realized rows judge the same decisions over the same bars, margined on those tiers
+    decisions = ["as_of", "strategy", "leverage", "margin_mode", "account_usdt", "bars_held"]
+    assert_same_tables({"d": tables["risk.stress_vs_realized"].select(decisions)},
+                       {"d": reference["risk.stress_vs_realized"].select(decisions)})
 
 
 def test_a_rerun_of_a_complete_window_downloads_nothing(exchange_run):

@@ -119,7 +119,7 @@ class TestLoadStrategies:
     def test_default_file_is_the_case_study(self):
         specs = load_strategies(STRATEGIES, n_assets=3)
         assert [s.name for s in specs] == [
-            "min_variance", "target_return", "max_sharpe", "downside", "vrp_tilt", "hybrid"
+            "min_variance", "target_return", "max_sharpe", "downside", "vrp_tilt", "vrp_tilt_proxy", "hybrid", "overlay"
         ]
         for s in specs:
             assert (s.constraints.budget, s.constraints.min_weight, s.constraints.max_weight) == (1.0, 0.0, 0.5)

@@ -118,7 +118,7 @@ class TestBuildSignals:
         _, _, funding = returns_lib.returns_matrix(frame, column="funding_return")
         params = dict(window=168, bar_hours=1, momentum_bars=168, ewma_half_life_bars=24.0, vrp_z_days=10,
                       regime_short_bars=24, regime_long_bars=240, regime_enter=2.0, regime_exit=1.2, funding_fit_days=15,
-                      vrp_proxy="BTC")
+                      vrp_proxy=True)
         asofs = np.array(["2025-04-10T23:00", "2025-04-11T23:00"], dtype="datetime64[us]")
         full, meta = build_signals(ts, net, funding, asofs, found, market.implied_vol, **params)
         # history the asset would load: 7 days window + 16 days trailing grid, 20 days of regime

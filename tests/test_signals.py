@@ -78,7 +78,7 @@ class TestVrpFromIndex:
         out = vrp_signals(ASOFS, SYMBOLS[:2], RV[:, :2], iv)
         assert out.schema == pl.Schema(
             {"as_of": pl.Datetime("us", "UTC"), "symbol": pl.String, "implied_var": pl.Float64,
-             "realized_var": pl.Float64, "vrp": pl.Float64, "iv_source": pl.String}
+             "realized_var": pl.Float64, "vrp": pl.Float64, "iv_source": pl.String, "vrp_with_proxy": pl.Float64}
         )
         assert out["as_of"].to_list() == [at(2, 23), at(2, 23), at(3, 23), at(3, 23)]
         assert out["symbol"].to_list() == ["BTCUSDT", "ETHUSDT"] * 2
@@ -117,16 +117,20 @@ class TestVrpFromIndex:
 class TestProxy:
     def test_off_by_default_a_symbol_without_its_own_index_has_no_vrp(self):
         """Regression (issue 12): the BTC-scaled proxy, RV_i (IV_btc^2 / RV_btc - 1), tilted every
-        strategy toward the most volatile coins whenever BTC's VRP was positive, and it was on by default."""
+        strategy toward the most volatile coins whenever BTC's VRP was positive, and it was on by default.
+        It stays available beside: vrp_with_proxy (for a strategy with vrp_source = "with_proxy")."""
         iv = iv_frame([("BTC", at(2, 12), 0.60)])
         out = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv)
         assert out["iv_source"].to_list() == ["index", "unavailable", "unavailable"]
         assert out["vrp"].to_list()[1:] == [None, None]
         assert out["vrp"][0] == pytest.approx(0.36 - RV[0, 0], rel=1e-13)
+        proxied = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv, use_proxy=True)["vrp"].to_numpy()
+        np.testing.assert_allclose(out["vrp_with_proxy"].to_numpy(), proxied, rtol=1e-15)
+        assert out["vrp_with_proxy"][0] == out["vrp"][0]
 
     def test_scaled_from_btc_by_relative_realized_variance(self):
         iv = iv_frame([("BTC", at(2, 12), 0.60), ("ETH", at(2, 12), 0.70), ("BTC", at(3, 12), 0.50)])
-        out = vrp_signals(ASOFS, SYMBOLS, RV, iv, proxy_reference="BTC")
+        out = vrp_signals(ASOFS, SYMBOLS, RV, iv, proxy_reference="BTC", use_proxy=True)
         got = {(r["as_of"].day, r["symbol"]): r for r in out.iter_rows(named=True)}
         # SOL on day 2: 0.36 * 1.00 / 0.25 = 1.44; vrp = 1.44 - 1.00 = 0.44
         assert got[(2, "SOLUSDT")]["implied_var"] == pytest.approx(1.44, rel=1e-14)
@@ -140,7 +144,7 @@ class TestProxy:
     def test_proxy_keeps_implied_vol_ratio_equal_to_realized_vol_ratio(self, rng):
         rv = rng.uniform(0.1, 2.0, size=(2, 3))
         out = vrp_signals(ASOFS, SYMBOLS, rv, iv_frame([("BTC", at(2, 0), 0.6), ("BTC", at(3, 0), 0.7)]),
-                          proxy_reference="BTC")
+                          proxy_reference="BTC", use_proxy=True)
         iv = np.sqrt(out["implied_var"].to_numpy().reshape(2, 3))
         np.testing.assert_allclose(iv / iv[:, :1], np.sqrt(rv / rv[:, :1]), rtol=1e-13)
 
@@ -153,12 +157,12 @@ class TestProxy:
     def test_unavailable_when_realized_variance_unknown(self):
         rv = RV[:1].copy()
         rv[0, 2] = np.nan
-        out = vrp_signals(ASOFS[:1], SYMBOLS, rv, iv_frame([("BTC", at(2, 12), 0.6)]), proxy_reference="BTC")
+        out = vrp_signals(ASOFS[:1], SYMBOLS, rv, iv_frame([("BTC", at(2, 12), 0.6)]), proxy_reference="BTC", use_proxy=True)
         assert out["iv_source"].to_list() == ["index", "proxy:BTC", "unavailable"]
-        assert out.row(2) == (at(2, 23), "SOLUSDT", None, None, None, "unavailable")
+        assert out.row(2) == (at(2, 23), "SOLUSDT", None, None, None, "unavailable", None)
 
     def test_other_reference(self):
-        out = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv_frame([("ETH", at(2, 12), 0.7)]), proxy_reference="ETH")
+        out = vrp_signals(ASOFS[:1], SYMBOLS, RV[:1], iv_frame([("ETH", at(2, 12), 0.7)]), proxy_reference="ETH", use_proxy=True)
         assert out["iv_source"].to_list() == ["proxy:ETH", "index", "proxy:ETH"]
         assert out["implied_var"][0] == pytest.approx(0.49 * 0.25 / 0.49, rel=1e-14)
 

@@ -124,6 +124,9 @@ class Constraints:
     cvar_stress_half_life: float | None = None
 
 
+VrpSource = Literal["signal", "with_proxy"]
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """One strategy: an objective, its parameters, its constraints and the solver to use."""
@@ -135,6 +138,7 @@ class StrategySpec:
     solver: Solver = "CLARABEL"
     fallback_in_turbulence: bool = False
     estimator: str = "sample"
+    vrp_source: VrpSource = "signal"
 
 
 def load_strategies(path: str | Path, *, n_assets: int | None = None) -> list[StrategySpec]:
@@ -212,7 +216,8 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"strategy #{index}: name {name!r} must be 1-64 letters, digits, '_', '-' or '.', starting "
                           "with a letter or digit (it names files of the report and columns of the warehouse)")
-    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence", "estimator"}
+    unknown = set(table) - {"name", "objective", "parameters", "constraints", "solver", "fallback_in_turbulence", "estimator",
+                            "vrp_source"}
     if unknown:
         raise ConfigError(f"strategy {name!r}: unknown key(s) {sorted(unknown)}")
     objective = table.get("objective")
@@ -231,10 +236,16 @@ def _parse_one(index: int, table: dict) -> StrategySpec:
             f"strategy {name!r}: estimator={estimator!r} is not one of {sorted(ESTIMATORS)} "
             "(optionally with the suffix _reset for the regime-reset window)"
         )
+    vrp_source = table.get("vrp_source", "signal")
+    if vrp_source not in get_args(VrpSource):
+        raise ConfigError(f"strategy {name!r}: vrp_source={vrp_source!r} is not one of {get_args(VrpSource)} (signal: "
+                          "signals.signals.vrp, the symbol's own implied vol; with_proxy: vrp_with_proxy, the BTC-scaled "
+                          "proxy where a symbol has no index of its own)")
     spec = StrategySpec(
         name=name,
         fallback_in_turbulence=turbulence,
         estimator=estimator,
+        vrp_source=vrp_source,
         objective=objective,
         parameters=_parse_parameters(name, objective, table.get("parameters", {})),
         constraints=_parse_constraints(name, table.get("constraints", {})),

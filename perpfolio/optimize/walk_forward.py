@@ -84,7 +84,9 @@ class AsofInputs:
     the "sample" estimator; ``alternatives`` holds the other named estimators a strategy may pick.
     ``members`` (N bools, None = all) is the point-in-time universe: the strategies are solved on
     those symbols only, so the arrays may be NaN elsewhere (``scenarios`` rows must be complete
-    for the members). A naive ``asof`` is taken as UTC.
+    for the members). ``vrp_with_proxy`` (N) is the VRP a strategy with ``vrp_source =
+    "with_proxy"`` reads instead of ``vrp`` (None: no proxied series, the same as ``vrp``). A naive
+    ``asof`` is taken as UTC.
     """
 
     asof: datetime
@@ -102,6 +104,7 @@ class AsofInputs:
     alternatives: dict[str, EstimateSet] | None = None
     funding_1h: np.ndarray | None = None
     members: np.ndarray | None = None
+    vrp_with_proxy: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -278,9 +281,10 @@ def _member_data(spec: StrategySpec, item: AsofInputs, cols: np.ndarray, w_prev:
     """The strategy's SolveData restricted to the members ``cols`` (``w_base`` already is)."""
     est = estimate_for(spec, item)
     vector = lambda a: None if a is None else np.asarray(a)[cols]  # noqa: E731
+    vrp = item.vrp_with_proxy if spec.vrp_source == "with_proxy" and item.vrp_with_proxy is not None else item.vrp
     return SolveData(
         mu=est.mu[cols], cov=_square(est.cov, cols), downside=est.downside[cols], semicov=_square(est.semicov, cols),
-        vrp=vector(item.vrp), w_prev=vector(w_prev), w_base=w_base,
+        vrp=vector(vrp), w_prev=vector(w_prev), w_base=w_base,
         scenarios=None if item.scenarios is None else np.asarray(item.scenarios)[:, cols],
         window_years=item.window_years, tradable=vector(item.tradable), funding_1h=vector(item.funding_1h),
     )
