@@ -2,6 +2,8 @@
 
     python -m pipelines.run                       # the whole configured window (PERPFOLIO_START..END)
     python -m pipelines.run --start 2025-03-01 --end 2025-03-31
+    python -m pipelines.run --start 2024-01-01 --end 2024-06-30 --walk-forward-only   # history in pieces,
+                                                  # then one run without the flag evaluates everything
 
 The walk-forward assets run as ONE run over the whole range (single-run backfill policy), then
 the evaluation job rebuilds backtest, metrics, stress and report. Runs are recorded in
@@ -83,10 +85,11 @@ RECONSTRUCT = {"daily_walk_forward": walk_forward_job, "evaluation": evaluation_
 
 
 def materialize_range(
-    defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance, *, executor: str = "in_process"
+    defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance, *, executor: str = "in_process",
+    evaluate: bool = True,
 ) -> dict[str, float]:
-    """One run of the walk-forward job over [start, end], then one run of the evaluation job; returns
-    the wall time of each run in seconds, by job name.
+    """One run of the walk-forward job over [start, end], then (``evaluate``) one run of the evaluation
+    job; returns the wall time of each run in seconds, by job name.
 
     Each run is tagged with this process's host and pid, so a later invocation can tell a run
     that was killed (SIGKILL, power loss) from one still going: see `recover_interrupted_runs`.
@@ -95,7 +98,8 @@ def materialize_range(
     owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     timings = {}
-    for job_name, run_tags, partitions in (("daily_walk_forward", tags, f"{start}..{end}"), ("evaluation", {}, "(unpartitioned)")):
+    runs = [("daily_walk_forward", tags, f"{start}..{end}")] + ([("evaluation", {}, "(unpartitioned)")] if evaluate else [])
+    for job_name, run_tags, partitions in runs:
         began = time.perf_counter()
         job = defs.resolve_job_def(job_name)
         if executor == "in_process":
@@ -148,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--start", type=date.fromisoformat, default=settings.start)
     last_day = settings.last_day(datetime.now(timezone.utc).date())
     parser.add_argument("--end", type=date.fromisoformat, default=last_day)
+    parser.add_argument("--walk-forward-only", action="store_true",
+                        help="materialize the range without the evaluation (backtest, stress, report), e.g. to "
+                             "backfill history in several ranges and evaluate once at the end")
     args = parser.parse_args(argv)
     if not settings.start <= args.start <= args.end <= last_day:
         sys.exit(f"range {args.start}..{args.end} must lie inside PERPFOLIO_START..END = {settings.start}..{last_day}")
@@ -161,9 +168,14 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"PERPFOLIO_EXECUTOR={settings.executor} runs steps on workers behind a broker or a cluster: "
                          "launch the jobs through the Dagster daemon of that deployment (UI, schedules, "
                          "`dagster job launch`); make run / make backfill execute in_process or multiprocess")
-            materialize_range(build_definitions(settings), args.start, args.end, instance, executor=settings.executor)
+            materialize_range(build_definitions(settings), args.start, args.end, instance, executor=settings.executor,
+                              evaluate=not args.walk_forward_only)
         except RunFailed as exc:
             sys.exit(str(exc))
+    if args.walk_forward_only:
+        print(f"walk-forward stored for {args.start}..{args.end}; the evaluation tables and the report still describe "
+              "the previous evaluation (run without --walk-forward-only, or the evaluation job, to rebuild them)")
+        return
     with connect_waiting(str(settings.warehouse), {}, read_only=True) as con:  # another run may be writing
         print(f"\nStrategy comparison on the {settings.market_label} (walk-forward, after fees, slippage and funding):")
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, tbl_hide_dataframe_shape=True,

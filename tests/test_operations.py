@@ -214,17 +214,19 @@ class TestConcurrency:
             assert storage.supports_global_concurrency_limits  # SQLite storage of a DAGSTER_HOME
             storage.initialize_concurrency_limit_to_default("duckdb_warehouse")
             assert storage.claim_concurrency_slot("duckdb_warehouse", "holder-run", "holder-step").is_claimed
-            runs = [start_run(env, log=tmp_path / "a.log"),
-                    start_run(env, "--start", "2025-01-01", "--end", "2025-01-04", log=tmp_path / "b.log")]
+            runs = [start_run(env, "--walk-forward-only", log=tmp_path / "a.log"),
+                    start_run(env, "--start", "2025-01-01", "--end", "2025-01-04", "--walk-forward-only",
+                              log=tmp_path / "b.log")]
             try:
                 time.sleep(6)  # both start in ~3 s, then wait for the slot
                 assert [r.poll() for r in runs] == [None, None], (tmp_path / "a.log").read_text()[-2000:]
                 assert not settings.warehouse.exists() or not read_tables(settings.warehouse)
             finally:
                 storage.free_concurrency_slots_for_run("holder-run")
-            finish(runs[0], tmp_path / "a.log")
-            finish(runs[1], tmp_path / "b.log")
+            texts = [finish(runs[0], tmp_path / "a.log"), finish(runs[1], tmp_path / "b.log")]
+        assert all("evaluation:" not in text and "walk-forward stored" in text for text in texts)
         tables = read_tables(settings.warehouse)
+        assert not set(tables) & {"backtest.equity", "risk.stress"}  # --walk-forward-only: no evaluation ran
         # walk-forward partitions depend only on earlier days, so whichever run wrote them last they match
         assert_same_tables(tables, reference, WALK_FORWARD_TABLES, tolerance=SOLVER_TOLERANCE)
 

@@ -13,6 +13,7 @@ import pytest
 
 from assets import schemas
 from assets.checks import check_frame
+from assets.evaluation import EQUITY
 from assets.portfolio import asof_inputs
 from perpfolio.optimize import load_strategies
 from pipelines.definitions import build_definitions
@@ -47,6 +48,14 @@ VOLATILE_COLUMNS = {"solve_ms"}  # wall-clock timings differ between two runs of
 def materialize(settings: Settings, market: RawMarket | None = None) -> None:
     with dg.DagsterInstance.ephemeral() as instance:
         materialize_range(build_definitions(settings, market=market), settings.start, settings.end, instance)
+
+
+def backtest_equity(settings: Settings) -> None:
+    """Only backtest.equity of the evaluation job, over what the warehouse holds: the tests of a
+    backtest setting read that table alone (the rest of the evaluation is tested elsewhere)."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        job = build_definitions(settings).resolve_job_def("evaluation")
+        assert job.execute_in_process(instance=instance, asset_selection=[EQUITY]).success
 
 
 def walk_forward(settings: Settings, market: RawMarket | None = None) -> None:
@@ -436,10 +445,10 @@ def test_adaptive_rebalancing_trades_less_in_turbulence(tmp_path):
                     warehouse=tmp_path / "daily.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
                     baselines=("equal_weight",))
     adaptive = replace(base, warehouse=tmp_path / "adaptive.duckdb", reports_dir=tmp_path / "r2", rebalance="adaptive")
-    materialize(base)
-    shutil.copy(base.warehouse, adaptive.warehouse)  # same walk-forward: only the evaluation reads the frequency
-    with dg.DagsterInstance.ephemeral() as instance:
-        assert build_definitions(adaptive).resolve_job_def("evaluation").execute_in_process(instance=instance).success
+    walk_forward(base)
+    shutil.copy(base.warehouse, adaptive.warehouse)  # same walk-forward: only the backtest reads the frequency
+    for settings in (base, adaptive):
+        backtest_equity(settings)
     trades = {}
     for settings in (base, adaptive):
         tables = read_tables(settings.warehouse)
@@ -457,10 +466,10 @@ def test_volatility_scaled_slippage_costs_more_around_the_turbulent_episode(tmp_
                     warehouse=tmp_path / "flat.duckdb", reports_dir=tmp_path / "r1", stress_leverages=(1.0,),
                     baselines=("equal_weight",))
     scaled = replace(base, warehouse=tmp_path / "scaled.duckdb", reports_dir=tmp_path / "r2", slippage_vol_scaled=True)
-    materialize(base)
-    shutil.copy(base.warehouse, scaled.warehouse)  # same walk-forward: only the evaluation reads the slippage setting
-    with dg.DagsterInstance.ephemeral() as instance:
-        assert build_definitions(scaled).resolve_job_def("evaluation").execute_in_process(instance=instance).success
+    walk_forward(base)
+    shutil.copy(base.warehouse, scaled.warehouse)  # same walk-forward: only the backtest reads the slippage setting
+    for settings in (base, scaled):
+        backtest_equity(settings)
     books = {}
     for settings in (base, scaled):
         equity = read_tables(settings.warehouse)["backtest.equity"]
@@ -486,12 +495,11 @@ def test_volatility_scale_by_hand():
 
 
 def evaluate_a_copy(pipeline, tmp_path: Path, **changes) -> Settings:
-    """The module pipeline's warehouse copied, then only the evaluation job re-run with ``changes``
+    """The module pipeline's warehouse copied, then only backtest.equity re-run with ``changes``
     (settings that only the backtest reads); returns the settings of the copy."""
     settings = replace(pipeline[0], warehouse=tmp_path / "copy.duckdb", reports_dir=tmp_path / "reports", **changes)
     shutil.copy(pipeline[0].warehouse, settings.warehouse)
-    with dg.DagsterInstance.ephemeral() as instance:
-        assert build_definitions(settings).resolve_job_def("evaluation").execute_in_process(instance=instance).success
+    backtest_equity(settings)
     return settings
 
 
