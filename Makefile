@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test ui backfill bench clean browser replay
+.PHONY: run test ui backfill bench clean browser replay case-study
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ ui: $(STAMP)  ## Dagster UI + daemon on 127.0.0.1:3000 over the same DAGSTER_HOM
 backfill: $(STAMP)  ## make backfill START=YYYY-MM-DD END=YYYY-MM-DD
 	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
 	$(PY) -m pipelines.run --start $(START) --end $(END)
+
+case-study: $(STAMP)  ## docs/real-data-case-study.md from a run on the shared real data (DATA=../shared/data/real)
+	$(PY) -m pipelines.case_study $(if $(DATA),--data $(DATA))
 
 replay: $(STAMP)  ## the synthetic market served as Binance/Bybit/OKX/Deribit APIs on 127.0.0.1:8765 (PERPFOLIO_SOURCE=exchange)
 	$(PY) -m perpfolio.replay --port 8765

@@ -6,6 +6,7 @@ The data is read in place from ../shared/data/real (never copied into the projec
 skips with its reason where the folder is absent, as on a user's machine."""
 
 import io
+import re
 import shutil
 import zipfile
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipelines.case_study import FIGURES, write_page
 from pipelines.definitions import build_definitions
 from pipelines.resources import as_utc
 from pipelines.run import main, materialize_range
@@ -95,6 +97,26 @@ class TestTenRealPerps:
         sources = tables["signals.signals"].group_by("symbol").agg(pl.col("iv_source").unique())
         assert {s: tuple(v) for s, v in sources.iter_rows()} == {
             s: ("index",) if s in ("BTCUSDT", "ETHUSDT") else ("unavailable",) for s in SYMBOLS}
+        # the case study page, written from this run's warehouse: its numbers are the tables'
+        settings = Settings.from_env(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-21"))
+        with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+            page = write_page(con, settings, figures_from=tmp_path / "reports", page=tmp_path / "docs" / "case.md",
+                              command="make case-study", commit="abc1234",
+                              timings={"daily_walk_forward": 1.0, "evaluation": 2.0}, peak_rss_gb=0.5)
+        text = page.read_text()
+        assert sorted(p.name for p in (tmp_path / "docs" / "case-study").iterdir()) == sorted(f"{n}.png" for n in FIGURES)
+        assert not re.search(r"\b(None|nan|NaN|inf)\b", text) and "abc1234" in text
+        best = tables["backtest.risk_model_summary"].sort("rank").row(0, named=True)
+        assert f"{best['estimator']} ranks first" in text and f"mean QLIKE {best['mean_qlike']:.3f}" in text
+        hybrid_vs_ew = tables["backtest.significance"].filter(
+            (pl.col("strategy") == "hybrid") & (pl.col("reference") == "baseline:equal_weight")
+            & (pl.col("statistic") == "sharpe")).row(0, named=True)
+        assert f"sharpe difference {hybrid_vs_ew['estimate']:+.3g}" in text
+        for leverage, rows in tables["risk.stress_confusion"].filter(pl.col("margin_mode") == "cross").group_by("leverage"):
+            assert f"at {leverage[0]:g}x over {rows['rebalances'].sum()} book-rebalances" in text
+            assert f"{rows['missed'].sum()} missed" in text
+        for symbol in SYMBOLS:
+            assert f"| {symbol} | 2025-01-01 | 2025-01-21 | 504 | 0 |" in text  # 21 days of hourly candles, none missing
 
     def test_four_hour_bars(self, tmp_path):
         tables = materialize(environment(tmp_path, ARCHIVE, "2025-01-01", "2025-01-21", PERPFOLIO_BAR_HOURS="4",
