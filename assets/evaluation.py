@@ -281,13 +281,11 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
                                           for ref in references}, stress.bar_vols(window))
                 betas, vols = window_stats[end]
                 todo = scenarios + (replays if k == len(asofs) - 1 else [])
-                for leverage in settings.stress_leverages:
-                    for mode in MARGIN_MODES:
-                        rows = stress.stress_test(w, symbols, betas, scenarios=todo, leverage=leverage, tiers=tiers,
-                                                  buffer=settings.margin_buffer, account_usdt=settings.account_usdt,
-                                                  vols=vols, bar_hours=settings.bar_hours, margin_mode=mode,
-                                                  tier_sources=sources)
-                        frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(name)))
+                rows = stress.stress_test(w, symbols, betas, scenarios=todo, leverage=settings.stress_leverages,
+                                          tiers=tiers, buffer=settings.margin_buffer, account_usdt=settings.account_usdt,
+                                          vols=vols, bar_hours=settings.bar_hours, margin_mode=MARGIN_MODES,
+                                          tier_sources=sources)
+                frames.append(rows.with_columns(as_of=pl.lit(asof), strategy=pl.lit(name)))
         frame = pl.concat(frames) if frames else pl.DataFrame()
         if frames:  # the table states fractions of pre-shock equity; a wiped-out account has no margin ratio (null)
             frame = frame.drop("pnl", "equity_after").rename({"pnl_frac": "pnl", "equity_after_frac": "equity_after"})

@@ -236,17 +236,18 @@ def stress_test(
     betas: Mapping[str, np.ndarray],
     *,
     scenarios: Sequence[Scenario] = DEFAULT_SCENARIOS,
-    leverage: float,
+    leverage: float | Sequence[float],
     tiers: Mapping[str, Sequence[Tier]],
     equity: float = 1.0,
     buffer: float = 0.05,
     account_usdt: float = 100_000.0,
     vols: np.ndarray | None = None,
     bar_hours: float | None = None,
-    margin_mode: MarginMode = "cross",
+    margin_mode: MarginMode | Sequence[MarginMode] = "cross",
     tier_sources: Mapping[str, str] | None = None,
 ) -> pl.DataFrame:
-    """Apply each scenario once to a book and check margin, liquidation and capital sufficiency.
+    """Apply each scenario once to a book and check margin, liquidation and capital sufficiency, at
+    each of the ``leverage`` values and in each ``margin_mode`` (one value or a sequence of them).
 
     Account equity ``A = equity * account_usdt`` (USDT; ``equity`` is the strategy's equity in units
     of ``account_usdt``, 1.0 = an account of that size). Positions ``p_i = leverage * A * w_i`` (USDT
@@ -274,13 +275,14 @@ def stress_test(
     unknown; only held symbols' matter); a replay uses those against its ``reference`` when given;
     ``vols`` (per-bar volatilities, N) and ``bar_hours`` (the length of those bars, hours) are
     needed only by ``volatility`` scenarios; ``tier_sources`` (symbol -> where its tiers came from)
-    only fills ``tier_source``.
+    only fills ``tier_source``. The moves, brackets and checks that do not depend on the leverage
+    or the margin mode are computed once for all of them.
 
-    Returns one row per scenario: scenario, kind, reference, shock (``Scenario.headline``),
-    leverage, margin_mode, account_usdt, pnl, equity_after, maintenance_margin (USDT), pnl_frac,
-    equity_after_frac (divided by A), margin_ratio, liquidated, positions_liquidated,
-    capital_sufficient, oversized, proxied (symbols moved by a substitute, with how), tier_source
-    (the distinct sources of the held symbols' tiers).
+    Returns one row per (leverage, margin_mode, scenario), in that order: scenario, kind, reference,
+    shock (``Scenario.headline``), leverage, margin_mode, account_usdt, pnl, equity_after,
+    maintenance_margin (USDT), pnl_frac, equity_after_frac (divided by A), margin_ratio, liquidated,
+    positions_liquidated, capital_sufficient, oversized, proxied (symbols moved by a substitute,
+    with how), tier_source (the distinct sources of the held symbols' tiers).
     """
     w = np.asarray(weights, dtype=float)
     n = len(symbols)
@@ -293,66 +295,90 @@ def stress_test(
         raise DataError(f"stress_test: weights for {symbols[bad_w[0]]} is {w[bad_w[0]]}")
     w = np.where(np.abs(w) > FLAT_WEIGHT, w, 0.0)
     held = w != 0
-    for name, value, ok in (("leverage", leverage, leverage > 0), ("equity", equity, equity > 0),
-                            ("account_usdt", account_usdt, account_usdt > 0), ("buffer", buffer, buffer >= 0)):
+    leverages = [float(x) for x in np.atleast_1d(np.asarray(leverage, dtype=float))]
+    modes = [margin_mode] if isinstance(margin_mode, str) else list(margin_mode)
+    for name, value, ok in (("leverage", leverage, bool(leverages) and all(x > 0 for x in leverages)),
+                            ("equity", equity, equity > 0), ("account_usdt", account_usdt, account_usdt > 0),
+                            ("buffer", buffer, buffer >= 0)):
         if not ok:
             raise ConfigError(f"stress_test: {name} must be {'>= 0' if name == 'buffer' else '> 0'}, got {value}")
-    if margin_mode not in ("cross", "isolated"):
+    if not modes or any(mode not in ("cross", "isolated") for mode in modes):
         raise ConfigError(f"stress_test: margin_mode must be 'cross' or 'isolated', got {margin_mode!r}")
     if not scenarios:
         raise ConfigError("stress_test: scenarios is empty")
     tier_lists = held_tier_lists(symbols, held, tiers, "stress_test")
     moves, rates, proxied = _scenario_moves(scenarios, symbols, np.sign(w), b, vols, bar_hours)
-
-    acct = equity * account_usdt
-    pos = leverage * acct * w
-    pos_pnl = (moves - rates) * pos
     floors, mmr, cum, caps = bracket_arrays(tier_lists)
-    after = np.abs(pos * (1.0 + moves))
-    mm_pos = bracket_margin(after, floors, mmr, cum)
-    over = held & ((np.abs(pos) > caps) | (after > caps))
-    if margin_mode == "cross":
+    acct = equity * account_usdt
+    n_scen = len(scenarios)
+    columns: dict[str, list] = {k: [] for k in ("leverage", "margin_mode", "pnl", "equity_after", "maintenance_margin",
+                                                "margin_ratio", "liquidated", "positions_liquidated",
+                                                "capital_sufficient", "oversized")}
+    for lev in leverages:
+        pos = lev * acct * w
+        pos_pnl = (moves - rates) * pos
+        after = np.abs(pos * (1.0 + moves))
+        mm_pos = bracket_margin(after, floors, mmr, cum)
+        over = held & ((np.abs(pos) > caps) | (after > caps))
+        oversized = [", ".join(symbols[i] for i in np.flatnonzero(row)) or None for row in over]
+        for mode in modes:
+            pnl, mm, margin_ratio, liquidated, n_liq = _margin(mode, acct, pos, pos_pnl, mm_pos, held)
+            equity_after = acct + pnl
+            columns["leverage"].append(np.full(n_scen, lev))
+            columns["margin_mode"] += [mode] * n_scen
+            columns["pnl"].append(pnl)
+            columns["equity_after"].append(equity_after)
+            columns["maintenance_margin"].append(mm)
+            columns["margin_ratio"].append(margin_ratio)
+            columns["liquidated"].append(liquidated)
+            columns["positions_liquidated"].append(n_liq.astype(np.int64))
+            columns["capital_sufficient"].append(~liquidated & ~over.any(axis=1) & (equity_after >= mm + buffer * acct))
+            columns["oversized"] += oversized
+    blocks = len(leverages) * len(modes)
+    pnl, equity_after = np.concatenate(columns["pnl"]), np.concatenate(columns["equity_after"])
+    return pl.DataFrame({
+        "scenario": [sc.name for sc in scenarios] * blocks,
+        "kind": [sc.kind for sc in scenarios] * blocks,
+        "reference": pl.Series([sc.reference if sc.kind in ("price", "replay") else None for sc in scenarios] * blocks,
+                               dtype=pl.String),
+        "shock": [float(sc.headline) for sc in scenarios] * blocks,
+        "leverage": np.concatenate(columns["leverage"]),
+        "margin_mode": columns["margin_mode"],
+        "account_usdt": np.full(n_scen * blocks, float(account_usdt)),
+        "pnl": pnl,
+        "equity_after": equity_after,
+        "maintenance_margin": np.concatenate(columns["maintenance_margin"]),
+        "pnl_frac": pnl / acct,
+        "equity_after_frac": equity_after / acct,
+        "margin_ratio": np.concatenate(columns["margin_ratio"]),
+        "liquidated": np.concatenate(columns["liquidated"]),
+        "positions_liquidated": np.concatenate(columns["positions_liquidated"]),
+        "capital_sufficient": np.concatenate(columns["capital_sufficient"]),
+        "oversized": pl.Series(columns["oversized"], dtype=pl.String),
+        "proxied": pl.Series(proxied * blocks, dtype=pl.String),
+        "tier_source": pl.Series([_sources(symbols, held, tier_sources)] * (n_scen * blocks), dtype=pl.String),
+    })
+
+
+def _margin(mode, acct, pos, pos_pnl, mm_pos, held):
+    """Per scenario (rows of the S x N position arrays): pnl, maintenance margin, margin ratio,
+    liquidated and positions liquidated under ``mode`` (see :func:`stress_test`)."""
+    if mode == "cross":
         pnl = pos_pnl.sum(axis=1)
         equity_after = acct + pnl
         mm = mm_pos.sum(axis=1)
         margin_ratio = np.divide(mm, equity_after, out=np.full(len(mm), np.inf), where=equity_after > 0)
         liquidated = equity_after <= mm
-        n_liq = np.where(liquidated, held.sum(), 0)
-    else:
-        gross = np.abs(pos).sum()
-        margin = acct * np.abs(pos) / gross if gross > 0 else np.zeros(n)  # a flat book has no position to back
-        own = margin + pos_pnl
-        liq_pos = held & (own <= mm_pos)
-        pnl = np.where(liq_pos, -margin, pos_pnl).sum(axis=1)
-        equity_after = acct + pnl
-        mm = np.where(liq_pos, 0.0, mm_pos).sum(axis=1)
-        ratio = np.divide(mm_pos, own, out=np.full(own.shape, np.inf), where=own > 0)
-        margin_ratio = np.where(held, ratio, 0.0).max(axis=1)
-        n_liq = liq_pos.sum(axis=1)
-        liquidated = n_liq > 0
-    oversized = [", ".join(symbols[i] for i in np.flatnonzero(row)) or None for row in over]
-    return pl.DataFrame({
-        "scenario": [sc.name for sc in scenarios],
-        "kind": [sc.kind for sc in scenarios],
-        "reference": pl.Series([sc.reference if sc.kind in ("price", "replay") else None for sc in scenarios],
-                               dtype=pl.String),
-        "shock": [float(sc.headline) for sc in scenarios],
-        "leverage": np.full(len(scenarios), float(leverage)),
-        "margin_mode": [margin_mode] * len(scenarios),
-        "account_usdt": np.full(len(scenarios), float(account_usdt)),
-        "pnl": pnl,
-        "equity_after": equity_after,
-        "maintenance_margin": mm,
-        "pnl_frac": pnl / acct,
-        "equity_after_frac": equity_after / acct,
-        "margin_ratio": margin_ratio,
-        "liquidated": liquidated,
-        "positions_liquidated": n_liq.astype(np.int64),
-        "capital_sufficient": ~liquidated & ~over.any(axis=1) & (equity_after >= mm + buffer * acct),
-        "oversized": pl.Series(oversized, dtype=pl.String),
-        "proxied": pl.Series(proxied, dtype=pl.String),
-        "tier_source": pl.Series([_sources(symbols, held, tier_sources)] * len(scenarios), dtype=pl.String),
-    })
+        return pnl, mm, margin_ratio, liquidated, np.where(liquidated, held.sum(), 0)
+    gross = np.abs(pos).sum()
+    margin = acct * np.abs(pos) / gross if gross > 0 else np.zeros(len(pos))  # a flat book has no position to back
+    own = margin + pos_pnl
+    liq_pos = held & (own <= mm_pos)
+    pnl = np.where(liq_pos, -margin, pos_pnl).sum(axis=1)
+    mm = np.where(liq_pos, 0.0, mm_pos).sum(axis=1)
+    ratio = np.divide(mm_pos, own, out=np.full(own.shape, np.inf), where=own > 0)
+    n_liq = liq_pos.sum(axis=1)
+    return pnl, mm, np.where(held, ratio, 0.0).max(axis=1), n_liq > 0, n_liq
 
 
 def liquidation_levels(

@@ -4,6 +4,7 @@ scenario kind (4 h bars included), substitute moves, oversized positions."""
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from perpfolio.errors import ConfigError, DataError
@@ -136,6 +137,21 @@ class TestBetas:
 
 
 class TestScenarios:
+    def test_many_leverages_and_modes_in_one_call_equal_one_call_each(self, tiers):
+        # the grid the evaluation asks for at once: rows of (leverage, margin mode, scenario) in that order
+        w, betas = np.array([0.9, -0.5, 0.6]), {"BTCUSDT": np.array([1.0, 1.3, 1.8])}
+        kwargs = dict(tiers=tiers, account_usdt=1e8, vols=np.array([0.01, 0.015, 0.02]), bar_hours=1, buffer=0.05)
+        grid = stress_test(w, BOOK, betas, leverage=(1.0, 5.0, 40.0), margin_mode=("cross", "isolated"), **kwargs)
+        one_by_one = pl.concat([stress_test(w, BOOK, betas, leverage=lev, margin_mode=mode, **kwargs)
+                                for lev in (1.0, 5.0, 40.0) for mode in ("cross", "isolated")])
+        assert grid.equals(one_by_one)
+        assert grid["liquidated"].any() and not grid["liquidated"].all()  # the grid spans both verdicts
+        assert grid["oversized"].is_not_null().any()  # 40x on 100M USDT exceeds the last brackets
+        with pytest.raises(ConfigError, match="leverage"):
+            stress_test(w, BOOK, betas, leverage=(1.0, 0.0), **kwargs)
+        with pytest.raises(ConfigError, match="margin_mode"):
+            stress_test(w, BOOK, betas, leverage=1.0, margin_mode=("cross", "portfolio"), **kwargs)
+
     def test_all_long_book_loses_leverage_times_ten_percent(self, tiers):
         out = stress_test(np.array([0.5, 0.3, 0.2]), BOOK, {"BTCUSDT": np.array([1.0, 1.2, 1.5])}, leverage=3.0,
                           tiers=tiers)
