@@ -316,12 +316,12 @@ def verdict(table: pl.DataFrame, book: str, references: Sequence[str], *, statis
         if rows.is_empty():
             continue
         r = rows.row(0, named=True)
-        better = r["estimate"] > 0 if statistic != "max_drawdown" and statistic != "cvar_95" else r["estimate"] < 0
+        better = r["estimate"] < 0 if statistic in LOWER_IS_BETTER else r["estimate"] > 0
         sure = r["lower"] > 0 or r["upper"] < 0
         lines.append(
             f"{book} vs {ref}: {statistic} difference {r['estimate']:+.3g} ({r['level']:.0%} interval "
-            f"{r['lower']:+.3g} to {r['upper']:+.3g}); {book} {'ahead' if better else 'behind'} in "
-            f"{r['prob_better']:.0%} of {r['n_resamples']} resamples over {r['n_bars']} bars: "
+            f"{r['lower']:+.3g} to {r['upper']:+.3g}), {book} {'ahead' if better else 'behind'} on the observed "
+            f"{r['n_bars']} bars and better in {r['prob_better']:.0%} of {r['n_resamples']} resamples: "
             + ("the interval excludes 0, evidence of a difference." if sure else
                "the interval contains 0, no evidence of a difference."))
     return lines

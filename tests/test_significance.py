@@ -22,7 +22,7 @@ from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize import load_strategies
 from perpfolio.significance import (book_returns, bootstrap_intervals, comparison_pairs, expected_max_sharpe,
                                     percentile_interval, probabilistic_sharpe, sharpe_tests, significance,
-                                    stationary_bootstrap_indices)
+                                    stationary_bootstrap_indices, verdict)
 from pipelines.definitions import build_definitions
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
@@ -322,3 +322,21 @@ def test_the_asset_through_the_pipeline(short_settings):
         for s in ("sharpe", "ann_return", "max_drawdown", "cvar_95"):
             assert row(table, book, s)["estimate"] == pytest.approx(metrics[s], rel=1e-9, abs=1e-15), (book, s)
     assert (table["n_resamples"] == 200).all() and (table["block_bars"] == 12).all()
+
+
+def test_verdict_sentences_state_the_difference_its_interval_and_the_share_of_wins():
+    row = {"strategy": "hybrid", "statistic": "sharpe", "level": 0.95, "n_resamples": 1000, "n_bars": 3601}
+    table = pl.DataFrame([
+        {**row, "reference": "min_variance", "estimate": -0.49, "lower": -1.38, "upper": 0.23, "prob_better": 0.09},
+        {**row, "reference": "baseline:equal_weight", "estimate": 0.8, "lower": 0.1, "upper": 1.5, "prob_better": 0.99},
+        {**row, "reference": None, "estimate": 0.3, "lower": -1.0, "upper": 1.2, "prob_better": None},
+    ])
+    behind, ahead = verdict(table, "hybrid", ["min_variance", "baseline:equal_weight", "baseline:btc_only"])
+    assert behind == ("hybrid vs min_variance: sharpe difference -0.49 (95% interval -1.38 to +0.23), hybrid behind on "
+                      "the observed 3601 bars and better in 9% of 1000 resamples: the interval contains 0, no evidence "
+                      "of a difference.")
+    assert "hybrid ahead on the observed" in ahead and "better in 99%" in ahead and "evidence of a difference" in ahead
+    assert "no evidence" not in ahead
+    # a lower drawdown is the better one
+    drawdown = table.with_columns(statistic=pl.lit("max_drawdown"))
+    assert "hybrid ahead on the observed" in verdict(drawdown, "hybrid", ["min_variance"], statistic="max_drawdown")[0]
