@@ -9,6 +9,7 @@ table.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
@@ -40,7 +41,10 @@ class _TransactionalClient(DuckDbClient):
     @contextmanager
     def connect(context, table_slice: TableSlice) -> Iterator:
         config = {"custom_user_agent": "dagster", **context.resource_config["connection_config"]}
-        conn = connect_waiting(context.resource_config["database"], config)
+        database = context.resource_config["database"]
+        if not database.startswith("md:") and database != ":memory:":  # a local file: its folder may not exist yet
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        conn = connect_waiting(database, config)
         try:
             conn.execute("BEGIN TRANSACTION")
             try:

@@ -288,6 +288,21 @@ class TestCrashSafety:
         per_day = {d: (n, total) for d, n, total in rows}
         assert per_day == {"2025-01-01": (24, 276.0), "2025-01-02": (24, 276.0)}
 
+    def test_the_first_write_creates_the_warehouse_folder(self, tmp_path):
+        """Materializing from the UI or the Dagster CLI before any `make run`: the warehouse's folder
+        does not exist yet, and the first write creates it (it used to fail with "Cannot open file")."""
+        parts = dg.DailyPartitionsDefinition(start_date="2025-01-01", end_date="2025-01-03")
+
+        @dg.asset(key=["ops", "t"], partitions_def=parts, metadata={"partition_expr": "ts"})
+        def t(context: dg.AssetExecutionContext) -> pl.DataFrame:
+            return pl.DataFrame({"ts": [context.partition_time_window.start], "value": [1.0]})
+
+        database = tmp_path / "not" / "yet" / "w.duckdb"
+        resources = {"io_manager": WarehouseIOManager(database=str(database))}
+        assert dg.materialize([t], partition_key="2025-01-02", resources=resources).success
+        with duckdb.connect(str(database), read_only=True) as con:
+            assert con.sql("SELECT count(*) FROM ops.t").fetchone() == (1,)
+
     def test_a_column_added_by_a_newer_version_extends_the_stored_table(self, tmp_path):
         """A warehouse written before a table gained a column (portfolio.weights' budget): the next
         write adds the column, the rows already stored keep their values with null in it, and a
