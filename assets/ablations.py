@@ -1,6 +1,6 @@
 """backtest.by_regime: every book's returns in calm and in turbulent markets (the article's claim that
-downside risk helps when markets are turbulent), and backtest.ablations: the article's comparisons
-with their bootstrap intervals."""
+downside risk helps when markets are turbulent). The article's other ablations are paired rows of
+backtest.significance (perpfolio.significance.ablation_pairs)."""
 
 import dagster as dg
 import polars as pl
@@ -11,7 +11,6 @@ from assets.evaluation import BY_REGIME, EQUITY
 from assets.signals import SIGNALS
 from perpfolio import backtest, returns
 from pipelines.settings import Settings
-
 
 
 def build(settings: Settings) -> list[dg.AssetsDefinition]:

@@ -98,19 +98,23 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     def break_even(net_returns: pl.DataFrame, weights: pl.DataFrame, signals: pl.DataFrame, **sizing_inputs: pl.DataFrame):
         runs, skipped, _ = book_simulations(net_returns, weights, signals, settings, estimates=sizing_inputs.get("estimates"))
         at_cost = partial(attribution.return_at_cost, fee_bps=settings.fee_bps, slippage_bps=settings.slippage_bps)
-        reference = cache(at_cost(runs[REFERENCE])) if REFERENCE in runs else None  # shared by every book's search
+        configured = {"fee_bps": settings.fee_bps, "slippage_bps": settings.slippage_bps}
+        ref_run = cache(runs[REFERENCE]) if REFERENCE in runs else None  # one simulation per cost, shared by every book
         rows = []
         for name, run in runs.items():
-            book = at_cost(run)
+            run = cache(run)  # the configured-cost path serves total_return, the common start and the search
             row = {"strategy": name, "fee_bps": settings.fee_bps, "slippage_bps": settings.slippage_bps,
-                   "cost_bps": cost, "total_return": book(cost), "excess_vs_equal_weight": None,
+                   "cost_bps": cost, "total_return": at_cost(run)(cost), "excess_vs_equal_weight": None,
                    "excess_at_zero_cost": None, "break_even_cost_bps": None, "break_even_multiplier": None}
-            if reference is None or name == REFERENCE:
-                rows.append(row | {"status": "no_reference" if reference is None else "reference"})
+            if ref_run is None or name == REFERENCE:
+                rows.append(row | {"status": "no_reference" if ref_run is None else "reference"})
                 continue
+            # over the bars both books traded: a book that starts later is not charged equal weight's earlier bars
+            since = max(run(**configured)["ts"][0], ref_run(**configured)["ts"][0])
+            book, reference = at_cost(run, since=since), at_cost(ref_run, since=since)
             found = attribution.break_even_cost(book=book, reference=reference, max_cost_bps=MAX_BREAK_EVEN_BPS)
             multiplier = found.cost_bps / cost if found.cost_bps is not None and cost > 0 else None
-            rows.append(row | {"excess_vs_equal_weight": row["total_return"] - reference(cost),
+            rows.append(row | {"excess_vs_equal_weight": book(cost) - reference(cost),
                                "excess_at_zero_cost": found.gap_at_zero, "break_even_cost_bps": found.cost_bps,
                                "break_even_multiplier": multiplier, "status": found.status})
         frame = pl.DataFrame(rows, schema_overrides={c: pl.Float64 for c in (

@@ -566,12 +566,14 @@ def empty(model: type[pa.DataFrameModel]) -> pl.DataFrame:
 
 class ByRegime(Table):
     """backtest.by_regime: a book's bar returns split by the market regime in force at each bar (the regime
-    signals.signals gave the latest rebalance asof), annualized with 8760 / bar_hours; losses positive."""
+    signals.signals gave the latest rebalance asof strictly before the bar: the asof's own bar helped
+    decide it and is left out), annualized with 8760 / bar_hours; losses positive."""
 
     strategy: str = pa.Field(description="strategy name, or baseline:<name>")
     regime: str = pa.Field(isin=["calm", "turbulent"], description="market regime of the bars")
     bars: int = pa.Field(ge=1, description="bars of the book in that regime")
-    share: float = pa.Field(ge=0, le=1, description="share of the book's bars in that regime")
+    share: float = pa.Field(ge=0, le=1, description="share of the book's labelled bars (those after the first asof) "
+                            "in that regime")
     ann_return: float = pa.Field(description="mean bar return x periods per year (arithmetic)")
     ann_vol: float = pa.Field(nullable=True, ge=0, description="std of bar returns x sqrt(periods per year); null with one bar")
     sharpe: float = pa.Field(nullable=True, description="ann_return / ann_vol; null when undefined")
@@ -798,8 +800,9 @@ class BreakEven(Table):
     slippage_bps: float = pa.Field(ge=0, description="configured slippage, bps per side (PERPFOLIO_SLIPPAGE_BPS)")
     cost_bps: float = pa.Field(ge=0, description="fee_bps + slippage_bps: the cost the backtest ran at")
     total_return: float = pa.Field(description="the book's total return at the configured cost (= backtest.metrics)")
-    excess_vs_equal_weight: float = pa.Field(nullable=True, description="total_return - equal weight's, configured cost "
-                                             "(null for equal weight itself or without it)")
+    excess_vs_equal_weight: float = pa.Field(nullable=True, description="the book's total return minus equal weight's "
+                                             "over the bars both traded, configured cost (null for equal weight itself "
+                                             "or without it)")
     excess_at_zero_cost: float = pa.Field(nullable=True, description="the same gap with both books run without costs")
     break_even_cost_bps: float = pa.Field(nullable=True, ge=0, description="lowest cost where the two returns are "
                                           "equal; null when status says there is none up to the search limit")

@@ -155,14 +155,18 @@ def total_return(path: pl.DataFrame) -> float:
     return float(path["equity"][-1] / (path["equity"][0] - path["pnl"][0]) - 1.0)
 
 
-def return_at_cost(run: Callable[..., pl.DataFrame], *, fee_bps: float, slippage_bps: float) -> Callable[[float], float]:
+def return_at_cost(run: Callable[..., pl.DataFrame], *, fee_bps: float, slippage_bps: float,
+                   since=None) -> Callable[[float], float]:
     """``c -> total return of run(fee_bps=f, slippage_bps=s)`` with ``(f, s) = split_cost(c)`` (bps per
     side, the configured ratio): a book's return as a function of its trading cost, for
-    :func:`break_even_cost`. ``run`` is a simulation taking the two costs as keywords."""
+    :func:`break_even_cost`. ``run`` is a simulation taking the two costs as keywords. With
+    ``since`` (a bar ts), the total return over the bars from ``since`` on (two books compared over
+    the bars both traded: the equity before that bar is the base)."""
 
     def at(cost_bps: float) -> float:
         fee, slip = split_cost(cost_bps, fee_bps=fee_bps, slippage_bps=slippage_bps)
-        return total_return(run(fee_bps=fee, slippage_bps=slip))
+        path = run(fee_bps=fee, slippage_bps=slip)
+        return total_return(path if since is None else path.filter(pl.col("ts") >= since))
 
     return at
 

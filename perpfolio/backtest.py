@@ -595,13 +595,20 @@ def performance_metrics(equity: pl.DataFrame, *, periods_per_year: float) -> dic
     }
 
 
+REGIME_METRICS_SCHEMA = {"regime": pl.String, "bars": pl.Int64, "share": pl.Float64, "ann_return": pl.Float64,
+                         "ann_vol": pl.Float64, "sharpe": pl.Float64, "cvar_95": pl.Float64, "max_loss": pl.Float64}
+
+
 def regime_metrics(equity: pl.DataFrame, asofs: Sequence, regimes: Sequence[str], *,
                    periods_per_year: float) -> pl.DataFrame:
-    """A book's bar returns split by the market regime in force (the regime of the latest asof at
-    or before the bar, as ``signals.signals`` decided it; bars before the first asof: the first).
+    """A book's bar returns split by the market regime in force: the regime of the latest asof
+    strictly BEFORE the bar, as ``signals.signals`` decided it. The regime of asof ``a`` is computed
+    from the bars up to and including the one opened at ``a``, so that bar (and any bar at or
+    before the first asof) has no regime known before it and is left out: no bar helps decide its
+    own label.
 
     Bar returns ``r_t = E_t / E_{t-1} - 1`` as in :func:`performance_metrics`; per regime:
-    bars, share of the bars, ann_return = mean(r) * ppy (arithmetic), ann_vol = std(r, ddof=1) *
+    bars, share of the labelled bars, ann_return = mean(r) * ppy (arithmetic), ann_vol = std(r, ddof=1) *
     sqrt(ppy), sharpe = ann_return / ann_vol (NaN with fewer than 2 bars or zero vol), cvar_95 =
     -mean of the ceil(5 %) worst bars and max_loss = -min(r) (POSITIVE losses). Returns regime,
     bars, share, ann_return, ann_vol, sharpe, cvar_95, max_loss, one row per regime present.
@@ -610,8 +617,9 @@ def regime_metrics(equity: pl.DataFrame, asofs: Sequence, regimes: Sequence[str]
         raise DataError(f"regime_metrics: {len(asofs)} asofs for {len(regimes)} regimes (need one each, at least one)")
     path = equity.sort("ts")
     ret = bar_returns(path)
-    at = np.maximum(np.searchsorted(to_datetime64(asofs), to_datetime64(path["ts"]), side="right") - 1, 0)
-    labels = np.asarray(regimes, dtype=object)[at]
+    at = np.searchsorted(to_datetime64(asofs), to_datetime64(path["ts"]), side="left") - 1
+    known = at >= 0
+    ret, labels = ret[known], np.asarray(regimes, dtype=object)[at[known]]
     rows = []
     for regime in sorted(set(labels.tolist())):
         r = ret[labels == regime]
@@ -620,7 +628,7 @@ def regime_metrics(equity: pl.DataFrame, asofs: Sequence, regimes: Sequence[str]
         rows.append({"regime": regime, "bars": int(r.size), "share": r.size / ret.size, "ann_return": float(mean),
                      "ann_vol": float(vol), "sharpe": float(mean / vol) if vol > 0 else float("nan"),
                      "cvar_95": float(cvar(r, share=0.05)), "max_loss": float(-r.min())})
-    return pl.DataFrame(rows)
+    return pl.DataFrame(rows, schema=REGIME_METRICS_SCHEMA)
 
 
 def monthly_metrics(equity: pl.DataFrame) -> pl.DataFrame:

@@ -75,17 +75,18 @@ def case_study_environment(data: Path, start: date, end: date, *, warehouse: Pat
     }
 
 
-def data_coverage(con: duckdb.DuckDBPyConnection, settings: Settings) -> pl.DataFrame:
-    """Per symbol: first and last candle, candles present and missing on the hourly grid between them,
+def data_coverage(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """Per symbol: first and last candle, candles present and missing on the hourly grid between them
+    (raw.candles is hourly whatever the bar length),
     funding events, the share of rebalance asofs in the universe, and where its implied vol came from."""
-    return as_utc(con.sql(f"""
+    return as_utc(con.sql("""
         WITH c AS (SELECT symbol, min(ts) AS first_bar, max(ts) AS last_bar, count(*) AS candles FROM raw.candles GROUP BY 1),
              f AS (SELECT symbol, count(*) AS funding_events FROM raw.funding GROUP BY 1),
              u AS (SELECT symbol, avg(in_universe::INT) AS in_universe_share FROM features.universe GROUP BY 1),
              v AS (SELECT symbol, string_agg(DISTINCT iv_source, ', ' ORDER BY iv_source) AS implied_vol
                    FROM signals.signals WHERE iv_source IS NOT NULL GROUP BY 1)
         SELECT c.symbol, c.first_bar::DATE AS first_day, c.last_bar::DATE AS last_day, c.candles,
-               (date_diff('hour', c.first_bar, c.last_bar) / {settings.bar_hours} + 1 - c.candles)::BIGINT AS missing_bars,
+               (date_diff('hour', c.first_bar, c.last_bar) + 1 - c.candles)::BIGINT AS missing_bars,
                coalesce(f.funding_events, 0) AS funding_events, round(u.in_universe_share, 3) AS in_universe_share,
                coalesce(v.implied_vol, 'none') AS implied_vol
         FROM c LEFT JOIN f USING (symbol) LEFT JOIN u USING (symbol) LEFT JOIN v USING (symbol) ORDER BY c.symbol
@@ -139,7 +140,7 @@ def write_page(con: duckdb.DuckDBPyConnection, settings: Settings, *, figures_fr
         "",
         "## The data",
         "",
-        markdown_table(data_coverage(con, settings)),
+        markdown_table(data_coverage(con)),
         "`missing_bars`: hours without a candle between the symbol's first and last candle. "
         "`in_universe_share`: share of rebalance asofs at which the symbol was in the universe (the first "
         "window of every symbol is warm-up). `implied_vol`: `iv_source` of signals.signals (`index`: the "

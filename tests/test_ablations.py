@@ -26,20 +26,25 @@ def equity_frame(returns: list[float]) -> pl.DataFrame:
 class TestRegimeMetrics:
     def test_by_hand(self):
         r = [0.01, -0.02, 0.03, 0.0, -0.01, 0.02]
-        # asof at bar 0 calm, at bar 3 turbulent: bars 0-2 calm, 3-5 turbulent
+        # asof at bar 0 calm, at bar 3 turbulent. A regime is known only after its asof's bar (that bar
+        # helped decide it): bar 0 has none and is left out, bars 1-3 calm, bars 4-5 turbulent
         out = regime_metrics(equity_frame(r), [T0, T0 + timedelta(hours=3)], ["calm", "turbulent"], periods_per_year=8760)
-        calm, turb = np.array(r[:3]), np.array(r[3:])
+        calm, turb = np.array(r[1:4]), np.array(r[4:])
         rows = {row["regime"]: row for row in out.iter_rows(named=True)}
-        assert rows["calm"]["bars"] == 3 and rows["turbulent"]["share"] == 0.5
+        assert rows["calm"]["bars"] == 3 and rows["turbulent"]["bars"] == 2 and rows["turbulent"]["share"] == 0.4
         assert rows["calm"]["ann_return"] == pytest.approx(calm.mean() * 8760, rel=1e-12)
         assert rows["turbulent"]["ann_vol"] == pytest.approx(turb.std(ddof=1) * np.sqrt(8760), rel=1e-12)
         assert rows["calm"]["sharpe"] == pytest.approx(calm.mean() / calm.std(ddof=1) * np.sqrt(8760), rel=1e-12)
         assert rows["calm"]["max_loss"] == pytest.approx(0.02) and rows["turbulent"]["cvar_95"] == pytest.approx(0.01)
 
-    def test_bars_before_the_first_asof_take_its_regime(self):
+    def test_no_bar_is_labelled_by_a_regime_it_helped_decide(self):
+        # bars up to and including the only asof have no regime decided before them: nothing to split
         out = regime_metrics(equity_frame([0.01, 0.02, -0.01]), [T0 + timedelta(hours=2)], ["turbulent"],
                              periods_per_year=8760)
-        assert out["regime"].to_list() == ["turbulent"] and out["bars"].item() == 3
+        assert out.is_empty() and out.columns[:2] == ["regime", "bars"]
+        out = regime_metrics(equity_frame([0.01, 0.02, -0.01, 0.04]), [T0 + timedelta(hours=2)], ["turbulent"],
+                             periods_per_year=8760)
+        assert out["bars"].to_list() == [1] and out["max_loss"].item() == pytest.approx(-0.04)
 
 
 STRATEGIES = """

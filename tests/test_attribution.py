@@ -1,7 +1,7 @@
 """Risk contributions, return attribution and break-even cost (perpfolio.attribution, assets/attribution.py),
 each checked against an independent computation: numpy by hand, finite differences, closed forms."""
 
-from datetime import date
+from datetime import date, datetime, timezone
 from functools import partial
 
 import dagster as dg
@@ -202,6 +202,16 @@ class TestBreakEven:
         # the calm book trails below that cost and leads above it
         flipped = break_even_cost(book=book_b, reference=book_a)
         assert flipped.status == "beats_above" and flipped.cost_bps == pytest.approx(expected, abs=1e-5)
+
+    def test_since_measures_the_return_from_that_bar_on(self):
+        ts = [datetime(2025, 1, 1, h, tzinfo=timezone.utc) for h in range(4)]
+        equity = [1.01, 1.03, 0.99, 1.05]
+        path = pl.DataFrame({"ts": ts, "equity": equity, "pnl": np.diff([1.0] + equity)})
+        run = lambda fee_bps, slippage_bps: path  # noqa: E731 - a book whose path does not depend on costs
+        whole = return_at_cost(run, fee_bps=5.0, slippage_bps=2.0)(7.0)
+        later = return_at_cost(run, fee_bps=5.0, slippage_bps=2.0, since=ts[2])(7.0)
+        assert whole == pytest.approx(0.05, rel=1e-12)
+        assert later == pytest.approx(1.05 / 1.03 - 1.0, rel=1e-12)  # the base is the equity before the first bar kept
 
     def test_no_crossing_gives_no_cost_and_says_why(self):
         behind = break_even_cost(book=lambda c: 0.01 - 1e-5 * c, reference=lambda c: 0.02 - 1e-5 * c)
