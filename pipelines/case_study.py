@@ -210,7 +210,8 @@ def stress_findings(confusion: pl.DataFrame) -> list[str]:
     for r in totals.iter_rows(named=True):
         realized = r["true_alarms"] + r["missed"]
         lines.append(
-            f"at {r['leverage']:g}x over {r['rebalances']} book-rebalances: {realized} realized liquidations, "
+            f"at {r['leverage']:g}x over {r['rebalances']} book-rebalances: {realized} realized "
+            f"liquidation{'' if realized == 1 else 's'}, "
             f"{r['true_alarms']} predicted and {r['missed']} missed ({r['wick_only']} only on an intrabar wick); "
             f"{r['false_alarms']} false alarms and {r['true_calms']} correct all-clears.")
     return lines
