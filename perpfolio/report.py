@@ -474,7 +474,7 @@ def evidence_sections(
     PSR and DSR; the article's ablations (paired differences of Sharpe, annual return, max drawdown
     and CVaR 95 with their intervals); which covariance estimator forecast risk best; how often the
     stress verdict matched the market (cross margin); the break-even cost against equal weight; and
-    the Sharpe of every book in calm and in turbulent markets. ``ablations``: the (book, reference)
+    the Sharpe of every book in calm and in turbulent markets with the bars behind each. ``ablations``: the (book, reference)
     pairs of the ablation table (perpfolio.significance.ablation_pairs)."""
     sharpe = (significance.filter((pl.col("statistic") == "sharpe") & pl.col("reference").is_null())
               .sort("estimate", descending=True)
@@ -482,7 +482,8 @@ def evidence_sections(
     wanted = pl.struct("strategy", "reference").is_in([{"strategy": a, "reference": b} for a, b in ablations])
     ablation_rows = (significance.filter(pl.col("reference").is_not_null() & wanted)
                      .select("strategy", "reference", "statistic", "estimate", "lower", "upper", "prob_better"))
-    regimes = (by_regime.pivot(on="regime", index="strategy", values="sharpe") if by_regime.height else by_regime)
+    regimes = (by_regime.pivot(on="regime", index="strategy", values=["sharpe", "bars"]).sort("strategy")
+               if by_regime.height else by_regime)
     return {
         "How sure: Sharpe with its 95 % bootstrap interval, PSR and DSR": sharpe,
         "The article's ablations (book minus reference, paired bootstrap)": ablation_rows,
@@ -490,5 +491,5 @@ def evidence_sections(
         "Stress verdicts against what the market then did (cross margin)": confusion.filter(
             pl.col("margin_mode") == "cross").drop("margin_mode"),
         "Break-even cost against equal weight": break_even,
-        "Sharpe in calm and in turbulent markets": regimes,
+        "Sharpe in calm and in turbulent markets (and the bars of each)": regimes,
     }

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 from matplotlib.image import imread
 
+from perpfolio import report
 from perpfolio.errors import ConfigError, DataError
 from perpfolio.report import (
     plot_drawdown,
@@ -169,3 +170,20 @@ class TestBrowser:
         assert pixels.std() > 0.05  # not a blank page: text, the table and the first plots are drawn
         white = (pixels > 0.98).all(axis=-1).mean()
         assert 0.2 < white < 0.99, white
+
+
+def test_evidence_sections_show_the_regime_bars_and_only_cross_margin():
+    by_regime = pl.DataFrame({"strategy": ["b", "b", "a", "a"], "regime": ["calm", "turbulent"] * 2,
+                              "sharpe": [1.0, -2.0, 3.0, -4.0], "bars": [100, 5, 100, 5]})
+    confusion = pl.DataFrame({"strategy": ["a", "a"], "leverage": [5.0, 5.0], "margin_mode": ["cross", "isolated"],
+                              "missed": [1, 0]})
+    significance = pl.DataFrame({"strategy": ["a"], "reference": [None], "statistic": ["sharpe"], "estimate": [0.5],
+                                 "lower": [-1.0], "upper": [2.0], "psr": [0.6], "dsr": [0.4], "n_bars": [105],
+                                 "prob_better": [None]}, schema_overrides={"reference": pl.String, "prob_better": pl.Float64})
+    sections = report.evidence_sections(significance, pl.DataFrame({"rank": [1]}), confusion, pl.DataFrame({"x": [1]}),
+                                        by_regime, ablations=[])
+    regimes = sections["Sharpe in calm and in turbulent markets (and the bars of each)"]
+    assert regimes.columns == ["strategy", "sharpe_calm", "sharpe_turbulent", "bars_calm", "bars_turbulent"]
+    assert regimes.rows() == [("a", 3.0, -4.0, 100, 5), ("b", 1.0, -2.0, 100, 5)]
+    stress = sections["Stress verdicts against what the market then did (cross margin)"]
+    assert stress.rows() == [("a", 5.0, 1)] and "margin_mode" not in stress.columns
