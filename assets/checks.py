@@ -23,11 +23,24 @@ def schema_check(key: dg.AssetKey, model: type[pa.DataFrameModel]) -> dg.AssetCh
     return dg.AssetCheckSpec(SCHEMA_CHECK, asset=key, blocking=True, description=f"rows satisfy {model.__name__}: {model.__doc__}")
 
 
+def table_metadata(key: dg.AssetKey, model: type[pa.DataFrameModel]) -> dict[str, Any]:
+    """Dagster's standard definition metadata of a warehouse table, from its pandera model: the
+    DuckDB table (``schema.table``, the asset key) and every column with its type, description and
+    nullability, so the UI's column view shows what each column means."""
+    columns = [
+        dg.TableColumn(name, type=str(column.dtype), description=column.description,
+                       constraints=dg.TableColumnConstraints(nullable=bool(column.nullable), unique=bool(column.unique)))
+        for name, column in model.to_schema().columns.items()
+    ]
+    return {"dagster/table_name": ".".join(key.path), "dagster/column_schema": dg.TableSchema(columns=columns)}
+
+
 def table_asset(
     key: dg.AssetKey, model: type[pa.DataFrameModel], *, partitions: dg.PartitionsDefinition | None = None,
     partition_expr: str | None = None, **asset_kwargs: Any,
 ):
-    """`@dg.asset` for a warehouse table: writer pool, blocking schema check, output only when valid.
+    """`@dg.asset` for a warehouse table: writer pool, blocking schema check, output only when valid,
+    the table's name and column schema as standard metadata (:func:`table_metadata`).
 
     A partitioned table also gets its `partition_expr` (the column a partition's rows are found by)
     and the single-run backfill policy, so a range of days is one run.
@@ -35,9 +48,10 @@ def table_asset(
     partitioned = {} if partitions is None else {
         "partitions_def": partitions, "backfill_policy": SINGLE_RUN, "metadata": {"partition_expr": partition_expr},
     }
+    metadata = {**table_metadata(key, model), **partitioned.pop("metadata", {}), **asset_kwargs.pop("metadata", {})}
     return dg.asset(
         key=key, pool=WAREHOUSE_POOL, output_required=False, check_specs=[schema_check(key, model)],
-        **partitioned, **asset_kwargs,
+        metadata=metadata, **partitioned, **asset_kwargs,
     )
 
 
@@ -89,7 +103,8 @@ def validated(
     frame = conform(frame, model)
     result = check_frame(frame, model, key)
     if result.passed:
-        yield dg.Output(frame, output_name=output_name, metadata=dict(metadata or {}))
+        yield dg.Output(frame, output_name=output_name,
+                        metadata={"dagster/row_count": dg.MetadataValue.int(frame.height), **(metadata or {})})
     yield result
 
 

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from assets import schemas
-from assets.checks import schema_check, validated
+from assets.checks import schema_check, table_metadata, validated
 from perpfolio.quality import outlier_error
 from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
 from pipelines.resources import RawMarket
@@ -72,8 +72,9 @@ def missing_reference(reference: pl.DataFrame, symbols: list[str]) -> str:
 def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     @dg.multi_asset(
         outs={
-            name: dg.AssetOut(key=key, description=doc, is_required=False, metadata={"partition_expr": expr}, kinds={"duckdb", "polars"})
-            for name, (key, _, expr, doc) in _TABLES.items()
+            name: dg.AssetOut(key=key, description=doc, is_required=False, kinds={"duckdb", "polars"},
+                              metadata={**table_metadata(key, model), "partition_expr": expr})
+            for name, (key, model, expr, doc) in _TABLES.items()
         },
         check_specs=[schema_check(key, model) for key, model, _, _ in _TABLES.values()],
         partitions_def=partitions,

@@ -23,11 +23,14 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 import numpy as np
+import pandera.polars as pa
 import polars as pl
 import pytest
 
 from dagster._core.instance.ref import InstanceRef
 
+from assets import schemas
+from assets.checks import table_asset, validated
 from assets.portfolio import WEIGHTS, previous_weights
 from perpfolio.errors import ConfigError
 from pipelines.definitions import build_definitions
@@ -302,6 +305,34 @@ class TestCrashSafety:
         assert dg.materialize([t], partition_key="2025-01-02", resources=resources).success
         with duckdb.connect(str(database), read_only=True) as con:
             assert con.sql("SELECT count(*) FROM ops.t").fetchone() == (1,)
+
+    def test_tables_carry_dagster_standard_metadata(self, tmp_path):
+        """Every warehouse table declares its DuckDB name and its columns (from the pandera model, with
+        type, description and nullability) for the UI's column view; every write records its row count."""
+        graph = build_definitions(Settings()).resolve_asset_graph()
+        tables = [key for key in graph.get_all_asset_keys() if key != dg.AssetKey(["report"])]
+        assert len(tables) >= 25
+        for key in tables:
+            metadata = graph.get(key).metadata
+            assert metadata["dagster/table_name"] == ".".join(key.path)
+            assert [c.name for c in metadata["dagster/column_schema"].columns], key
+        stress = {c.name: c for c in graph.get(dg.AssetKey(["risk", "stress"])).metadata["dagster/column_schema"].columns}
+        assert list(stress) == list(schemas.Stress.to_schema().columns)
+        assert stress["margin_ratio"].constraints.nullable and not stress["leverage"].constraints.nullable
+        assert stress["leverage"].description == schemas.Stress.to_schema().columns["leverage"].description
+
+        class Tiny(schemas.Table):
+            value: float = pa.Field(description="a number")
+
+        key = dg.AssetKey(["ops", "tiny"])
+
+        @table_asset(key, Tiny)
+        def tiny():
+            yield from validated(pl.DataFrame({"value": [1.0, 2.0, 3.0]}), Tiny, key)
+
+        result = dg.materialize([tiny], resources={"io_manager": WarehouseIOManager(database=str(tmp_path / "w.duckdb"))})
+        [event] = result.get_asset_materialization_events()
+        assert event.asset_key == key and event.materialization.metadata["dagster/row_count"].value == 3
 
     def test_a_column_added_by_a_newer_version_extends_the_stored_table(self, tmp_path):
         """A warehouse written before a table gained a column (portfolio.weights' budget): the next
