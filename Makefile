@@ -16,9 +16,11 @@ run: $(STAMP)  ## materialize the whole default window on the built-in synthetic
 	$(PY) -m pipelines.run
 
 # Two pytest workers (a test file stays on one worker), each with single-threaded BLAS: two workers
-# on two cores do not also fight over BLAS threads.
+# on two cores do not also fight over BLAS threads. Files go out in collection order, which
+# tests/conftest.py makes "most end-to-end tests first" (xdist would otherwise send the files with
+# the most tests first, and the long end-to-end files would run alone at the end).
 test: $(STAMP) browser  ## the whole test suite
-	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 # Optional, separate step: Debian's chromium for the report's headless screenshot test. It never
 # fails the build: without root apt-get (or when the install fails) it says why and the test skips.

@@ -93,6 +93,7 @@ def pipeline(tmp_path_factory) -> tuple[Settings, dict[str, pl.DataFrame]]:
     return settings, read_tables(settings.warehouse)
 
 
+@pytest.mark.slow
 class TestWholeChain:
     def test_every_table_exists_with_rows(self, pipeline):
         _, tables = pipeline
@@ -165,6 +166,7 @@ class TestWholeChain:
         assert html.exists() and html.stat().st_size > 10_000
 
 
+@pytest.mark.slow
 class TestIdempotence:
     def test_rematerializing_replaces_partitions(self, pipeline, tmp_path):
         settings, tables = pipeline
@@ -249,6 +251,7 @@ class TestGuards:
         assert check_frame(weights([0.5, -0.5], 0.0), schemas.Weights, key).passed  # market neutral
         assert not check_frame(weights([0.5, 0.5], 0.0), schemas.Weights, key).passed
 
+    @pytest.mark.slow
     def test_weights_do_not_see_the_future(self, pipeline, tmp_path):
         """Perturb every price, funding rate and iv from 2025-01-05 00:00 on: weights up to asof 01-04 23:00 are unchanged."""
         cutoff = datetime(2025, 1, 5, tzinfo=timezone.utc)
@@ -333,6 +336,7 @@ class TestLiveWindow:
             assert frame["ts"].max() < now - timedelta(hours=1) + timedelta(seconds=1)
         assert data.funding["bar_ts"].max() < now
 
+    @pytest.mark.slow
     def test_a_day_in_progress_has_bars_but_no_rebalance_yet(self, tmp_path):
         today = datetime.now(timezone.utc).date()
         settings = Settings(start=today - timedelta(days=2), end=None, window_bars=24,
@@ -352,6 +356,7 @@ class TestLiveWindow:
         assert tables["portfolio.weights"]["as_of"].max() == midnight - timedelta(hours=1)
 
 
+@pytest.mark.slow
 class TestOptimizerInputsFromTheWarehouse:
     """The weights asset feeds the optional terms from the stored stages: window scenarios (CVaR),
     window length (robust mean), the regime signal and the liquid universe (top K by quote volume)."""
@@ -458,6 +463,7 @@ def test_adaptive_rebalancing_trades_less_in_turbulence(tmp_path):
     assert trades["adaptive"] < trades["daily"]
 
 
+@pytest.mark.slow
 def test_volatility_scaled_slippage_costs_more_around_the_turbulent_episode(tmp_path):
     """Same data and weights; with PERPFOLIO_SLIPPAGE_VOL_SCALED the slippage follows each symbol's
     predicted / realized vol (close to 1 in this calm week), so it differs from the flat bps while
@@ -503,6 +509,7 @@ def evaluate_a_copy(pipeline, tmp_path: Path, **changes) -> Settings:
     return settings
 
 
+@pytest.mark.slow
 def test_cash_rate_is_earned_by_the_equity(pipeline, tmp_path):
     """PERPFOLIO_CASH_RATE=0.05: every bar earns 5%/8760 on the equity before it."""
     settings = evaluate_a_copy(pipeline, tmp_path, cash_rate=0.05)
