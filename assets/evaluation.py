@@ -362,7 +362,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             "equity": report.plot_equity(equity),
             "drawdown": report.plot_drawdown(equity),
             "funding_pnl": report.plot_funding(equity),
-            **{f"weights_{s}": report.plot_weights(weights, s) for s in weights["strategy"].unique(maintain_order=True)},
+            "weights": report.plot_weights(weights),
             "variance_risk_premium": report.plot_vrp(signals),
             "stress_latest_weights": report.plot_stress(
                 latest.rename({"equity_after": "equity_after_frac"}),

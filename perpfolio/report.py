@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from perpfolio.errors import ConfigError, DataError
 
@@ -48,28 +49,53 @@ def plot_drawdown(equity: pl.DataFrame) -> bytes:
     return _png(fig, ax)
 
 
-def plot_weights(weights: pl.DataFrame, strategy: str) -> bytes:
-    """Stacked weights over asof for one strategy: longs stacked up from 0, shorts down from 0.
+def plot_weights(weights: pl.DataFrame, strategies: Sequence[str] | None = None) -> bytes:
+    """Stacked weights over asof, one small panel per strategy (two columns, shared axes, one legend
+    of symbols with the same colour in every panel): longs stacked up from 0, shorts down from 0.
+    ``strategies``: which and in what order (default: every strategy of the frame, as they appear).
 
-    Columns: asof, strategy, symbol, weight (fractions of equity).
+    Columns: as_of, strategy, symbol, weight (fractions of equity).
     """
     _require(weights, ("as_of", "strategy", "symbol", "weight"), "plot_weights")
-    part = weights.filter(pl.col("strategy") == strategy)
-    if part.is_empty():
-        raise DataError(f"plot_weights: no rows for strategy {strategy!r}")
-    wide = part.pivot(on="symbol", index="as_of", values="weight").sort("as_of")
-    symbols = [c for c in wide.columns if c != "as_of"]
-    w = wide.select(symbols).to_numpy().astype(float)
-    if np.isnan(w).any():
-        raise DataError(f"plot_weights: strategy {strategy!r} has missing weights for some asof/symbol")
-    fig, ax = _figure(f"Weights: {strategy}", "weight")
-    asof = wide["as_of"].to_numpy()
-    colors = [f"C{i % 10}" for i in range(len(symbols))]
-    ax.stackplot(asof, np.clip(w, 0, None).T, labels=symbols, colors=colors, alpha=0.85)
-    if (w < 0).any():
-        ax.stackplot(asof, np.clip(w, None, 0).T, colors=colors, alpha=0.85)
-    ax.axhline(0.0, color="black", lw=0.6)
-    return _png(fig, ax)
+    names = weights["strategy"].unique(maintain_order=True).to_list() if strategies is None else list(strategies)
+    symbols = sorted(weights["symbol"].unique())
+    colors = {sym: f"C{i % 10}" for i, sym in enumerate(symbols)}
+    panels = []
+    for strategy in names:
+        part = weights.filter(pl.col("strategy") == strategy)
+        if part.is_empty():
+            raise DataError(f"plot_weights: no rows for strategy {strategy!r}")
+        wide = part.pivot(on="symbol", index="as_of", values="weight").sort("as_of")
+        held = [c for c in wide.columns if c != "as_of"]
+        w = wide.select(held).to_numpy().astype(float)
+        if np.isnan(w).any():
+            raise DataError(f"plot_weights: strategy {strategy!r} has missing weights for some asof/symbol")
+        panels.append((strategy, wide["as_of"].to_numpy(), held, w))
+    cols = 1 if len(panels) == 1 else 2
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(_SIZE[0], max(_SIZE[1], 2.2 * rows + 0.9)), dpi=_DPI)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax, (strategy, asof, held, w) in zip(axes, panels):
+        palette = [colors[c] for c in held]
+        ax.stackplot(asof, np.clip(w, 0, None).T, colors=palette, alpha=0.85)
+        if (w < 0).any():
+            ax.stackplot(asof, np.clip(w, None, 0).T, colors=palette, alpha=0.85)
+        ax.axhline(0.0, color="black", lw=0.6)
+        ax.set_title(strategy, fontsize="small")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    locator = AutoDateLocator()
+    axes[0].xaxis.set_major_locator(locator)
+    axes[0].xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    fig.suptitle("Weights (fraction of equity)")
+    fig.legend(handles=[Patch(color=colors[sym], label=sym) for sym in symbols][:_MAX_LEGEND], loc="upper right",
+               fontsize="small")
+    fig.subplots_adjust(left=0.07, right=0.82, top=1 - 0.6 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
+                        hspace=0.45, wspace=0.08)  # fixed margins: no layout pass over every panel's ticks
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", pil_kwargs={"compress_level": 1})
+    return buf.getvalue()
 
 
 def plot_vrp(signals: pl.DataFrame, *, regime_symbol: str | None = None) -> bytes:

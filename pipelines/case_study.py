@@ -46,6 +46,7 @@ PAGE = PROJECT_ROOT / "docs" / "real-data-case-study.md"
 FIGURES = {
     "equity": "Equity of every book (after fees, slippage and funding)",
     "drawdown": "Drawdown of every book",
+    "weights": "Each strategy's target weights over time",
     "sharpe_intervals": "Sharpe ratios with their 95 % stationary-bootstrap intervals, and each book minus equal weight",
     "risk_model_bias": "Which covariance estimator forecast the books' risk best (bias statistic and its band)",
     "stress_vs_realized": "Stress verdicts at each rebalance against the realized path to the next one",

@@ -74,8 +74,9 @@ def figures(frames):
                                   assets={"BTCUSDT": (0.6, 0.3)}),
         "equity": plot_equity(frames["equity"]),
         "drawdown": plot_drawdown(frames["equity"]),
-        "weights_hybrid": plot_weights(frames["weights"], "hybrid"),
-        "weights_long_short": plot_weights(short, "classical"),
+        "weights": plot_weights(frames["weights"]),
+        "weights_hybrid": plot_weights(frames["weights"], ["hybrid"]),
+        "weights_long_short": plot_weights(short, ["classical", "hybrid"]),
         "vrp": plot_vrp(frames["signals"]),
         "stress": plot_stress(frames["stress"]),
     }
@@ -110,7 +111,7 @@ class TestFigures:
 
     def test_unknown_strategy(self, frames):
         with pytest.raises(DataError, match="no rows for strategy 'nope'"):
-            plot_weights(frames["weights"], "nope")
+            plot_weights(frames["weights"], ["hybrid", "nope"])
 
 
 class TestWriteReport:
