@@ -334,7 +334,6 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         yield from validated(frame, schemas.Comparison, COMPARISON, metadata={"table": dg.MetadataValue.md(markdown_table(frame))})
 
     specs = load_strategies(settings.strategies_file)
-    hybrids = {s.name: s.parameters.baseline for s in specs if s.objective == "hybrid"}
 
     @dg.asset(
         key=REPORT,
@@ -386,9 +385,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
             "risk_contributions": report.plot_risk_contributions(contributions),
         }
         ablations = [p for p in significance_lib.ablation_pairs(specs) if p[0] in set(significance["strategy"])]
-        summary = [f"Computed on the {settings.market_label}."] + [
-            line for h, base in hybrids.items()
-            for line in significance_lib.verdict(significance, h, [base, significance_lib.EQUAL_WEIGHT])]
+        summary = [f"Computed on the {settings.market_label}.", *significance_lib.hybrid_verdicts(significance, specs)]
         tables = {"Comparison": comparison, **report.evidence_sections(
             significance, risk_model_summary.sort("rank"), stress_confusion, break_even, by_regime, ablations=ablations)}
         path = report.write_report(settings.reports_dir, title=f"perpfolio strategy report — {settings.market_label}",

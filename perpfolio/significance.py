@@ -325,3 +325,10 @@ def verdict(table: pl.DataFrame, book: str, references: Sequence[str], *, statis
             + ("the interval excludes 0, evidence of a difference." if sure else
                "the interval contains 0, no evidence of a difference."))
     return lines
+
+
+def hybrid_verdicts(table: pl.DataFrame, specs: Sequence[StrategySpec]) -> list[str]:
+    """The article's question for every hybrid strategy of ``specs``: :func:`verdict` sentences on its
+    Sharpe against its baseline strategy and against equal weight."""
+    return [line for s in specs if s.objective == "hybrid"
+            for line in verdict(table, s.name, [s.parameters.baseline, EQUAL_WEIGHT])]

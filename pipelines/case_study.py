@@ -99,7 +99,6 @@ def write_page(con: duckdb.DuckDBPyConnection, settings: Settings, *, figures_fr
     """Write the case study page and its figures (``page.parent / 'case-study'``) from the run's tables."""
     table = lambda sql: as_utc(con.sql(sql).pl())  # noqa: E731
     specs = load_strategies(settings.strategies_file)
-    hybrids = {s.name: s.parameters.baseline for s in specs if s.objective == "hybrid"}
     significance = table("SELECT * FROM backtest.significance")
     ablations = [p for p in significance_lib.ablation_pairs(specs) if p[0] in set(significance["strategy"])]
     risk_summary = table("SELECT * FROM backtest.risk_model_summary ORDER BY rank")
@@ -110,8 +109,7 @@ def write_page(con: duckdb.DuckDBPyConnection, settings: Settings, *, figures_fr
     quality = table("SELECT dataset, issue, count(*) AS rows, count(DISTINCT symbol) AS symbols "
                     "FROM raw.data_quality GROUP BY ALL ORDER BY ALL")
     bars = con.sql("SELECT count(DISTINCT ts) FROM backtest.equity").fetchone()[0]
-    verdicts = [line for h, base in hybrids.items()
-                for line in significance_lib.verdict(significance, h, [base, significance_lib.EQUAL_WEIGHT])]
+    verdicts = significance_lib.hybrid_verdicts(significance, specs)
 
     figures_dir = page.parent / "case-study"
     if figures_dir.exists():

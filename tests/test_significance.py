@@ -22,7 +22,7 @@ from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize import load_strategies
 from perpfolio.significance import (book_returns, bootstrap_intervals, comparison_pairs, expected_max_sharpe,
                                     percentile_interval, probabilistic_sharpe, sharpe_tests, significance,
-                                    stationary_bootstrap_indices, verdict)
+                                    stationary_bootstrap_indices, verdict, hybrid_verdicts)
 from pipelines.definitions import build_definitions
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
@@ -337,6 +337,9 @@ def test_verdict_sentences_state_the_difference_its_interval_and_the_share_of_wi
                       "of a difference.")
     assert "hybrid ahead on the observed" in ahead and "better in 99%" in ahead and "evidence of a difference" in ahead
     assert "no evidence" not in ahead
+    # every hybrid of the default file against its baseline and equal weight (overlay has no rows here: skipped)
+    specs = load_strategies(Settings().strategies_file)
+    assert hybrid_verdicts(table, specs) == [behind, ahead]
     # a lower drawdown is the better one
     drawdown = table.with_columns(statistic=pl.lit("max_drawdown"))
     assert "hybrid ahead on the observed" in verdict(drawdown, "hybrid", ["min_variance"], statistic="max_drawdown")[0]
