@@ -158,8 +158,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not settings.start <= args.start <= args.end <= last_day:
         sys.exit(f"range {args.start}..{args.end} must lie inside PERPFOLIO_START..END = {settings.start}..{last_day}")
-    if not str(settings.warehouse).startswith("md:"):  # a MotherDuck target is passed to DuckDB as is
-        settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
     with dg.DagsterInstance.get() as instance:
         for run_id in recover_interrupted_runs(instance):
             print(f"recovered run {run_id}: its process is gone; marked failed and its warehouse slot freed")
