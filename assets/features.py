@@ -10,7 +10,7 @@ from assets import schemas
 from assets.checks import table_asset, validated
 from assets.raw import CANDLES, FUNDING, time_range
 from perpfolio import estimators, returns, signals as signal_lib, universe as universe_lib
-from pipelines.partitions import lookback, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs
 from pipelines.settings import Settings
 
 NET_RETURNS = dg.AssetKey(["features", "net_returns"])
@@ -123,13 +123,13 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         NET_RETURNS, schemas.NetReturns, partitions=partitions, partition_expr="ts",
-        ins={"candles": dg.AssetIn(CANDLES, partition_mapping=lookback(1)), "funding": dg.AssetIn(FUNDING)},
+        ins={"candles": dg.AssetIn(CANDLES, partition_mapping=lookback(1, settings)), "funding": dg.AssetIn(FUNDING)},
         group_name="features", kinds={"duckdb", "polars"},
         description="Per-bar return of a long position: simple price return plus funding return "
         "(minus the rates settled in the bar); net_return is simple or log per PERPFOLIO_RETURN_KIND.",
     )
     def net_returns(context: dg.AssetExecutionContext, candles: pl.DataFrame, funding: pl.DataFrame):
-        window = context.partition_time_window
+        window = partition_window(context, settings)
         frame = returns.net_returns(candles, funding, bar_hours=settings.bar_hours, kind=settings.return_kind)
         frame = frame.filter(pl.col("ts").is_between(window.start, window.end, closed="left"))
         meta = {"time_range": time_range(frame), "bars_spanning_gaps": int(frame["filled"].sum()), "return_kind": settings.return_kind}
@@ -137,14 +137,14 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         UNIVERSE, schemas.Universe, partitions=partitions, partition_expr="as_of",
-        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days))},
+        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days, settings))},
         group_name="features", kinds={"duckdb", "numpy"},
         description=f"Point-in-time universe at each daily asof: a symbol is in when it has a price at the asof, its "
         f"last {settings.window_bars} bars are covered since its listing and at most {settings.max_missing_bars} of "
         "them lack a one-bar return; otherwise it holds weight 0 and the row says why.",
     )
     def universe(context: dg.AssetExecutionContext, net_returns: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        asofs = rebalance_asofs(partition_window(context, settings), settings.bar_hours, net_returns["ts"].max())
         if not asofs:
             yield from validated(schemas.empty(schemas.Universe), schemas.Universe, UNIVERSE, metadata={"asofs": 0})
             return
@@ -163,7 +163,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     @table_asset(
         ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of",
         ins={"net_returns": dg.AssetIn(
-            NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)))
+            NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)), settings)
         ), "universe": dg.AssetIn(UNIVERSE)},
         group_name="features", kinds={"duckdb", "numpy"},
         description=f"Rolling mean, covariance, downside D_i and semicovariance over the last {settings.window_bars} "
@@ -173,7 +173,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         f"ledoit_wolf_reset whose window restarts at a regime breakpoint (at least {settings.reset_window_bars} bars).",
     )
     def estimates(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, universe: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        asofs = rebalance_asofs(partition_window(context, settings), settings.bar_hours, net_returns["ts"].max())
         if not asofs:
             yield from validated(schemas.empty(schemas.Estimates), schemas.Estimates, ESTIMATES, metadata={"asofs": 0})
             return

@@ -8,7 +8,7 @@ from assets.checks import markdown_table, table_asset, validated
 from assets.features import NET_RETURNS
 from assets.raw import CANDLES, REFERENCE_PRICES
 from perpfolio import hedge
-from pipelines.partitions import lookback, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs
 from pipelines.settings import Settings
 
 SPOT_HEDGE = dg.AssetKey(["risk", "spot_hedge"])
@@ -23,9 +23,9 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         SPOT_HEDGE, schemas.SpotHedge, partitions=partitions, partition_expr="as_of",
-        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(days)),
-             "reference_prices": dg.AssetIn(REFERENCE_PRICES, partition_mapping=lookback(days)),
-             "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(days))},
+        ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(days, settings)),
+             "reference_prices": dg.AssetIn(REFERENCE_PRICES, partition_mapping=lookback(days, settings)),
+             "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(days, settings))},
         group_name="risk", kinds={"duckdb", "numpy"},
         description=f"Minimum-variance hedge of the spot book {book} (USDT) with perps over the last "
         f"{settings.window_bars} bars at each daily asof: spot = index-price simple returns, perps = net returns with "
@@ -34,7 +34,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     )
     def spot_hedge(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, reference_prices: pl.DataFrame,
                    candles: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        asofs = rebalance_asofs(partition_window(context, settings), settings.bar_hours, net_returns["ts"].max())
         if not asofs:
             yield from validated(schemas.empty(schemas.SpotHedge), schemas.SpotHedge, SPOT_HEDGE, metadata={"asofs": 0})
             return

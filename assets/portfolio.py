@@ -14,11 +14,11 @@ from assets.signals import SIGNALS, regime_at
 from perpfolio import estimators, returns, universe as universe_lib
 from perpfolio.optimize import AsofInputs, EstimateSet, load_strategies, optimize_walk_forward, validate_for_universe
 from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
-from pipelines.partitions import lookback
+from pipelines.partitions import lookback, partition_window
 from pipelines.settings import Settings
 
 WEIGHTS = dg.AssetKey(["portfolio", "weights"])
-PREVIOUS_DAY = dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True)
+PREVIOUS_PARTITION = dg.TimeWindowPartitionMapping(start_offset=-1, end_offset=-1, allow_nonexistent_upstream_partitions=True)
 
 
 def previous_weights(stored: pl.DataFrame, before: datetime, symbols: list[str]) -> dict[str, np.ndarray]:
@@ -113,11 +113,11 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     @table_asset(
         WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
         ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS), "universe": dg.AssetIn(UNIVERSE),
-             "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days)),
-             "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(settings.lookback_days)),
-             # the day before's stored weights seed the walk-forward (self-dependency): a range run and
-             # a sequence of daily runs then start every day from the same previous weights
-             "stored": dg.AssetIn(WEIGHTS, partition_mapping=PREVIOUS_DAY, metadata={"allow_missing_table": True})},
+             "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days, settings)),
+             "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(settings.lookback_days, settings)),
+             # the previous partition's stored weights seed the walk-forward (self-dependency): a range run
+             # and a sequence of single-partition runs then start from the same previous weights
+             "stored": dg.AssetIn(WEIGHTS, partition_mapping=PREVIOUS_PARTITION, metadata={"allow_missing_table": True})},
         group_name="portfolio", kinds={"duckdb", "cvxpy"},
         description=f"Target weights per rebalance for every strategy in {settings.strategies_file.name}, solved on "
         "the point-in-time universe (features.universe; the other symbols hold 0 and the universe column says why); "
@@ -130,7 +130,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         if estimates.is_empty():
             yield from validated(schemas.empty(schemas.Weights), schemas.Weights, WEIGHTS, metadata={"decisions": 0})
             return
-        previous = previous_weights(stored, context.partition_time_window.start, symbols)
+        previous = previous_weights(stored, partition_window(context, settings).start, symbols)
         inputs = asof_inputs(estimates, signals, net_returns, candles, universe, symbols, settings)
         frame = optimize_walk_forward(specs, symbols, inputs, previous=previous).join(
             universe.select("as_of", "symbol", pl.col("reason").alias("universe")), on=["as_of", "symbol"], how="left")

@@ -13,8 +13,9 @@ import polars as pl
 from assets import schemas
 from assets.checks import schema_check, table_metadata, validated
 from perpfolio.quality import outlier_error
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
+from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL, partition_window
 from pipelines.resources import RawMarket
+from pipelines.settings import Settings
 
 CANDLES = dg.AssetKey(["raw", "candles"])
 FUNDING = dg.AssetKey(["raw", "funding"])
@@ -69,7 +70,7 @@ def missing_reference(reference: pl.DataFrame, symbols: list[str]) -> str:
     return ", ".join(missing) or "none"
 
 
-def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
+def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
     @dg.multi_asset(
         outs={
             name: dg.AssetOut(key=key, description=doc, is_required=False, kinds={"duckdb", "polars"},
@@ -83,7 +84,7 @@ def build(partitions: dg.PartitionsDefinition) -> list[dg.AssetsDefinition]:
         group_name="raw",
     )
     def raw_market(context: dg.AssetExecutionContext, market: RawMarket):
-        window = context.partition_time_window
+        window = partition_window(context, settings)
         data = market.fetch_with_quality(window.start, window.end)
         bad_prints = outlier_error(data.data_quality) if market.outliers == "error" else None
         for name, (key, model, expr, _) in _TABLES.items():

@@ -10,7 +10,7 @@ from assets.checks import table_asset, validated
 from assets.features import NET_RETURNS, aligned_returns, one_bar_returns, regime_lookback_days
 from assets.raw import IMPLIED_VOL
 from perpfolio import signals as signal_lib
-from pipelines.partitions import lookback, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs
 from pipelines.settings import Settings
 
 SIGNALS = dg.AssetKey(["signals", "signals"])
@@ -35,8 +35,8 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     @table_asset(
         SIGNALS, schemas.Signals, partitions=partitions, partition_expr="as_of",
         ins={
-            "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(history_days)),
-            "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS + trailing_days)),
+            "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(history_days, settings)),
+            "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS + trailing_days, settings)),
         },
         group_name="signals", kinds={"duckdb", "numpy"},
         description="VRP = implied variance - realized variance (annualized). Implied variance is iv^2 of the "
@@ -46,7 +46,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         "GARCH(1,1) predicted vol, calm/turbulent regime from the short/long vol ratio with its breakpoint.",
     )
     def signals(context: dg.AssetExecutionContext, net_returns: pl.DataFrame, implied_vol: pl.DataFrame):
-        asofs = rebalance_asofs(context.partition_time_window, settings.bar_hours, net_returns["ts"].max())
+        asofs = rebalance_asofs(partition_window(context, settings), settings.bar_hours, net_returns["ts"].max())
         if not asofs:
             yield from validated(schemas.empty(schemas.Signals), schemas.Signals, SIGNALS, metadata={"asofs": 0})
             return

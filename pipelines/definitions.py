@@ -10,7 +10,7 @@ from assets import (ablations, attribution, evaluation, features, frontier, hedg
                     signals, significance, stress_check)
 from perpfolio.errors import ConfigError
 from pipelines import freshness, schedules
-from pipelines.partitions import daily_partitions
+from pipelines.partitions import time_partitions
 from pipelines.resources import RawMarket, WarehouseIOManager
 from pipelines.settings import Settings
 
@@ -37,13 +37,13 @@ def executor_for(name: str) -> dg.ExecutorDefinition:
 
 def build_definitions(settings: Settings, *, market: RawMarket | None = None) -> dg.Definitions:
     """Everything of one deployment; `market` replaces the source built from settings (tests)."""
-    partitions = daily_partitions(settings)
+    partitions = time_partitions(settings)
     jobs, schedule_defs = schedules.build(partitions)
     # every asset says what its numbers were computed on (a synthetic market says so in the UI)
     label = lambda spec: spec.merge_attributes(metadata={"market_data": settings.market_label})  # noqa: E731
     return dg.Definitions(
         assets=dg.map_asset_specs(label, [
-            *raw.build(partitions),
+            *raw.build(settings, partitions),
             *features.build(settings, partitions),
             *signals.build(settings, partitions),
             *portfolio.build(settings, partitions),
@@ -56,7 +56,7 @@ def build_definitions(settings: Settings, *, market: RawMarket | None = None) ->
             *risk_quality.build(settings),
             *significance.build(settings),
         ]),
-        asset_checks=freshness.build(partitions, list(settings.symbols), settings.max_staleness_hours),
+        asset_checks=freshness.build(settings, partitions),
         jobs=jobs,
         schedules=schedule_defs,
         resources={

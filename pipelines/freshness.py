@@ -14,6 +14,8 @@ import dagster as dg
 import polars as pl
 
 from assets.raw import CANDLES
+from pipelines.partitions import partition_window
+from pipelines.settings import Settings
 
 BAR = timedelta(hours=1)  # raw candles are hourly whatever PERPFOLIO_BAR_HOURS resamples them to
 
@@ -35,14 +37,16 @@ def staleness_hours(candles: pl.DataFrame, symbols: list[str], start: datetime, 
     return {s: (max(0.0, (expected - latest[s]) / BAR) if s in latest else float("inf")) for s in symbols}
 
 
-def build(partitions: dg.PartitionsDefinition, symbols: list[str], max_lag_hours: float) -> list[dg.AssetChecksDefinition]:
+def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.AssetChecksDefinition]:
+    symbols, max_lag_hours = list(settings.symbols), settings.max_staleness_hours
+
     @dg.asset_check(
         asset=CANDLES, name="fresh", blocking=False, partitions_def=partitions,
         description=f"every symbol's latest bar is at most {max_lag_hours:g} h older than the last closed hour "
         "of the window (non-blocking: warns)",
     )
     def candles_fresh(context: dg.AssetCheckExecutionContext, candles: pl.DataFrame) -> dg.AssetCheckResult:
-        window = context.partition_time_window
+        window = partition_window(context, settings)
         lag = staleness_hours(candles, symbols, window.start, window.end, datetime.now(timezone.utc))
         stale = {s: h for s, h in lag.items() if h is not None and h > max_lag_hours}
         return dg.AssetCheckResult(

@@ -1,6 +1,15 @@
-"""Daily UTC partitions and the partition mappings that give a stage its lookback."""
+"""Time partitions (daily, weekly or monthly UTC windows) and the mappings that give a stage its lookback.
 
-from datetime import datetime, timedelta
+The grain (PERPFOLIO_PARTITIONS) sets how much history one partition holds. Dagster records two
+events per asset and partition (planned, then materialized), about 10-20 ms each in its SQLite
+storage, so two years of daily partitions cost minutes of bookkeeping while weekly partitions cost
+seconds (BENCHMARKS.md). Whatever the grain, rebalancing stays daily: a partition computes every
+daily asof in its window, and the daily schedule refreshes the partition that holds the day just
+closed.
+"""
+
+from datetime import date, datetime, time, timedelta, timezone
+import math
 
 import dagster as dg
 
@@ -8,22 +17,63 @@ from pipelines.settings import Settings
 
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 WAREHOUSE_POOL = "duckdb_warehouse"  # one writer at a time: instance config sets every pool's limit to 1
+SHORTEST_DAYS = {"daily": 1, "weekly": 7, "monthly": 28}  # the fewest days a partition of each grain holds
 
 
-def daily_partitions(settings: Settings) -> dg.DailyPartitionsDefinition:
-    """One partition per UTC day from PERPFOLIO_START to PERPFOLIO_END inclusive.
+def grid_start(day: date, grain: str) -> date:
+    """The partition boundary at or before `day`: the day, its week's Monday, or its month's 1st."""
+    if grain == "weekly":
+        return day - timedelta(days=day.weekday())
+    if grain == "monthly":
+        return day.replace(day=1)
+    return day
 
-    With PERPFOLIO_END=open the last partition is the current UTC day, filled as its hours close.
+
+def grid_end_after(day: date, grain: str) -> date:
+    """The first partition boundary strictly after `day` (exclusive end of the partition holding it)."""
+    if grain == "weekly":
+        return grid_start(day, grain) + timedelta(days=7)
+    if grain == "monthly":
+        return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return day + timedelta(days=1)
+
+
+def time_partitions(settings: Settings) -> dg.TimeWindowPartitionsDefinition:
+    """Calendar partitions (UTC) covering PERPFOLIO_START..PERPFOLIO_END: days, weeks from Monday, or
+    months from the 1st; a key is the first day of its window (YYYY-MM-DD).
+
+    The first and last partitions may reach beyond the configured days; the assets only ever see the
+    part inside them (`partition_window`). With PERPFOLIO_END=open the last partition is the one in
+    progress, filled as its hours close.
     """
-    return dg.DailyPartitionsDefinition(
-        start_date=settings.partition_start, end_date=settings.partition_end_exclusive, timezone="UTC",
-        end_offset=1 if settings.end is None else 0,
-    )
+    grain = settings.partitions
+    first = grid_start(settings.start, grain).isoformat()
+    end = None if settings.end is None else grid_end_after(settings.end, grain).isoformat()
+    kwargs = dict(start_date=first, end_date=end, timezone="UTC", end_offset=1 if settings.end is None else 0)
+    if grain == "weekly":
+        return dg.WeeklyPartitionsDefinition(day_offset=1, **kwargs)  # Dagster counts weekdays from Sunday = 0
+    if grain == "monthly":
+        return dg.MonthlyPartitionsDefinition(day_offset=1, **kwargs)
+    return dg.DailyPartitionsDefinition(**kwargs)
 
 
-def lookback(days: int) -> dg.TimeWindowPartitionMapping:
-    """The partition itself plus `days` days before it (missing days before the start are allowed)."""
-    return dg.TimeWindowPartitionMapping(start_offset=-days, allow_nonexistent_upstream_partitions=True)
+def partition_window(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, settings: Settings) -> dg.TimeWindow:
+    """The time window of the partition (or range) `context` runs for, cut to the configured days
+    [start 00:00, end + 1 day): what every partitioned asset computes over."""
+    window = context.partition_time_window
+    first = datetime.combine(settings.start, time(), tzinfo=timezone.utc)
+    start = max(window.start, first)
+    end = window.end
+    if settings.end is not None:
+        end = min(end, datetime.combine(settings.end + timedelta(days=1), time(), tzinfo=timezone.utc))
+    return dg.TimeWindow(start, max(start, end))
+
+
+def lookback(days: int, settings: Settings) -> dg.TimeWindowPartitionMapping:
+    """The partition itself plus enough partitions before it to hold `days` whole days (missing
+    partitions before the first are allowed)."""
+    before = math.ceil(days / SHORTEST_DAYS[settings.partitions])
+    return dg.TimeWindowPartitionMapping(start_offset=-before, allow_nonexistent_upstream_partitions=True)
 
 
 def rebalance_asofs(window: dg.TimeWindow, bar_hours: int, latest_bar: datetime | None) -> list[datetime]:
@@ -36,3 +86,9 @@ def rebalance_asofs(window: dg.TimeWindow, bar_hours: int, latest_bar: datetime 
     last_bar = timedelta(hours=24 - bar_hours)
     asofs = [window.start + timedelta(days=d) + last_bar for d in range(days)]
     return [a for a in asofs if latest_bar is not None and a <= latest_bar]
+
+
+def partition_keys_for(partitions: dg.TimeWindowPartitionsDefinition, start: date, end: date) -> tuple[str, str]:
+    """The keys of the partitions holding the days `start` and `end` (a range run's first and last key)."""
+    at = lambda day: datetime.combine(day, time(), tzinfo=timezone.utc).timestamp()  # noqa: E731
+    return partitions.get_partition_key_for_timestamp(at(start)), partitions.get_partition_key_for_timestamp(at(end))

@@ -1,5 +1,8 @@
 """`make run` / `make backfill`: materialize a range of days, then the evaluation, and print the verdict.
 
+A range covers the partitions (days, weeks or months: PERPFOLIO_PARTITIONS) holding its first and
+last day, cut to PERPFOLIO_START..END.
+
     python -m pipelines.run                       # the whole configured window (PERPFOLIO_START..END)
     python -m pipelines.run --start 2025-03-01 --end 2025-03-31
     python -m pipelines.run --start 2024-01-01 --end 2024-06-30 --walk-forward-only   # history in pieces,
@@ -23,6 +26,7 @@ import polars as pl
 from dagster._core.definitions.dependency import NodeHandle
 
 from pipelines.definitions import build_definitions
+from pipelines.partitions import partition_keys_for
 from perpfolio.warehouse import connect_waiting
 from pipelines.settings import Settings
 
@@ -94,11 +98,13 @@ def materialize_range(
     Each run is tagged with this process's host and pid, so a later invocation can tell a run
     that was killed (SIGKILL, power loss) from one still going: see `recover_interrupted_runs`.
     """
-    tags = {"dagster/asset_partition_range_start": start.isoformat(), "dagster/asset_partition_range_end": end.isoformat()}
+    first, last = partition_keys_for(defs.resolve_job_def("daily_walk_forward").partitions_def, start, end)
+    tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
     owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     timings = {}
-    runs = [("daily_walk_forward", tags, f"{start}..{end}")] + ([("evaluation", {}, "(unpartitioned)")] if evaluate else [])
+    span = f"{first}..{last}" + ("" if (first, last) == (start.isoformat(), end.isoformat()) else f" (days {start}..{end})")
+    runs = [("daily_walk_forward", tags, span)] + ([("evaluation", {}, "(unpartitioned)")] if evaluate else [])
     for job_name, run_tags, partitions in runs:
         began = time.perf_counter()
         job = defs.resolve_job_def(job_name)
@@ -111,7 +117,8 @@ def materialize_range(
         if not result.success:
             raise RunFailed(failure_report(job, result, partitions))
         timings[job_name] = time.perf_counter() - began
-        print(f"{job_name}: {start}..{end} done in {timings[job_name]:.1f} s (run {result.run_id})")
+        covered = f"partitions {partitions}" if run_tags else "all stored history"
+        print(f"{job_name}: {covered} done in {timings[job_name]:.1f} s (run {result.run_id})")
     return timings
 
 

@@ -61,6 +61,7 @@ class Settings:
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "SOLUSDT")
     start: date = date(2025, 1, 1)
     end: date | None = date(2025, 7, 29)
+    partitions: Literal["daily", "weekly", "monthly"] = "weekly"  # grain of the time partitions (pipelines.partitions)
     seed: int = 1
     source: Literal["synthetic", "archive", "exchange"] = "synthetic"
     synthetic_events: bool = False  # source "synthetic": listings, delistings, outages, bad prints, missing funding
@@ -189,6 +190,8 @@ class Settings:
         if isinstance(self.frontier_points, bool) or not isinstance(self.frontier_points, int) or self.frontier_points < 2:
             raise ConfigError(f"PERPFOLIO_FRONTIER_POINTS must be an integer >= 2 (min variance and max return at least), "
                               f"got {self.frontier_points!r}")
+        if self.partitions not in ("daily", "weekly", "monthly"):
+            raise ConfigError(f"PERPFOLIO_PARTITIONS must be daily, weekly or monthly, got {self.partitions!r}")
         if self.executor not in ("in_process", "multiprocess", "celery", "k8s"):
             raise ConfigError(
                 f"PERPFOLIO_EXECUTOR must be in_process, multiprocess, celery or k8s, got {self.executor!r}"
@@ -293,14 +296,6 @@ class Settings:
         """Whole days of history an estimation window needs before the day it is computed for."""
         return math.ceil(self.window_bars * self.bar_hours / 24)
 
-    @property
-    def partition_start(self) -> str:
-        return self.start.isoformat()
-
-    @property
-    def partition_end_exclusive(self) -> str | None:
-        return None if self.end is None else (self.end + timedelta(days=1)).isoformat()
-
     def last_day(self, today: date) -> date:
         """The last partition day: `end`, or today (in progress) for an open window."""
         return today if self.end is None else self.end
@@ -313,6 +308,7 @@ class Settings:
             "symbols": lambda v: tuple(normalize_symbol(s) for s in v.split(",") if s.strip()),
             "start": date.fromisoformat,
             "end": lambda v: None if v.lower() == "open" else date.fromisoformat(v),
+            "partitions": lambda v: v.lower(),
             "seed": int,
             "source": str,
             "synthetic_events": _flag,

@@ -20,6 +20,7 @@ from perpfolio.attribution import (
 from perpfolio.backtest import performance_metrics, simulate
 from perpfolio.errors import DataError
 from pipelines.definitions import build_definitions
+from pipelines.run import materialize_range
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
 
@@ -260,10 +261,8 @@ def test_assets_end_to_end(tmp_path):
     settings = Settings(start=date(2025, 1, 1), end=date(2025, 1, 5), window_bars=24, warehouse=tmp_path / "w.duckdb",
                         reports_dir=tmp_path / "reports", stress_leverages=(1.0,), stop_loss=0.02, cash_rate=0.05)
     defs = build_definitions(settings)
-    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
-            "dagster/asset_partition_range_end": settings.end.isoformat()}
     with dg.DagsterInstance.ephemeral() as instance:
-        assert defs.resolve_job_def("daily_walk_forward").execute_in_process(instance=instance, tags=tags).success
+        materialize_range(defs, settings.start, settings.end, instance, evaluate=False)
         job = defs.resolve_implicit_global_asset_job_def()
         assert job.execute_in_process(instance=instance, asset_selection=[EQUITY, METRICS, CONTRIBUTIONS, ATTRIBUTION,
                                                                           BREAK_EVEN]).success

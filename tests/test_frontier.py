@@ -25,6 +25,7 @@ from perpfolio.errors import ConfigError, DataError
 from perpfolio.optimize import Constraints, EfficientFrontier, FrontierPoint, frontier_walk, max_return_portfolio, parse_strategies
 from perpfolio.optimize.frontier import unique_max_return
 from pipelines.definitions import build_definitions
+from pipelines.partitions import partition_keys_for
 from pipelines.settings import Settings
 from tests.test_pipeline import read_tables
 
@@ -274,9 +275,9 @@ def test_asset_materializes_plots_and_feeds_the_report(short_settings):
     (emptied, the report has no frontier figure)."""
     settings = replace(short_settings, frontier_points=6)
     defs = build_definitions(settings)
-    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
-            "dagster/asset_partition_range_end": settings.end.isoformat()}
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    first, last = partition_keys_for(defs.resolve_job_def("daily_walk_forward").partitions_def, settings.start, settings.end)
+    tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
 
     def report_figures(instance) -> set[str]:
         result = defs.resolve_job_def("evaluation").execute_in_process(instance=instance, run_config=quiet)

@@ -253,7 +253,7 @@ def test_spot_hedge_materializes_over_a_short_window(tmp_path):
     """raw -> net returns -> risk.spot_hedge for six days on the synthetic market, then a source without index prices."""
     from assets import features, hedge as hedge_assets, raw
     from assets.hedge import SPOT_HEDGE
-    from pipelines.partitions import daily_partitions
+    from pipelines.partitions import partition_keys_for, time_partitions
     from pipelines.resources import RawMarket, WarehouseIOManager, as_utc
     from pipelines.settings import Settings
 
@@ -263,14 +263,15 @@ def test_spot_hedge_materializes_over_a_short_window(tmp_path):
             return replace(data, reference_prices=data.reference_prices.clear())
 
     def run(settings: Settings, market: RawMarket) -> tuple[pl.DataFrame, dict]:
-        partitions = daily_partitions(settings)
+        partitions = time_partitions(settings)
         job = dg.define_asset_job("hedge", selection=dg.AssetSelection.assets(SPOT_HEDGE).upstream().required_multi_asset_neighbors(),
                                    partitions_def=partitions)
         defs = dg.Definitions(
-            assets=[*raw.build(partitions), *features.build(settings, partitions), *hedge_assets.build(settings, partitions)],
+            assets=[*raw.build(settings, partitions), *features.build(settings, partitions), *hedge_assets.build(settings, partitions)],
             jobs=[job], resources={"io_manager": WarehouseIOManager(database=str(settings.warehouse)), "market": market},
         )
-        tags = {"dagster/asset_partition_range_start": str(settings.start), "dagster/asset_partition_range_end": str(settings.end)}
+        first, last = partition_keys_for(partitions, settings.start, settings.end)
+        tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
         with dg.DagsterInstance.ephemeral() as instance:
             result = defs.resolve_job_def("hedge").execute_in_process(instance=instance, tags=tags)
             assert result.success

@@ -143,8 +143,10 @@ def reference(short, tmp_path_factory) -> dict[str, pl.DataFrame]:
 
 @pytest.fixture(scope="module")
 def daily_tables(short, tmp_path_factory) -> dict[str, pl.DataFrame]:
-    """The tables of the same window materialized one daily partition per run, then the evaluation."""
-    settings = settings_in(tmp_path_factory.mktemp("daily"), short)
+    """The tables of the same window materialized with daily partitions, one per run, then the
+    evaluation (the reference runs the default weekly grain as one range: the grain and the run
+    split must change no number)."""
+    settings = settings_in(tmp_path_factory.mktemp("daily"), replace(short, partitions="daily"))
     defs = build_definitions(settings)
     job = defs.resolve_job_def("daily_walk_forward")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -173,12 +175,13 @@ class TestBackfillEquivalence:
         assert previous_weights(pl.DataFrame(), day(3, 0), ["X", "Y"]) == {}  # before the table exists
 
     @pytest.mark.slow
-    def test_one_range_run_equals_a_sequence_of_daily_runs(self, reference, daily_tables):
+    def test_one_weekly_range_run_equals_a_sequence_of_daily_partition_runs(self, reference, daily_tables):
         """Regression: the weights asset used to start each run without previous weights, so a
         daily run recorded `fallback:equal:...` where the range run (which carried the weights
         from day to day inside one run) recorded `fallback:previous:...`, and max_rebalance /
         cost terms saw different w_prev. The asset now seeds its walk-forward from the previous
-        day's stored weights (a self-dependency), so both modes store the same tables."""
+        partition's stored weights (a self-dependency), so both modes store the same tables; the
+        daily runs also use daily partitions, the range run weekly ones."""
         daily = daily_tables
         assert set(daily) == set(reference)
         # statuses (incl. fallback:previous:...), keys and every non-float column exactly; floats to solver tolerance
@@ -538,7 +541,7 @@ class TestObservability:
         defs = build_definitions(settings, market=_LateMarket(symbols=list(settings.symbols), origin=settings.origin.isoformat(),
                                                               late_hours=late_hours))
         job = defs.resolve_job_def("hourly_market_data")
-        result = job.execute_in_process(partition_key="2025-01-02", instance=dg.DagsterInstance.ephemeral(),
+        result = job.execute_in_process(partition_key="2024-12-30", instance=dg.DagsterInstance.ephemeral(),  # the first week
                                         run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
         assert result.success  # non-blocking: net returns are still computed
         fresh = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
@@ -560,8 +563,8 @@ class TestObservability:
         with pytest.raises(RunFailed) as failure, dg.DagsterInstance.ephemeral() as instance:
             materialize_range(defs, settings.start, settings.end, instance)
         message = str(failure.value)
-        assert "partitions 2025-01-01..2025-01-02" in message
+        assert "partitions 2024-12-30..2024-12-30 (days 2025-01-01..2025-01-02)" in message  # keys of weekly partitions
         assert "check raw/candles:schema failed (2 failing rows)" in message  # the duplicated bar, both copies
         step_line = next(line for line in message.splitlines() if "(step raw_market)" in line)
-        assert "asset raw/candles" in step_line and "partitions 2025-01-01..2025-01-02" in step_line
+        assert "asset raw/candles" in step_line and "partitions 2024-12-30..2024-12-30" in step_line
         assert "blocking asset check failed" in step_line and "raw/candles: schema" in step_line

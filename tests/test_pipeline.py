@@ -17,6 +17,7 @@ from assets.evaluation import EQUITY
 from assets.portfolio import asof_inputs
 from perpfolio.optimize import load_strategies
 from pipelines.definitions import build_definitions
+from pipelines.partitions import partition_keys_for
 from pipelines.resources import RawMarket, as_utc
 from pipelines.run import RunFailed, materialize_range
 from pipelines.settings import Settings
@@ -60,10 +61,10 @@ def backtest_equity(settings: Settings) -> None:
 
 def walk_forward(settings: Settings, market: RawMarket | None = None) -> None:
     """Only the daily_walk_forward job over the whole window (no evaluation)."""
-    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
-            "dagster/asset_partition_range_end": settings.end.isoformat()}
+    job = build_definitions(settings, market=market).resolve_job_def("daily_walk_forward")
+    first, last = partition_keys_for(job.partitions_def, settings.start, settings.end)
+    tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
     with dg.DagsterInstance.ephemeral() as instance:
-        job = build_definitions(settings, market=market).resolve_job_def("daily_walk_forward")
         assert job.execute_in_process(instance=instance, tags=tags).success
 
 
@@ -346,8 +347,8 @@ class TestLiveWindow:
         midnight = datetime(today.year, today.month, today.day, tzinfo=timezone.utc)
         closed_hours = lambda: int((datetime.now(timezone.utc) - midnight) / timedelta(hours=1))  # noqa: E731
         before = closed_hours()
-        tags = {"dagster/asset_partition_range_start": str(today - timedelta(days=1)),
-                "dagster/asset_partition_range_end": str(today)}
+        first, last = partition_keys_for(job.partitions_def, today - timedelta(days=1), today)
+        tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
         with dg.DagsterInstance.ephemeral() as instance:
             assert job.execute_in_process(instance=instance, tags=tags).success
         tables = read_tables(settings.warehouse)

@@ -281,7 +281,7 @@ def test_raw_asset_stores_data_quality_then_fails_and_keeps_earlier_days(tmp_pat
     """PERPFOLIO_OUTLIERS=error: raw_market over a clean day, then over the day with a 10x print."""
     from assets import raw
     from pipelines.definitions import build_definitions
-    from pipelines.partitions import daily_partitions
+    from pipelines.partitions import time_partitions
     from pipelines.resources import as_utc
     from pipelines.settings import Settings
 
@@ -290,9 +290,9 @@ def test_raw_asset_stores_data_quality_then_fails_and_keeps_earlier_days(tmp_pat
     bad = at(10, 10)
     (line, close), = edit_klines(path, lambda ts: scaled_close(10.0) if ts == bad else None).values()
     settings = Settings(symbols=("BTCUSDT", "ETHUSDT"), source="archive", archive_dir=root, start=date(2025, 3, 1),
-                        end=date(2025, 3, 31), warehouse=tmp_path / "w.duckdb", reports_dir=tmp_path / "reports")
+                        end=date(2025, 3, 31), partitions="daily", warehouse=tmp_path / "w.duckdb", reports_dir=tmp_path / "reports")
     resources = build_definitions(settings).resources
-    assets = raw.build(daily_partitions(settings))
+    assets = raw.build(settings, time_partitions(settings))
 
     def table(name: str) -> pl.DataFrame:
         with duckdb.connect(str(settings.warehouse), read_only=True) as con:

@@ -21,6 +21,7 @@ from perpfolio.risk_quality import (
     rank_estimators, realized_returns, robust_bias_band, transition_counts,
 )
 from pipelines.definitions import build_definitions
+from pipelines.run import materialize_range
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
 
@@ -316,10 +317,8 @@ def test_asset_end_to_end_agrees_with_a_plain_loop_over_the_stored_tables(tmp_pa
     settings = Settings(start=date(2025, 1, 1), end=date(2025, 1, 6), window_bars=48, warehouse=tmp_path / "w.duckdb",
                         reports_dir=tmp_path / "reports", stress_leverages=(1.0,), baselines=("equal_weight", "btc_only"))
     defs = build_definitions(settings)
-    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
-            "dagster/asset_partition_range_end": settings.end.isoformat()}
     with dg.DagsterInstance.ephemeral() as instance:
-        assert defs.resolve_job_def("daily_walk_forward").execute_in_process(instance=instance, tags=tags).success
+        materialize_range(defs, settings.start, settings.end, instance, evaluate=False)
         result = dg.materialize(list(defs.assets), selection=[RISK_MODEL, RISK_MODEL_SUMMARY], resources=defs.resources,
                                 instance=instance)
         assert result.success

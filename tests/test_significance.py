@@ -24,6 +24,7 @@ from perpfolio.significance import (book_returns, bootstrap_intervals, compariso
                                     percentile_interval, probabilistic_sharpe, sharpe_tests, significance,
                                     stationary_bootstrap_indices, verdict, hybrid_verdicts)
 from pipelines.definitions import build_definitions
+from pipelines.run import materialize_range
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
 
@@ -292,12 +293,10 @@ def test_the_asset_through_the_pipeline(short_settings):
     into the temporary warehouse; every book and pair is there, the estimates are backtest.metrics' own,
     and materializing again stores the same numbers."""
     settings = replace(short_settings, bootstrap_block_bars=12, bootstrap_resamples=200)
-    tags = {"dagster/asset_partition_range_start": settings.start.isoformat(),
-            "dagster/asset_partition_range_end": settings.end.isoformat()}
     defs = build_definitions(settings)
     tables = []
     with dg.DagsterInstance.ephemeral() as instance:
-        assert defs.resolve_job_def("daily_walk_forward").execute_in_process(instance=instance, tags=tags).success
+        materialize_range(defs, settings.start, settings.end, instance, evaluate=False)
         for _ in range(2):
             result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
                 instance=instance, asset_selection=[EQUITY, SIGNIFICANCE])

@@ -17,6 +17,7 @@ from perpfolio.report import plot_stress_vs_realized
 from perpfolio.stress_check import confusion, predicted_verdicts, realized_outcomes
 from perpfolio.tiers import Tier
 from pipelines.definitions import build_definitions
+from pipelines.run import materialize_range
 from pipelines.resources import as_utc
 from pipelines.settings import Settings
 
@@ -326,9 +327,8 @@ def test_assets_end_to_end_over_the_planted_crash(tmp_path):
                         reports_dir=tmp_path / "reports", stress_leverages=(1.0, 10.0), baselines=("btc_only",),
                         strategies_file=strategies)
     defs = build_definitions(settings)
-    tags = {"dagster/asset_partition_range_start": "2025-03-11", "dagster/asset_partition_range_end": "2025-03-13"}
     with dg.DagsterInstance.ephemeral() as instance:
-        assert defs.resolve_job_def("daily_walk_forward").execute_in_process(instance=instance, tags=tags).success
+        materialize_range(defs, date(2025, 3, 11), date(2025, 3, 13), instance, evaluate=False)
         job = defs.resolve_implicit_global_asset_job_def()
         assert job.execute_in_process(instance=instance, asset_selection=[STRESS, STRESS_VS_REALIZED, STRESS_CONFUSION]).success
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:

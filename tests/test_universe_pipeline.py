@@ -12,7 +12,7 @@ import pytest
 
 from assets import raw
 from pipelines.definitions import build_definitions
-from pipelines.partitions import daily_partitions
+from pipelines.partitions import time_partitions
 from pipelines.resources import as_utc
 from pipelines.run import materialize_range
 from pipelines.settings import Settings
@@ -72,10 +72,10 @@ class TestSyntheticUniverse:
 
 
 def test_by_default_the_bad_print_stops_the_raw_step_and_is_stored(tmp_path):
-    settings = Settings(start=date(2025, 1, 1), end=date(2025, 3, 4), synthetic_events=True,
+    settings = Settings(start=date(2025, 1, 1), end=date(2025, 3, 4), synthetic_events=True, partitions="daily",
                         warehouse=tmp_path / "w.duckdb", reports_dir=tmp_path / "reports")
     with dg.DagsterInstance.ephemeral() as instance:
-        result = dg.materialize(raw.build(daily_partitions(settings)), partition_key="2025-03-02", instance=instance,
+        result = dg.materialize(raw.build(settings, time_partitions(settings)), partition_key="2025-03-02", instance=instance,
                                 resources=build_definitions(settings).resources, raise_on_error=False)
     assert not result.success
     (failure,) = [e.event_specific_data.error for e in result.all_events if e.is_step_failure]
