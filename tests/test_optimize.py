@@ -15,7 +15,7 @@ import cvxpy as cp
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from perpfolio.errors import ConfigError, DataError
@@ -97,12 +97,15 @@ def reference(objective: str, m: dict, *, w_base=None, lo=0.0, hi=0.5) -> float:
         cons.append(0.5 * cp.norm1(w - w_base) <= 0.2)
     problem = cp.Problem(cp.Minimize(risk), cons)
     problem.solve(**OSQP_REF)
+    if problem.status == "optimal_inaccurate":  # OSQP stalls short of 1e-10 now and then (seeds 5660 and 999, n=5)
+        problem.solve(**CLARABEL_REF)
     if problem.status != "optimal":
         raise RuntimeError(f"reference {objective}: {problem.status}")
     return float(problem.value)
 
 
 OSQP_REF = {"solver": "OSQP", "eps_abs": 1e-10, "eps_rel": 1e-10, "polish": True, "max_iter": 500_000}
+CLARABEL_REF = {"solver": "CLARABEL"}  # its default 1e-8 gaps: 1000x tighter than the comparisons' rel 1e-5
 
 
 def weights_of(df: pl.DataFrame, strategy: str, k: int = 0) -> np.ndarray:
@@ -241,6 +244,8 @@ class TestSecondSolver:
 
     @settings(max_examples=20, deadline=None)
     @given(seed=st.integers(0, 2**32 - 1), n=st.integers(3, 5))
+    @example(seed=5660, n=5)  # the OSQP reference ended optimal_inaccurate on the hybrid: CLARABEL decides
+    @example(seed=999, n=5)
     def test_objectives_match(self, seed, n):
         m = market(seed, n, mu_floor=0.3)  # two assets >= 30%: target 20% and Sharpe > 0 feasible
         params = {"target_return": {"target_return": 0.2}}
