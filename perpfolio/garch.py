@@ -182,7 +182,10 @@ def fit_garch11(y: np.ndarray, lengths: np.ndarray, *, max_iter: int = 200, tol:
         h = h_u[rows]
         diag = np.abs(np.einsum("bii->bi", h))
         system = h + (damping[rows][:, None] * (diag + 1e-12))[:, :, None] * np.eye(3)[None]
-        step = -np.linalg.solve(system, g_u[rows][:, :, None])[:, :, 0]
+        try:
+            step = -np.linalg.solve(system, g_u[rows][:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # an exactly singular system somewhere: least squares, row by row
+            step = -np.stack([np.linalg.lstsq(m, g, rcond=None)[0] for m, g in zip(system, g_u[rows])])
         trial = u[rows] + step
         t_nll, t_g, t_h, t_nxt = evaluate(trial, rows)
         improved = np.isfinite(t_nll) & (t_nll < nll[rows])

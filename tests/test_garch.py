@@ -134,3 +134,16 @@ def test_forecast_follows_the_garch_recursion():
     for _ in range(2):
         expected.append(0.1 + 0.9 * expected[-1])
     assert fit.forecast(3)[0] == pytest.approx(np.mean(expected), rel=1e-15)
+
+
+def test_degenerate_windows_neither_crash_nor_pass_as_fits():
+    """A window of zeros but one spike, and one alternating +-1 (no volatility clustering, a ridge of
+    optima): the batch still returns, with finite parameters inside the bounds."""
+    spike = np.zeros(T)
+    spike[T // 2] = np.sqrt(T)
+    alternating = np.where(np.arange(T) % 2 == 0, 1.0, -1.0)
+    fit = fit_garch11(np.array([spike, alternating]), np.array([T, T]))
+    assert np.isfinite(fit.omega).all() and np.isfinite(fit.nll).all()
+    assert ((fit.alpha >= 0) & (fit.beta >= 0) & (fit.alpha + fit.beta <= 1)).all()
+    # y^2 = 1 throughout: every theta with omega + alpha + beta = 1 keeps sigma2 = 1, the minimum 1/2
+    assert fit.nll[1] == pytest.approx(0.5, abs=1e-9)
