@@ -25,6 +25,7 @@ from perpfolio.errors import ConfigError, DataError
 _SIZE = (9.0, 4.5)
 _DPI = 100
 _MAX_LEGEND = 20  # more series than this: no legend (it would cover the plot)
+_BANDS = 10  # symbol bands or bars of a figure: the largest symbols, then one "other" (ten colours)
 
 
 def plot_equity(equity: pl.DataFrame) -> bytes:
@@ -49,17 +50,43 @@ def plot_drawdown(equity: pl.DataFrame) -> bytes:
     return _png(fig, ax)
 
 
+def stacked_bands(held: Sequence[str], w: np.ndarray, shown: Sequence[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The bands of a stacked figure: one per symbol of ``shown`` that ``held`` has (in ``shown``
+    order), then one "other" band summing the rest. ``w``: rows (asofs, books) x ``held`` values.
+    Returns (labels, positives, negatives), each band's ``max(w, 0)`` and ``min(w, 0)`` parts
+    (bands x rows): the other band sums its symbols' positive and negative parts apart, so the
+    upward stack and the downward stack each keep their totals (a book's gross longs and shorts)."""
+    index = {sym: i for i, sym in enumerate(held)}
+    cols = [index[sym] for sym in shown if sym in index]
+    rest = [i for i, sym in enumerate(held) if sym not in set(shown)]
+    labels = [held[i] for i in cols] + (["other"] if rest else [])
+    longs = [np.clip(w[:, i], 0, None) for i in cols] + ([np.clip(w[:, rest], 0, None).sum(axis=1)] if rest else [])
+    shorts = [np.clip(w[:, i], None, 0) for i in cols] + ([np.clip(w[:, rest], None, 0).sum(axis=1)] if rest else [])
+    return labels, np.array(longs).reshape(len(labels), -1), np.array(shorts).reshape(len(labels), -1)
+
+
+def band_colors(shown: Sequence[str]) -> dict[str, str]:
+    """A colour per shown symbol and grey ("C7") for "other": the symbols skip the grey while there
+    is an other band (at most ``_BANDS - 1`` shown)."""
+    palette = [f"C{i}" for i in range(10) if i != 7] + ["C7"]
+    return {sym: palette[i] for i, sym in enumerate(shown)} | {"other": "C7"}
+
+
 def plot_weights(weights: pl.DataFrame, strategies: Sequence[str] | None = None) -> bytes:
     """Stacked weights over asof, one small panel per strategy (two columns, shared axes, one legend
     of symbols with the same colour in every panel): longs stacked up from 0, shorts down from 0.
+    With more than ``_BANDS`` symbols, the ``_BANDS - 1`` largest by mean |weight|
+    over all rows get a band each and the others one grey "other" band (`stacked_bands`).
     ``strategies``: which and in what order (default: every strategy of the frame, as they appear).
 
     Columns: as_of, strategy, symbol, weight (fractions of equity).
     """
     _require(weights, ("as_of", "strategy", "symbol", "weight"), "plot_weights")
     names = weights["strategy"].unique(maintain_order=True).to_list() if strategies is None else list(strategies)
-    symbols = sorted(weights["symbol"].unique())
-    colors = {sym: f"C{i % 10}" for i, sym in enumerate(symbols)}
+    ranked = (weights.group_by("symbol").agg(size=pl.col("weight").abs().mean())
+              .sort(["size", "symbol"], descending=[True, False])["symbol"].to_list())
+    shown = sorted(ranked if len(ranked) <= _BANDS else ranked[: _BANDS - 1])
+    colors = band_colors(shown)
     panels = []
     for strategy in names:
         part = weights.filter(pl.col("strategy") == strategy)
@@ -70,16 +97,16 @@ def plot_weights(weights: pl.DataFrame, strategies: Sequence[str] | None = None)
         w = wide.select(held).to_numpy().astype(float)
         if np.isnan(w).any():
             raise DataError(f"plot_weights: strategy {strategy!r} has missing weights for some asof/symbol")
-        panels.append((strategy, wide["as_of"].to_numpy(), held, w))
+        panels.append((strategy, wide["as_of"].to_numpy(), *stacked_bands(held, w, shown)))
     cols = 1 if len(panels) == 1 else 2
     rows = -(-len(panels) // cols)
     fig = Figure(figsize=(_SIZE[0], max(_SIZE[1], 2.2 * rows + 0.9)), dpi=_DPI)
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
-    for ax, (strategy, asof, held, w) in zip(axes, panels):
-        palette = [colors[c] for c in held]
-        ax.stackplot(asof, np.clip(w, 0, None).T, colors=palette, alpha=0.85)
-        if (w < 0).any():
-            ax.stackplot(asof, np.clip(w, None, 0).T, colors=palette, alpha=0.85)
+    for ax, (strategy, asof, labels, longs, shorts) in zip(axes, panels):
+        palette = [colors[label] for label in labels]
+        ax.stackplot(asof, longs, colors=palette, alpha=0.85)
+        if (shorts < 0).any():
+            ax.stackplot(asof, shorts, colors=palette, alpha=0.85)
         ax.axhline(0.0, color="black", lw=0.6)
         ax.set_title(strategy, fontsize="small")
         ax.grid(True, alpha=0.3)
@@ -89,8 +116,10 @@ def plot_weights(weights: pl.DataFrame, strategies: Sequence[str] | None = None)
     axes[0].xaxis.set_major_locator(locator)
     axes[0].xaxis.set_major_formatter(ConciseDateFormatter(locator))
     fig.suptitle("Weights (fraction of equity)")
-    fig.legend(handles=[Patch(color=colors[sym], label=sym) for sym in symbols][:_MAX_LEGEND], loc="upper right",
-               fontsize="small")
+    others = len(ranked) - len(shown)
+    handles = [Patch(color=colors[sym], label=sym) for sym in shown]
+    fig.legend(handles=handles + ([Patch(color=colors["other"], label=f"other ({others} symbols)")] if others else []),
+               loc="upper right", fontsize="small")
     fig.subplots_adjust(left=0.07, right=0.82, top=1 - 0.6 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
                         hspace=0.45, wspace=0.08)  # fixed margins: no layout pass over every panel's ticks
     buf = io.BytesIO()
@@ -134,9 +163,18 @@ def plot_funding(equity: pl.DataFrame) -> bytes:
     return _png(fig, ax)
 
 
+def nearest_to_liquidation(levels: pl.DataFrame, k: int) -> list[str]:
+    """The ``k`` symbols with the smallest distance to liquidation in any row (ties by name; symbols
+    without a liquidation price last), sorted by name."""
+    ranked = levels.group_by("symbol").agg(pl.col("distance").min()).sort(["distance", "symbol"], nulls_last=True)
+    return sorted(ranked["symbol"].head(k).to_list())
+
+
 def plot_liquidation(levels: pl.DataFrame, *, leverage: float) -> bytes:
     """Grouped bars: adverse move to liquidation (%) per strategy x symbol at one leverage, cross
     (solid) and isolated (hatched) margin; a position without a liquidation price shows no bar.
+    Of more than ``_BANDS`` symbols, the ``_BANDS`` nearest to liquidation (smallest distance in
+    any book) are drawn, and the title says so (risk.liquidation holds them all).
 
     Columns: strategy, symbol, leverage, margin_mode, distance (fraction, nullable).
     """
@@ -145,9 +183,11 @@ def plot_liquidation(levels: pl.DataFrame, *, leverage: float) -> bytes:
     if part.is_empty():
         raise DataError(f"plot_liquidation: no rows at leverage {leverage}")
     strategies = sorted(part["strategy"].unique().to_list())
-    symbols = sorted(part["symbol"].unique().to_list())
-    fig, ax = _figure(f"Distance to liquidation of the latest weights at {leverage:g}x "
-                      "(solid: cross, hatched: isolated)", "adverse move to liquidation (%)")
+    symbols = nearest_to_liquidation(part, _BANDS)
+    total = part["symbol"].n_unique()
+    more = f", the {len(symbols)} nearest of {total} symbols" if total > len(symbols) else ""
+    fig, ax = _figure(f"Distance to liquidation at {leverage:g}x (solid: cross, hatched: isolated{more})",
+                      "adverse move to liquidation (%)")
     slots = [(sym, mode) for sym in symbols for mode in ("cross", "isolated")]
     width = 0.8 / len(slots)
     x = np.arange(len(strategies))
@@ -155,7 +195,7 @@ def plot_liquidation(levels: pl.DataFrame, *, leverage: float) -> bytes:
         cell = dict(part.filter((pl.col("symbol") == sym) & (pl.col("margin_mode") == mode))
                     .select("strategy", "distance").iter_rows())
         heights = [100.0 * cell[s] if cell.get(s) is not None else np.nan for s in strategies]
-        ax.bar(x + k * width, heights, width, color=f"C{symbols.index(sym) % 10}",
+        ax.bar(x + k * width, heights, width, color=f"C{symbols.index(sym)}",
                hatch="//" if mode == "isolated" else None, label=sym if mode == "cross" else None)
     ax.set_xticks(x + 0.4 - width / 2, strategies, rotation=20, fontsize="small")
     return _png(fig, ax, dates=False)
@@ -426,15 +466,20 @@ def plot_risk_contributions(contributions: pl.DataFrame) -> bytes:
     wide = latest.pivot(on="symbol", index=["strategy", "as_of", "book_vol"], values="share").sort("strategy")
     symbols = sorted(latest["symbol"].unique().to_list())
     shares = 100.0 * wide.select(symbols).fill_null(0.0).to_numpy()  # books x symbols (null: a riskless book)
+    ranked = sorted(symbols, key=lambda sym: (-np.abs(shares[:, symbols.index(sym)]).mean(), sym))
+    shown = sorted(ranked if len(ranked) <= _BANDS else ranked[: _BANDS - 1])
+    labels, positive, negative = stacked_bands(symbols, shares, shown)
     as_of = latest["as_of"].max().strftime("%Y-%m-%d")
     fig, ax = _figure(f"Risk contributions (Euler, share of variance) at each book's latest rebalance ({as_of})",
                       "share of variance (%)")
     x = np.arange(wide.height)
     up, down = np.zeros(len(x)), np.zeros(len(x))
-    for k, symbol in enumerate(symbols):
-        v = shares[:, k]
-        ax.bar(x, v, 0.6, bottom=np.where(v >= 0, up, down), color=f"C{k % 10}", label=symbol)
-        up, down = up + np.clip(v, 0, None), down + np.clip(v, None, 0)
+    colors = band_colors(shown)
+    for k, label in enumerate(labels):
+        name = f"other ({len(symbols) - len(shown)} symbols)" if label == "other" else label
+        ax.bar(x, positive[k], 0.6, bottom=up, color=colors[label], label=name)
+        ax.bar(x, negative[k], 0.6, bottom=down, color=colors[label])
+        up, down = up + positive[k], down + negative[k]
     ax.axhline(0.0, color="black", lw=0.6)
     ax.set_ylim(min(down.min(), 0.0) - 5.0, max(up.max(), 100.0) * 1.3)  # headroom for the legend
     labels = [f"{s} (σ {100 * v:.0f}%)" for s, v in wide.select("strategy", "book_vol").iter_rows()]

@@ -2,6 +2,7 @@
 
 import base64
 import io
+from datetime import datetime
 import re
 import shutil
 import subprocess
@@ -14,14 +15,17 @@ from matplotlib.image import imread
 from perpfolio import report
 from perpfolio.errors import ConfigError, DataError
 from perpfolio.report import (
+    nearest_to_liquidation,
     plot_drawdown,
     plot_equity,
     plot_frontier,
     plot_funding,
     plot_liquidation,
+    plot_risk_contributions,
     plot_stress,
     plot_vrp,
     plot_weights,
+    stacked_bands,
     write_report,
 )
 
@@ -108,6 +112,41 @@ class TestFigures:
                                "distance": [0.5]})
         with pytest.raises(DataError, match="no rows at leverage 3"):
             plot_liquidation(levels, leverage=3.0)
+
+    def test_stacked_bands_keep_the_shown_symbols_and_sum_the_rest_by_side(self):
+        held = ["A", "B", "C", "D"]
+        w = np.array([[0.5, -0.2, 0.3, 0.4], [0.1, 0.2, -0.6, 0.3]])
+        labels, longs, shorts = stacked_bands(held, w, ["B", "A"])
+        assert labels == ["B", "A", "other"]
+        np.testing.assert_allclose(longs, [[0.0, 0.2], [0.5, 0.1], [0.7, 0.3]])
+        np.testing.assert_allclose(shorts, [[-0.2, 0.0], [0.0, 0.0], [0.0, -0.6]])
+        np.testing.assert_allclose(longs.sum(axis=0) + shorts.sum(axis=0), w.sum(axis=1), atol=1e-15)  # the net book
+        labels, longs, _ = stacked_bands(held, w, held)
+        assert labels == held and longs.shape == (4, 2)  # nothing left over: no "other" band
+
+    def test_a_hundred_symbols_draw_ten_bands(self, frames):
+        """100 symbols: the figure still decodes and is not blank (9 bands + "other")."""
+        base = frames["weights"]
+        many = pl.concat([base.with_columns(symbol=pl.col("symbol") + f"_{k}", weight=pl.col("weight") / 34)
+                          for k in range(34)])
+        assert many["symbol"].n_unique() >= 100
+        pixels = imread(io.BytesIO(plot_weights(many)), format="png")
+        assert pixels[..., :3].std() > 0.05
+
+    def test_many_symbols_liquidation_and_contributions_stay_readable(self):
+        """30 symbols: the liquidation bars keep the 10 nearest to liquidation, and both figures draw."""
+        symbols = [f"S{i:02d}" for i in range(30)]
+        levels = pl.DataFrame([{"strategy": s, "symbol": sym, "leverage": 5.0, "margin_mode": mode,
+                                "distance": None if i == 0 else 0.01 * ((i * 7) % 30 + 1) + (0.001 if s == "a" else 0.0)}
+                               for s in ("a", "b") for i, sym in enumerate(symbols) for mode in ("cross", "isolated")])
+        expected = sorted(symbols[i] for i in range(1, 30) if (i * 7) % 30 + 1 <= 11)  # i = 0 (value 1) has no price
+        assert nearest_to_liquidation(levels, 10) == expected and len(expected) == 10
+        assert nearest_to_liquidation(levels, 40) == sorted(symbols)  # the one without a price comes last
+        contributions = pl.DataFrame([{"as_of": datetime(2025, 1, 30, 23), "strategy": s, "symbol": sym,
+                                       "share": (1.0 if s == "a" else -0.5) / 30, "book_vol": 0.3}
+                                      for s in ("a", "b") for sym in symbols])
+        for png in (plot_liquidation(levels, leverage=5.0), plot_risk_contributions(contributions)):
+            assert imread(io.BytesIO(png), format="png")[..., :3].std() > 0.05
 
     def test_unknown_strategy(self, frames):
         with pytest.raises(DataError, match="no rows for strategy 'nope'"):
