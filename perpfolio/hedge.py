@@ -178,10 +178,40 @@ def hedge_table(
     series = _spot_series(spot, symbols, notional)
     ends = np.asarray(ends, dtype=np.int64)
     fits: dict[tuple[str, str, int], HedgeFit | str] = {}
+    batched: set[int] = set()  # window ends whose cross hedges `cross_fits_at` has tried
+
+    def cross_fits_at(end: int) -> None:
+        """The cross hedges of every series whose window ending at row ``end`` is complete, at once:
+        ``S_FF`` is the same for all of them, so one solve with a column per series gives every
+        ``h* = S_FF^-1 S_FS`` (what `fit_hedge` computes for each alone). A window the batch cannot
+        decide (too short, a missing bar, a constant series, collinear perps) is left to `fit_hedge`."""
+        lo = end - window + 1
+        if lo < 0 or not np.isfinite(perps[lo : end + 1]).all():
+            return
+        f = perps[lo : end + 1]
+        complete = [(name, r_s[lo : end + 1]) for name, r_s, _, _ in series if np.isfinite(r_s[lo : end + 1]).all()]
+        if not complete:
+            return
+        names, s_cols = [name for name, _ in complete], np.column_stack([column for _, column in complete])
+        if (f == f[0]).all(axis=0).any() or (s_cols == s_cols[0]).all(axis=0).any():
+            return
+        fc, sc = f - f.mean(axis=0), s_cols - s_cols.mean(axis=0)
+        s_ff, s_fs = fc.T @ fc / (window - 1), fc.T @ sc / (window - 1)
+        sd = np.sqrt(np.diag(s_ff))
+        if np.linalg.cond(s_ff / np.outer(sd, sd)) > _COLLINEAR_COND:
+            return
+        ratios = np.linalg.solve(s_ff, s_fs)
+        spot_var, hedged_var = np.var(s_cols, axis=0, ddof=1), np.var(s_cols - f @ ratios, axis=0, ddof=1)
+        for j, name in enumerate(names):
+            fits[(name, "cross", end)] = HedgeFit(ratios[:, j], 1.0 - hedged_var[j] / spot_var[j], float(spot_var[j]),
+                                                  float(hedged_var[j]), window)
 
     def fit_at(name: str, r_s: np.ndarray, hedge: str, cols: list[int], end: int) -> HedgeFit | str:
         """The fit of the window ending at row ``end``, or its status when it cannot be fitted."""
         key = (name, hedge, end)
+        if hedge == "cross" and end not in batched:
+            batched.add(end)
+            cross_fits_at(end)
         if key not in fits:
             lo = end - window + 1
             rows = slice(max(lo, 0), end + 1)
@@ -219,23 +249,28 @@ def hedge_table(
             hedges = ([("single", [own])] if own is not None else []) + [("cross", list(range(n)))]
             lo = max(end - window + 1, 0)
             n_obs = int(complete[name][end + 1] - complete[name][lo]) if end >= 0 else 0
-            for hedge, cols in hedges:
+            for hedge, cols in hedges:  # one block of rows (a perp each) per series and hedge
                 fit = fit_at(name, r_s, hedge, cols, end)
                 ok = isinstance(fit, HedgeFit)
                 oos = out_of_sample(name, r_s, hedge, cols, end, asof) if ok else None
-                for j, col in enumerate(cols):
-                    ratio = float(fit.ratios[j]) if ok else None
-                    values = (asof, name, hedge, symbols[col], spot_notional, ratio,
-                              None if ratio is None else -ratio * spot_notional,
-                              fit.effectiveness if ok else None, oos,
-                              float(np.sqrt(fit.spot_var * periods_per_year)) if ok else None,
-                              float(np.sqrt(fit.hedged_var * periods_per_year)) if ok else None,
-                              n_obs, window, "ok" if ok else fit)
-                    for column, value in zip(_TABLE_COLUMNS, values):
-                        out[column].append(value)
+                ratios = fit.ratios.tolist() if ok else [None] * len(cols)
+                block = {
+                    "perp": [symbols[col] for col in cols], "hedge_ratio": ratios,
+                    "hedge_notional": [-ratio * spot_notional for ratio in ratios] if ok else ratios,
+                }
+                same = (asof, name, hedge, spot_notional, float(fit.effectiveness) if ok else None, oos,
+                        float(np.sqrt(fit.spot_var * periods_per_year)) if ok else None,
+                        float(np.sqrt(fit.hedged_var * periods_per_year)) if ok else None,
+                        n_obs, window, "ok" if ok else fit)
+                for column, value in zip(_BLOCK_CONSTANT, same):
+                    block[column] = [value] * len(cols)
+                for column in _TABLE_COLUMNS:
+                    out[column].extend(block[column])
     return pl.DataFrame(out, schema=_TABLE_COLUMNS)
 
 
+_BLOCK_CONSTANT = ("as_of", "symbol", "hedge", "spot_notional", "effectiveness", "effectiveness_oos", "spot_vol",
+                   "hedged_vol", "n_obs", "window_bars", "status")  # the same on every row of a block (all but the perp's)
 _TABLE_COLUMNS = {
     "as_of": _TS, "symbol": pl.String, "hedge": pl.String, "perp": pl.String, "spot_notional": pl.Float64,
     "hedge_ratio": pl.Float64, "hedge_notional": pl.Float64, "effectiveness": pl.Float64,
