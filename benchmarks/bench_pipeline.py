@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -52,7 +51,6 @@ def one() -> dict:
     from pipelines.run import materialize_range
     from pipelines.settings import Settings
 
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
     imported = time.perf_counter() - began
     settings = Settings.from_env()
     with dg.DagsterInstance.get() as instance:

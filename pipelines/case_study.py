@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from datetime import date, datetime, timezone
 from pathlib import Path
 
@@ -242,7 +241,6 @@ def _commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with binance/ and deribit_dvol/")
     parser.add_argument("--start", type=date.fromisoformat, default=date(2025, 1, 1))

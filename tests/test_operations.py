@@ -231,6 +231,7 @@ class TestConcurrency:
                 storage.free_concurrency_slots_for_run("holder-run")
             texts = [finish(runs[0], tmp_path / "a.log"), finish(runs[1], tmp_path / "b.log")]
         assert all("evaluation:" not in text and "walk-forward stored" in text for text in texts)
+        assert not any("Warning" in text for text in texts)  # Dagster's beta/preview warnings are silenced
         tables = read_tables(settings.warehouse)
         assert not set(tables) & {"backtest.equity", "risk.stress"}  # --walk-forward-only: no evaluation ran
         # walk-forward partitions depend only on earlier days, so whichever run wrote them last they match
@@ -552,6 +553,22 @@ class TestObservability:
             assert "BTCUSDT 5 h behind" in fresh[0].description
             assert fresh[0].metadata["lag_BTCUSDT"].value == "5 h"
 
+    def test_a_failed_cli_run_prints_its_summary_and_no_trace(self, tmp_path):
+        """`make backfill` over the week of the synthetic market's bad print (SOL 2025-03-02 14:00):
+        the process exits non-zero and prints the summary (asset, partitions, cause) and the pointer
+        to the UI, without Dagster's 70-line trace or its beta-API warnings."""
+        settings = settings_in(tmp_path, replace(Settings(start=date(2025, 1, 1), end=date(2025, 3, 4), window_bars=48),
+                                                 synthetic_events=True))
+        env = {**env_for(settings, tmp_path / "home"), "PERPFOLIO_SYNTHETIC_EVENTS": "on"}
+        proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--start", "2025-03-02", "--end", "2025-03-02",
+                               "--walk-forward-only"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        assert proc.returncode != 0
+        assert lines[0].endswith("over partitions 2025-02-24..2025-02-24 (the partitions holding 2025-03-02..2025-03-02) failed:")
+        assert "asset raw/candles" in lines[1] and "SOLUSDT ts 2025-03-02 14:00 UTC" in lines[1]
+        assert lines[-1].startswith("see the run's log in the UI") and len(lines) == 3
+        assert not any("Traceback" in line or "Warning" in line for line in lines)
+
     def test_a_failed_run_names_asset_partition_and_reason(self, short, tmp_path):
         class Broken(RawMarket):
             def fetch(self, start, end):
@@ -563,7 +580,7 @@ class TestObservability:
         with pytest.raises(RunFailed) as failure, dg.DagsterInstance.ephemeral() as instance:
             materialize_range(defs, settings.start, settings.end, instance)
         message = str(failure.value)
-        assert "partitions 2024-12-30..2024-12-30 (days 2025-01-01..2025-01-02)" in message  # keys of weekly partitions
+        assert "partitions 2024-12-30..2024-12-30 (the partitions holding 2025-01-01..2025-01-02)" in message  # weekly keys
         assert "check raw/candles:schema failed (2 failing rows)" in message  # the duplicated bar, both copies
         step_line = next(line for line in message.splitlines() if "(step raw_market)" in line)
         assert "asset raw/candles" in step_line and "partitions 2024-12-30..2024-12-30" in step_line
