@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test ui backfill bench clean browser replay case-study
+.PHONY: run test ui backfill bench clean browser replay case-study sql
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -38,6 +38,9 @@ ui: $(STAMP)  ## Dagster UI + daemon on 127.0.0.1:3000 over the same DAGSTER_HOM
 backfill: $(STAMP)  ## make backfill START=YYYY-MM-DD END=YYYY-MM-DD
 	@test -n "$(START)" -a -n "$(END)" || (echo "usage: make backfill START=YYYY-MM-DD END=YYYY-MM-DD" && exit 2)
 	$(PY) -m pipelines.run --start $(START) --end $(END)
+
+sql: $(STAMP)  ## make sql Q="SELECT * FROM backtest.comparison": one read-only query on the warehouse, printed
+	@$(PY) -m pipelines.query "$(Q)"
 
 case-study: $(STAMP)  ## docs/real-data-case-study.md from a run on the shared real data (DATA=../shared/data/real)
 	$(PY) -m pipelines.case_study $(if $(DATA),--data $(DATA))

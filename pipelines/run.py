@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         with pl.Config(tbl_cols=-1, tbl_rows=-1, tbl_width_chars=250, tbl_hide_dataframe_shape=True,
                        tbl_hide_column_data_types=True):
             print(con.sql(COMPARISON).pl())
-    print(f"warehouse: {settings.warehouse}   (duckdb {settings.warehouse} ; every stage is a table)")
+    print(f"warehouse: {settings.warehouse}   (every stage is a table: make sql Q=\"SHOW ALL TABLES\")")
     print(f"report:    {settings.reports_dir / 'report.html'}")
 
 

@@ -37,6 +37,7 @@ from pipelines.definitions import build_definitions
 from pipelines.freshness import staleness_hours
 from perpfolio.warehouse import connect_waiting
 from pipelines.resources import RawMarket, WarehouseIOManager, as_utc
+from pipelines.query import main as query_main
 from pipelines.run import RunFailed, materialize_range
 from pipelines.settings import PROJECT_ROOT, Settings
 
@@ -585,3 +586,22 @@ class TestObservability:
         step_line = next(line for line in message.splitlines() if "(step raw_market)" in line)
         assert "asset raw/candles" in step_line and "partitions 2024-12-30..2024-12-30" in step_line
         assert "blocking asset check failed" in step_line and "raw/candles: schema" in step_line
+
+
+class TestQuery:
+    """`make sql Q=...` (pipelines.query): one read-only query on PERPFOLIO_WAREHOUSE, printed."""
+
+    def test_prints_the_result_and_names_what_went_wrong(self, tmp_path, monkeypatch, capsys):
+        warehouse = tmp_path / "w.duckdb"
+        monkeypatch.setenv("PERPFOLIO_WAREHOUSE", str(warehouse))
+        with pytest.raises(SystemExit, match=f"no warehouse at {warehouse}"):
+            query_main(["SHOW ALL TABLES"])
+        with duckdb.connect(str(warehouse)) as con:
+            con.execute("CREATE SCHEMA backtest; CREATE TABLE backtest.comparison AS SELECT 'hybrid' AS strategy, 1.25 AS sharpe")
+        query_main(["SELECT", "strategy, sharpe FROM backtest.comparison"])
+        out = capsys.readouterr().out
+        assert "hybrid" in out and "1.25" in out
+        with pytest.raises(SystemExit, match="query failed on .*w.duckdb: .*nope"):
+            query_main(["SELECT * FROM nope"])
+        with pytest.raises(SystemExit, match="usage: make sql"):
+            query_main([])
