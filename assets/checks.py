@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dagster as dg
+import numpy as np
 import pandera.errors
 import pandera.polars as pa
 import polars as pl
@@ -95,16 +96,37 @@ def failing_rows(frame: pl.DataFrame, cases: pl.DataFrame) -> pl.DataFrame:
     return lines.join(indexed, on="index", how="left").sort("index", nulls_last=True).select(*keys, "check", "column", "value")
 
 
+TIME_COLUMNS = ("as_of", "ts", "month")  # the column a table's time_range metadata spans, first found
+
+
+def time_range(frame: pl.DataFrame, column: str = "ts") -> str:
+    """``first .. last`` of ``column`` (UTC), or "empty"."""
+    if frame.is_empty():
+        return "empty"
+    return f"{frame[column].min()} .. {frame[column].max()}"
+
+
+def readable_metadata(frame: pl.DataFrame, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """An output's metadata as the UI shows it: plain floats rounded to 6 significant digits, and a
+    ``time_range`` over the table's time column (`TIME_COLUMNS`) unless the asset gave its own."""
+    out = {k: float(f"{v:.6g}") if isinstance(v, (float, np.floating)) else v for k, v in metadata.items()}
+    column = next((c for c in TIME_COLUMNS if c in frame.columns), None)
+    if column is not None and "time_range" not in out:
+        out["time_range"] = time_range(frame, column)
+    return out
+
+
 def validated(
     frame: pl.DataFrame, model: type[pa.DataFrameModel], key: dg.AssetKey, *, output_name: str = "result",
     metadata: Mapping[str, Any] | None = None,
 ) -> Iterator[dg.Output | dg.AssetCheckResult]:
-    """Conform `frame` to the table, check it, and emit the output only when the check passes."""
+    """Conform `frame` to the table, check it, and emit the output (with `readable_metadata`) only
+    when the check passes."""
     frame = conform(frame, model)
     result = check_frame(frame, model, key)
     if result.passed:
-        yield dg.Output(frame, output_name=output_name,
-                        metadata={"dagster/row_count": dg.MetadataValue.int(frame.height), **(metadata or {})})
+        yield dg.Output(frame, output_name=output_name, metadata={
+            "dagster/row_count": dg.MetadataValue.int(frame.height), **readable_metadata(frame, metadata or {})})
     yield result
 
 

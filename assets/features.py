@@ -7,8 +7,8 @@ import numpy as np
 import polars as pl
 
 from assets import schemas
-from assets.checks import table_asset, validated
-from assets.raw import CANDLES, FUNDING, time_range
+from assets.checks import table_asset, time_range, validated
+from assets.raw import CANDLES, FUNDING
 from perpfolio import estimators, returns, signals as signal_lib, universe as universe_lib
 from pipelines.partitions import lookback, partition_window, rebalance_asofs
 from pipelines.settings import Settings

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from assets import schemas
-from assets.checks import schema_check, table_metadata, validated
+from assets.checks import schema_check, table_metadata, time_range, validated
 from perpfolio.quality import outlier_error
 from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL, partition_window
 from pipelines.resources import RawMarket
@@ -33,12 +33,6 @@ _TABLES = {  # data_quality first: it is stored before a bad print stops the run
     "reference_prices": (REFERENCE_PRICES, schemas.ReferencePrices, "ts", "Hourly mark and index (spot composite) "
                          "price bars per symbol; empty for symbols whose source has none (see metadata missing_reference)."),
 }
-
-
-def time_range(frame: pl.DataFrame, column: str = "ts") -> str:
-    if frame.is_empty():
-        return "empty"
-    return f"{frame[column].min()} .. {frame[column].max()}"
 
 
 def quality_metadata(quality: pl.DataFrame, table: str) -> dict:

@@ -327,17 +327,24 @@ class TestCrashSafety:
         assert stress["leverage"].description == schemas.Stress.to_schema().columns["leverage"].description
 
         class Tiny(schemas.Table):
+            as_of: schemas.DateTime = pa.Field(dtype_kwargs={"time_unit": "us", "time_zone": "UTC"}, description="when")
             value: float = pa.Field(description="a number")
 
         key = dg.AssetKey(["ops", "tiny"])
+        when = [datetime(2025, 1, d, 23, tzinfo=timezone.utc) for d in (1, 2, 3)]
 
         @table_asset(key, Tiny)
         def tiny():
-            yield from validated(pl.DataFrame({"value": [1.0, 2.0, 3.0]}), Tiny, key)
+            yield from validated(pl.DataFrame({"as_of": when, "value": [1.0, 2.0, 3.0]}), Tiny, key,
+                                 metadata={"ratio": 2 / 3, "share": np.float64(1e-9 / 3), "label": "x"})
 
         result = dg.materialize([tiny], resources={"io_manager": WarehouseIOManager(database=str(tmp_path / "w.duckdb"))})
         [event] = result.get_asset_materialization_events()
-        assert event.asset_key == key and event.materialization.metadata["dagster/row_count"].value == 3
+        metadata = event.materialization.metadata
+        assert event.asset_key == key and metadata["dagster/row_count"].value == 3
+        # what the UI shows: floats to 6 significant digits, and the table's time range
+        assert (metadata["ratio"].value, metadata["share"].value, metadata["label"].value) == (0.666667, 3.33333e-10, "x")
+        assert metadata["time_range"].value == "2025-01-01 23:00:00+00:00 .. 2025-01-03 23:00:00+00:00"
 
     def test_a_column_added_by_a_newer_version_extends_the_stored_table(self, tmp_path):
         """A warehouse written before a table gained a column (portfolio.weights' budget): the next
