@@ -65,6 +65,12 @@ def stacked_bands(held: Sequence[str], w: np.ndarray, shown: Sequence[str]) -> t
     return labels, np.array(longs).reshape(len(labels), -1), np.array(shorts).reshape(len(labels), -1)
 
 
+def banded_symbols(ranked: Sequence[str]) -> list[str]:
+    """The symbols that get a band of their own, sorted by name: all of them up to ``_BANDS``, else
+    the first ``_BANDS - 1`` of ``ranked`` (largest first); the rest share the "other" band."""
+    return sorted(ranked if len(ranked) <= _BANDS else ranked[: _BANDS - 1])
+
+
 def band_colors(shown: Sequence[str]) -> dict[str, str]:
     """A colour per shown symbol and grey ("C7") for "other": the symbols skip the grey while there
     is an other band (at most ``_BANDS - 1`` shown)."""
@@ -85,7 +91,7 @@ def plot_weights(weights: pl.DataFrame, strategies: Sequence[str] | None = None)
     names = weights["strategy"].unique(maintain_order=True).to_list() if strategies is None else list(strategies)
     ranked = (weights.group_by("symbol").agg(size=pl.col("weight").abs().mean())
               .sort(["size", "symbol"], descending=[True, False])["symbol"].to_list())
-    shown = sorted(ranked if len(ranked) <= _BANDS else ranked[: _BANDS - 1])
+    shown = banded_symbols(ranked)
     colors = band_colors(shown)
     panels = []
     for strategy in names:
@@ -466,19 +472,18 @@ def plot_risk_contributions(contributions: pl.DataFrame) -> bytes:
     wide = latest.pivot(on="symbol", index=["strategy", "as_of", "book_vol"], values="share").sort("strategy")
     symbols = sorted(latest["symbol"].unique().to_list())
     shares = 100.0 * wide.select(symbols).fill_null(0.0).to_numpy()  # books x symbols (null: a riskless book)
-    ranked = sorted(symbols, key=lambda sym: (-np.abs(shares[:, symbols.index(sym)]).mean(), sym))
-    shown = sorted(ranked if len(ranked) <= _BANDS else ranked[: _BANDS - 1])
-    labels, positive, negative = stacked_bands(symbols, shares, shown)
+    shown = banded_symbols(sorted(symbols, key=lambda sym: (-np.abs(shares[:, symbols.index(sym)]).mean(), sym)))
+    bands, positive, negative = stacked_bands(symbols, shares, shown)
     as_of = latest["as_of"].max().strftime("%Y-%m-%d")
     fig, ax = _figure(f"Risk contributions (Euler, share of variance) at each book's latest rebalance ({as_of})",
                       "share of variance (%)")
     x = np.arange(wide.height)
     up, down = np.zeros(len(x)), np.zeros(len(x))
     colors = band_colors(shown)
-    for k, label in enumerate(labels):
-        name = f"other ({len(symbols) - len(shown)} symbols)" if label == "other" else label
-        ax.bar(x, positive[k], 0.6, bottom=up, color=colors[label], label=name)
-        ax.bar(x, negative[k], 0.6, bottom=down, color=colors[label])
+    for k, band in enumerate(bands):
+        name = f"other ({len(symbols) - len(shown)} symbols)" if band == "other" else band
+        ax.bar(x, positive[k], 0.6, bottom=up, color=colors[band], label=name)
+        ax.bar(x, negative[k], 0.6, bottom=down, color=colors[band])
         up, down = up + positive[k], down + negative[k]
     ax.axhline(0.0, color="black", lw=0.6)
     ax.set_ylim(min(down.min(), 0.0) - 5.0, max(up.max(), 100.0) * 1.3)  # headroom for the legend
