@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     if not warehouse.exists():
         sys.exit(f"no warehouse at {warehouse}: `make run` creates it")
     with connect_waiting(str(warehouse), read_only=True) as con, \
-            pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=250, tbl_hide_column_data_types=True):
+            pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=250, tbl_hide_column_data_types=True,
+                      tbl_hide_dataframe_shape=True):
         try:
             print(con.sql(query).pl())
         except duckdb.Error as exc:
