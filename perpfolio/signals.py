@@ -18,8 +18,8 @@ import numpy as np
 import polars as pl
 
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.garch import fit_garch11
 from perpfolio.estimators import _check_ends, _check_returns, ewma_weights, to_datetime64
+from perpfolio.garch import fit_garch11
 from perpfolio.returns import _utc_us
 
 _CHUNK = 64
@@ -389,33 +389,32 @@ def garch_predicted_vol(
     allowed = _allowed_missing(window, max_missing_fraction)
     out = np.full((ends.size, n), np.nan)
     t0 = time.perf_counter()
-    cells, rows, lengths, scales = [], [], [], []
-    for i in range(n):
-        for k, e in enumerate(ends):
-            s = e - window + 1
-            if s < 0:
-                continue
-            y = returns[s : e + 1, i]
+    windows = [(k, i) for i in range(n) for k, e in enumerate(ends) if e - window + 1 >= 0]
+    fits = failures = 0
+    for first in range(0, len(windows), chunk):  # one chunk's windows in memory at a time
+        cells, rows, lengths, scales = [], [], [], []
+        for k, i in windows[first : first + chunk]:
+            y = returns[ends[k] - window + 1 : ends[k] + 1, i]
             y = y[np.isfinite(y)]
-            if window - y.size > allowed or np.std(y) == 0:
+            sd = np.std(y) if y.size else 0.0
+            if window - y.size > allowed or sd == 0:
                 continue
             row = np.zeros(window)
-            row[: y.size] = y / np.std(y)
+            row[: y.size] = y / sd
             cells.append((k, i))
             rows.append(row)
             lengths.append(y.size)
-            scales.append(1.0 / np.std(y))
-    failures = 0
-    for first in range(0, len(cells), chunk):
-        part = slice(first, first + chunk)
-        fit = fit_garch11(np.array(rows[part]), np.array(lengths[part]), max_iter=max_iter)
-        variance = fit.forecast(horizon) / np.array(scales[part]) ** 2
+            scales.append(1.0 / sd)
+        if not cells:
+            continue
+        fit = fit_garch11(np.array(rows), np.array(lengths), max_iter=max_iter)
+        variance = fit.forecast(horizon) / np.array(scales) ** 2
         ok = fit.converged & np.isfinite(variance)
-        failures += int((~ok).sum())
-        for (k, i), good, var in zip(cells[part], ok, variance):
+        fits, failures = fits + len(cells), failures + int((~ok).sum())
+        for (k, i), good, var in zip(cells, ok, variance):
             if good:
                 out[k, i] = np.sqrt(var * periods_per_year)
-    stats = {"garch_fits": len(cells), "garch_failures": failures, "garch_seconds": round(time.perf_counter() - t0, 3)}
+    stats = {"garch_fits": fits, "garch_failures": failures, "garch_seconds": round(time.perf_counter() - t0, 3)}
     return out, stats
 
 

@@ -147,3 +147,20 @@ def test_degenerate_windows_neither_crash_nor_pass_as_fits():
     assert ((fit.alpha >= 0) & (fit.beta >= 0) & (fit.alpha + fit.beta <= 1)).all()
     # y^2 = 1 throughout: every theta with omega + alpha + beta = 1 keeps sigma2 = 1, the minimum 1/2
     assert fit.nll[1] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_predicted_vol_is_the_same_in_any_chunking(windows):
+    """garch_predicted_vol fits its windows a chunk at a time (memory); the chunk size changes nothing,
+    and a window with a missing bar (not allowed by default) stays NaN in every chunking."""
+    from perpfolio.signals import garch_predicted_vol
+
+    r = np.column_stack([windows[0], windows[1]]) * 0.01
+    r = np.vstack([r, r[:72]])
+    r[T + 30, 1] = np.nan
+    ends = np.array([T - 1, T + 23, T + 47, T + 71])
+    kwargs = dict(window=T, horizon=24, periods_per_year=8760.0)
+    whole, stats = garch_predicted_vol(r, ends, **kwargs)
+    pieces, _ = garch_predicted_vol(r, ends, chunk=3, **kwargs)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-10)
+    assert stats["garch_fits"] == 6 and np.isnan(whole[2:, 1]).all() and np.isfinite(whole[:2, 1]).all()
+    assert np.isfinite(whole[:, 0]).all()
