@@ -17,7 +17,7 @@ from assets.checks import markdown_table, table_asset, validated
 from assets.evaluation import (
     ATTRIBUTION, BREAK_EVEN, CONTRIBUTIONS, book_simulations, books, predicted_covariances, universe_members,
 )
-from assets.features import ESTIMATES, NET_RETURNS
+from assets.features import NET_RETURNS, estimates_in
 from assets.portfolio import WEIGHTS
 from assets.signals import SIGNALS
 from perpfolio import attribution
@@ -34,11 +34,11 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     sizing = settings.sizing_rule()
     simulation_ins = {"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "signals": dg.AssetIn(SIGNALS)}
     if sizing is not None and sizing.needs_covariance:  # as backtest.equity: the sizing reads predicted covariances
-        simulation_ins["estimates"] = dg.AssetIn(ESTIMATES)
+        simulation_ins["estimates"] = estimates_in("cov")
     cost = settings.fee_bps + settings.slippage_bps
 
     @table_asset(
-        CONTRIBUTIONS, schemas.RiskContributions, ins={"weights": dg.AssetIn(WEIGHTS), "estimates": dg.AssetIn(ESTIMATES)},
+        CONTRIBUTIONS, schemas.RiskContributions, ins={"weights": dg.AssetIn(WEIGHTS), "estimates": estimates_in("cov")},
         group_name="risk", kinds={"duckdb", "numpy"},
         description="Euler risk contributions of every book's target weights at each traded rebalance: RC_i = "
         "w_i (Σw)_i (annualized variance, summing to wᵀΣw), its share of the book's variance and the marginal vol "

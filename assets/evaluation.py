@@ -17,7 +17,7 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
-from assets.features import ESTIMATES, NET_RETURNS, aligned_returns, one_bar_returns
+from assets.features import NET_RETURNS, aligned_returns, estimates_in, one_bar_returns
 from assets.frontier import FRONTIER, frontier_figure, frontier_strategy
 from assets.portfolio import WEIGHTS, stored_moments
 from assets.signals import SIGNALS, regime_at
@@ -118,7 +118,7 @@ def predicted_covariances(estimates: pl.DataFrame, estimator: str, asofs: list[d
     cov = moments.cov
     stamps = estimators.to_datetime64(asofs)
     idx = np.minimum(np.searchsorted(stored, stamps), len(stored) - 1)
-    member = np.isfinite(moments.mean[idx])  # K x N
+    member = np.isfinite(np.diagonal(cov[idx], axis1=1, axis2=2))  # K x N: the asof's universe
     pair = member[:, :, None] & member[:, None, :]
     known = (stored[idx] == stamps) & member.any(axis=1)
     return np.where(known[:, None, None], np.where(pair, cov[idx], 0.0), np.nan)
@@ -192,7 +192,7 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
     sizing_text = "off" if sizing is None else f"{sizing.describe()} ({settings.sizing_estimator} covariance)"
     equity_ins = {"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "signals": dg.AssetIn(SIGNALS)}
     if sizing is not None and sizing.needs_covariance:  # only then does the backtest read the predicted covariances
-        equity_ins["estimates"] = dg.AssetIn(ESTIMATES)
+        equity_ins["estimates"] = estimates_in("cov")
 
     @table_asset(
         EQUITY, schemas.Equity,
@@ -339,11 +339,11 @@ def build(settings: Settings) -> list[dg.AssetsDefinition]:
         key=REPORT,
         ins={name: dg.AssetIn(key) for name, key in
              {"metrics": METRICS, "comparison": COMPARISON, "equity": EQUITY, "weights": WEIGHTS, "signals": SIGNALS,
-              "stress": STRESS, "liquidation": LIQUIDATION, "estimates": ESTIMATES, "frontier": FRONTIER,
+              "stress": STRESS, "liquidation": LIQUIDATION, "frontier": FRONTIER,
               "significance": SIGNIFICANCE, "risk_model": RISK_MODEL, "risk_model_summary": RISK_MODEL_SUMMARY,
               "stress_vs_realized": STRESS_VS_REALIZED, "stress_confusion": STRESS_CONFUSION,
               "attribution": ATTRIBUTION, "contributions": CONTRIBUTIONS, "break_even": BREAK_EVEN,
-              "by_regime": BY_REGIME}.items()},
+              "by_regime": BY_REGIME}.items()} | {"estimates": estimates_in("mean", "cov")},
         group_name="report", kinds={"html", "matplotlib"},
         description=f"Self-contained HTML report with plots under {settings.reports_dir}; the plots also show here. "
         f"Computed on the {settings.market_label}.",

@@ -11,11 +11,20 @@ from assets.checks import table_asset, time_range, validated
 from assets.raw import CANDLES, FUNDING
 from perpfolio import estimators, returns, signals as signal_lib, universe as universe_lib
 from pipelines.partitions import lookback, partition_window, rebalance_asofs
+from pipelines.resources import VIEWS
 from pipelines.settings import Settings
 
 NET_RETURNS = dg.AssetKey(["features", "net_returns"])
 UNIVERSE = dg.AssetKey(["features", "universe"])
 ESTIMATES = dg.AssetKey(["features", "estimates"])
+ESTIMATE_KEYS = ["as_of", "estimator", "symbols", "window_bars", "n_obs", "status"]
+
+
+def estimates_in(*quantities: str) -> dg.AssetIn:
+    """features.estimates as an input that reads only the arrays named (mean, downside, cov,
+    semicov; the others come back NaN from ``moments_from_rows``): a consumer of the covariance
+    alone loads a quarter of the table."""
+    return dg.AssetIn(ESTIMATES, metadata={"columns": ESTIMATE_KEYS + list(quantities)})
 
 
 def aligned_returns(frame: pl.DataFrame, symbols: list[str], column: str = "net_return", *,
@@ -58,8 +67,9 @@ def regime_lookback_days(settings: Settings) -> int:
 
 def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matrix: np.ndarray, asofs: list,
                    members: np.ndarray) -> tuple[pl.DataFrame, dict]:
-    """Long features.estimates rows of every named estimator (fixed window) and of the regime-reset
-    variants ``<name>_reset`` (window from ``reset_windows``), annualized, with metadata.
+    """features.estimates rows (one per asof and estimator) of every named estimator (fixed window)
+    and of the regime-reset variants ``<name>_reset`` (window from ``reset_windows``), annualized,
+    with metadata.
 
     ``matrix``: T x N one-bar returns on the complete bar grid (``one_bar_returns``); ``members``:
     K x N point-in-time universe (features.universe) that each asof is estimated on."""
@@ -80,10 +90,10 @@ def estimate_frame(settings: Settings, symbols: list[str], ts: np.ndarray, matri
     )
     reset = estimators.rolling_estimates(matrix, ends, window=windows, estimators=RESET_ESTIMATORS, **common)
     parts = [
-        estimators.moments_to_long(asofs, symbols, estimators.annualize(m, ppy), estimator=name, window_bars=settings.window_bars)
+        estimators.moments_to_rows(asofs, symbols, estimators.annualize(m, ppy), estimator=name, window_bars=settings.window_bars)
         for name, m in fixed.items()
     ] + [
-        estimators.moments_to_long(asofs, symbols, estimators.annualize(m, ppy), estimator=f"{name}_reset", window_bars=windows)
+        estimators.moments_to_rows(asofs, symbols, estimators.annualize(m, ppy), estimator=f"{name}_reset", window_bars=windows)
         for name, m in reset.items()
     ]
     statuses = dict(zip(*np.unique(fixed["sample"].status, return_counts=True)))
@@ -166,9 +176,11 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
             NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)), settings)
         ), "universe": dg.AssetIn(UNIVERSE)},
         group_name="features", kinds={"duckdb", "numpy"},
+        metadata={VIEWS: {schemas.ESTIMATES_LONG_VIEW: schemas.ESTIMATES_LONG_SQL}},
         description=f"Rolling mean, covariance, downside D_i and semicovariance over the last {settings.window_bars} "
         f"bars at each daily asof, on the symbols of features.universe and the window's complete bars, annualized "
-        f"x{ppy:g}, long format, one set per estimator: sample (ddof=1), ewma "
+        f"x{ppy:g}, one row per asof and estimator holding the arrays (the view {schemas.ESTIMATES_LONG_VIEW} shows "
+        f"one row per cell): sample (ddof=1), ewma "
         f"(half-life {settings.ewma_half_life_bars:g} bars), ledoit_wolf, oas, factor, shrinkage; and sample_reset / "
         f"ledoit_wolf_reset whose window restarts at a regime breakpoint (at least {settings.reset_window_bars} bars).",
     )

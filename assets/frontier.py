@@ -16,7 +16,7 @@ import polars as pl
 
 from assets import schemas
 from assets.checks import table_asset, validated
-from assets.features import ESTIMATES
+from assets.features import estimates_in
 from assets.portfolio import WEIGHTS, stored_moments
 from perpfolio import report
 from perpfolio.optimize import FRONTIER_SCHEMA, Constraints, StrategySpec, frontier_walk, load_strategies, validate_for_universe
@@ -94,7 +94,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
 
     @table_asset(
         FRONTIER, schemas.Frontier, partitions=partitions, partition_expr="as_of",
-        ins={"estimates": dg.AssetIn(ESTIMATES), "weights": dg.AssetIn(WEIGHTS)},
+        ins={"estimates": estimates_in("mean", "cov"), "weights": dg.AssetIn(WEIGHTS)},
         group_name="portfolio", kinds={"duckdb", "osqp", "matplotlib"},
         description=f"Efficient frontier per rebalance: {points} points from the min-variance portfolio to the highest "
         f"attainable expected return, min w'Sigma w s.t. mu'w >= target, budget and the weight bounds of the "

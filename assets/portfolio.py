@@ -45,7 +45,7 @@ def previous_weights(stored: pl.DataFrame, before: datetime, symbols: list[str])
 def stored_moments(estimates: pl.DataFrame, estimator: str, symbols: list[str]) -> tuple[np.ndarray, estimators.Moments]:
     """(asofs, Moments) of one estimator of features.estimates in the configured symbol order; NaN
     for a symbol outside an asof's universe."""
-    asofs, _, moments = estimators.moments_from_long(estimates, estimator=estimator, symbols=symbols)
+    asofs, _, moments = estimators.moments_from_rows(estimates, estimator=estimator, symbols=symbols)
     return asofs, moments
 
 

@@ -11,7 +11,7 @@ import polars as pl
 from assets import schemas
 from assets.checks import markdown_table, table_asset, validated
 from assets.evaluation import RISK_MODEL, RISK_MODEL_SUMMARY, bar_index, books, predicted_covariances
-from assets.features import ESTIMATES, NET_RETURNS, one_bar_returns
+from assets.features import NET_RETURNS, estimates_in, one_bar_returns
 from assets.portfolio import WEIGHTS
 from perpfolio import report, returns, risk_quality
 from pipelines.settings import Settings
@@ -41,7 +41,7 @@ def risk_model_frame(net_returns: pl.DataFrame, weights: pl.DataFrame, estimates
 def build(settings: Settings) -> list[dg.AssetsDefinition]:
     @table_asset(
         RISK_MODEL, schemas.RiskModel,
-        ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "estimates": dg.AssetIn(ESTIMATES)},
+        ins={"net_returns": dg.AssetIn(NET_RETURNS), "weights": dg.AssetIn(WEIGHTS), "estimates": estimates_in("cov")},
         group_name="backtest", kinds={"duckdb", "numpy"},
         description="Risk-model quality per covariance estimator and book: the predicted per-bar vol of each target, "
         "sqrt(w'Sw / ppy), against the target's one-bar returns over the bars it is held (bars asof + 2 .. next asof "

@@ -9,12 +9,15 @@ through `gt=0`, so every float column states finiteness explicitly.
 """
 
 
+from typing import Annotated
+
 import polars as pl
 import pandera.polars as pa
 import polars.selectors as cs
 from pandera.engines.polars_engine import DateTime
 from pandera.api.polars.model_config import BaseConfig
 
+from perpfolio.estimators import STATUSES as ESTIMATE_STATUSES
 from perpfolio.universe import REASONS as UNIVERSE_REASONS
 
 UTC_US = {"time_unit": "us", "time_zone": "UTC"}
@@ -160,29 +163,72 @@ class Universe(Table):
         return data.lazyframe.select(pl.col("in_universe") == (pl.col("reason") == "in"))
 
 
+FLOATS = Annotated[pl.List, pl.Float64()]
+_ESTIMATE_ARRAYS = ("mean", "downside", "cov", "semicov")
+
+
 class Estimates(Table):
-    """features.estimates: rolling moments in long form, ANNUALIZED; null values when status != ok."""
+    """features.estimates: rolling moments, ANNUALIZED, one row per asof and estimator holding the
+    arrays over that asof's symbols; the view features.estimates_long shows every cell as a row."""
 
     as_of: DateTime = _ts("open time of the last bar in the window, UTC")
     estimator: str = pa.Field(
         description="estimator name: sample | ewma | ledoit_wolf | oas | factor | shrinkage, and sample_reset / "
         "ledoit_wolf_reset (window shortened after a regime change, see window_bars)"
     )
-    quantity: str = pa.Field(isin=["mean", "cov", "downside", "semicov"], description="which moment")
-    symbol: str = pa.Field(description="row symbol")
-    symbol_j: str = pa.Field(nullable=True, description="column symbol for matrices, null for vectors")
-    value: float = pa.Field(nullable=True, description="annualized value (x periods per year)")
+    symbols: Annotated[pl.List, pl.String()] = pa.Field(
+        description="the symbols the arrays are over, in configured order: those with an estimate (the asof's universe); "
+        "every configured symbol when status is not ok"
+    )
+    mean: FLOATS = pa.Field(nullable=True, description="mean per bar x periods per year, one value per symbol; null when status is not ok")
+    downside: FLOATS = pa.Field(nullable=True, description="downside risk D_i = mean(min(0, r_i - tau)^2), annualized, one "
+                                "value per symbol; null when status is not ok")
+    cov: FLOATS = pa.Field(nullable=True, description="covariance matrix, annualized, row by row: cov[i*n + j] is symbols[i] "
+                           "with symbols[j] (n = number of symbols); null when status is not ok")
+    semicov: FLOATS = pa.Field(nullable=True, description="semicovariance matrix mean(min(0, r - tau) min(0, r - tau)^T), "
+                               "annualized, row by row as cov; null when status is not ok")
     window_bars: int = pa.Field(gt=0, description="bars in the estimation window (shorter after a regime change for *_reset)")
     n_obs: int = pa.Field(ge=0, description="bars actually available in the window")
-    status: str = pa.Field(description="ok | insufficient_history | missing_data | degenerate")
+    status: str = pa.Field(isin=list(ESTIMATE_STATUSES), description="ok | insufficient_history | missing_data | degenerate")
 
-    @pa.dataframe_check(error="value must be present exactly when status is ok")
-    def value_iff_ok(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return data.lazyframe.select(pl.col("value").is_not_null() == (pl.col("status") == "ok"))
+    @pa.dataframe_check(error="mean, downside, cov and semicov must be present exactly when status is ok")
+    def values_iff_ok(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        ok = pl.col("status") == "ok"
+        return data.lazyframe.select(pl.all_horizontal(pl.col(q).is_not_null() == ok for q in _ESTIMATE_ARRAYS))
 
-    @pa.dataframe_check(error="duplicate (as_of, estimator, quantity, symbol, symbol_j)")
-    def unique_cell(cls, data: pa.PolarsData) -> pl.LazyFrame:
-        return _unique_key(data, ["as_of", "estimator", "quantity", "symbol", "symbol_j"])
+    @pa.dataframe_check(error="array lengths must match symbols: n for mean and downside, n^2 for cov and semicov")
+    def lengths_match(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        n = pl.col("symbols").list.len()
+        return data.lazyframe.select(
+            (pl.col("status") != "ok")
+            | ((pl.col("mean").list.len() == n) & (pl.col("downside").list.len() == n)
+               & (pl.col("cov").list.len() == n * n) & (pl.col("semicov").list.len() == n * n))
+        )
+
+    @pa.dataframe_check(error="array values must be finite")
+    def values_finite(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        finite = [pl.col(q).list.eval(pl.element().is_finite()).list.all().fill_null(True) for q in _ESTIMATE_ARRAYS]
+        return data.lazyframe.select(pl.all_horizontal(finite))
+
+    @pa.dataframe_check(error="a symbol listed twice in symbols")
+    def symbols_distinct(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return data.lazyframe.select(pl.col("symbols").list.n_unique() == pl.col("symbols").list.len())
+
+    @pa.dataframe_check(error="duplicate (as_of, estimator)")
+    def unique_row(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        return _unique_key(data, ["as_of", "estimator"])
+
+
+ESTIMATES_LONG_VIEW = "features.estimates_long"
+ESTIMATES_LONG_SQL = """
+SELECT e.as_of, e.estimator, q.quantity, e.symbols[i] AS symbol, NULL::VARCHAR AS symbol_j,
+       CASE q.quantity WHEN 'mean' THEN e.mean[i] ELSE e.downside[i] END AS value, e.window_bars, e.n_obs, e.status
+FROM features.estimates e, (VALUES ('mean'), ('downside')) q(quantity), range(1, len(e.symbols) + 1) r(i)
+UNION ALL
+SELECT e.as_of, e.estimator, q.quantity, e.symbols[1 + k // len(e.symbols)], e.symbols[1 + k % len(e.symbols)],
+       CASE q.quantity WHEN 'cov' THEN e.cov[k + 1] ELSE e.semicov[k + 1] END, e.window_bars, e.n_obs, e.status
+FROM features.estimates e, (VALUES ('cov'), ('semicov')) q(quantity), range(len(e.symbols) * len(e.symbols)) r(k)
+"""  # features.estimates as (as_of, estimator, quantity, symbol, symbol_j, value, window_bars, n_obs, status): one row per cell
 
 
 class Signals(Table):

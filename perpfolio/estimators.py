@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from perpfolio.errors import ConfigError, DataError
 
@@ -38,6 +39,7 @@ _STATUS_DTYPE = "<U20"
 _CHUNK = 64
 _VECTORS = ("mean", "downside")
 _MATRICES = ("cov", "semicov")
+ESTIMATE_COLUMNS = ("as_of", "estimator", "symbols", "mean", "downside", "cov", "semicov", "window_bars", "n_obs", "status")  # features.estimates
 
 
 @dataclass(frozen=True, repr=False)
@@ -468,127 +470,117 @@ def annualize(moments: Moments, periods_per_year: float) -> Moments:
     )
 
 
-def moments_to_long(
+def moments_to_rows(
     asofs: np.ndarray, symbols: list[str], moments: Moments, *, estimator: str = "sample", window_bars: int | np.ndarray
 ) -> pl.DataFrame:
-    """Long ``features.estimates`` rows: asof, estimator, quantity, symbol, symbol_j, value,
-    window_bars, n_obs, status.
+    """``features.estimates`` rows of one estimator, one per asof: as_of, estimator, symbols, mean,
+    downside, cov, semicov, window_bars, n_obs, status (``ESTIMATE_COLUMNS``).
 
-    Per asof: quantity "mean" and "downside" (one row per symbol, symbol_j null), "cov" and
-    "semicov" (all pairs). ``value`` is in the units of ``moments`` (annualized when it went
-    through ``annualize``) and null on every row of an asof whose status is not "ok". On an "ok"
-    asof only the symbols with an estimate (a finite mean: the members of the universe) have rows,
-    so an asof of n members has 2n + 2n^2 rows.
-    ``window_bars``: one length, or one per asof (windows shortened after a regime change).
+    ``symbols`` lists the symbols with an estimate at the asof (a finite mean: the members of the
+    universe), in the given order; every symbol when the status is not "ok". For an asof of n such
+    symbols, ``mean`` and ``downside`` hold n values and ``cov`` and ``semicov`` n^2 values row by
+    row (``cov[i * n + j]`` is the covariance of symbols[i] and symbols[j]); all four are null when
+    the status is not "ok". Values are in the units of ``moments`` (annualized when they went
+    through ``annualize``). ``window_bars``: one length, or one per asof (windows shortened after a
+    regime change).
     """
     asofs = to_datetime64(asofs)
     k, n = moments.mean.shape
     if asofs.shape != (k,) or len(symbols) != n:
-        raise DataError(
-            f"moments_to_long: {asofs.shape[0]} asofs / {len(symbols)} symbols for moments of shape {(k, n)}"
-        )
+        raise DataError(f"moments_to_rows: {asofs.shape[0]} asofs / {len(symbols)} symbols for moments of shape {(k, n)}")
+    ok = moments.status == "ok"
+    held = [np.flatnonzero(np.isfinite(moments.mean[i])) if ok[i] else np.arange(n) for i in range(k)]
     sym = np.array(symbols, dtype=object)
-    template = pl.DataFrame(
-        {
-            "quantity": ["mean"] * n + ["downside"] * n + ["cov"] * n * n + ["semicov"] * n * n,
-            "symbol": np.concatenate([sym, sym, np.repeat(sym, n), np.repeat(sym, n)]).tolist(),
-            "symbol_j": [None] * (2 * n) + np.tile(sym, 2 * n).tolist(),
-        },
-        schema={"quantity": pl.String, "symbol": pl.String, "symbol_j": pl.String},
-    )
-    per_asof = template.height
-    row_symbol = np.concatenate([np.arange(n), np.arange(n), np.repeat(np.arange(n), n), np.repeat(np.arange(n), n)])
-    row_symbol_j = np.concatenate([np.arange(n), np.arange(n), np.tile(np.arange(n), 2 * n)])
-    estimated = np.isfinite(moments.mean) | (moments.status != "ok")[:, None]
-    keep = (estimated[:, row_symbol] & estimated[:, row_symbol_j]).ravel()
-    values = np.concatenate(
-        [moments.mean, moments.downside, moments.cov.reshape(k, n * n), moments.semicov.reshape(k, n * n)], axis=1
-    )
-    frame = template.select(pl.all().gather(np.tile(np.arange(per_asof), k))).with_columns(
-        as_of=pl.Series(np.repeat(asofs, per_asof)).dt.replace_time_zone("UTC"),
-        estimator=pl.lit(estimator, dtype=pl.String),
-        value=pl.Series(values.ravel(), dtype=pl.Float64),
-        window_bars=pl.Series(np.repeat(np.broadcast_to(np.asarray(window_bars, dtype=np.int64), (k,)), per_asof), dtype=pl.Int64),
-        n_obs=pl.Series(np.repeat(moments.n_obs, per_asof), dtype=pl.Int64),
-        status=pl.Series(np.repeat(moments.status, per_asof).tolist(), dtype=pl.String),
-    )
-    return frame.filter(pl.Series(keep)).with_columns(value=pl.when(pl.col("status") == "ok").then(pl.col("value"))).select(
-        "as_of", "estimator", "quantity", "symbol", "symbol_j", "value", "window_bars", "n_obs", "status"
-    )
+    arrays = {
+        q: _list_array([getattr(moments, q)[i][h] if ok[i] else None for i, h in enumerate(held)]) for q in _VECTORS
+    } | {
+        q: _list_array([getattr(moments, q)[i][np.ix_(h, h)].ravel() if ok[i] else None for i, h in enumerate(held)])
+        for q in _MATRICES
+    }
+    return pl.DataFrame({
+        "as_of": pl.Series(asofs).dt.replace_time_zone("UTC"),
+        "estimator": pl.Series([estimator] * k, dtype=pl.String),
+        "symbols": pl.Series([sym[h].tolist() for h in held], dtype=pl.List(pl.String)),
+        **{q: pl.from_arrow(a) for q, a in arrays.items()},
+        "window_bars": pl.Series(np.broadcast_to(np.asarray(window_bars, dtype=np.int64), (k,)), dtype=pl.Int64),
+        "n_obs": pl.Series(moments.n_obs, dtype=pl.Int64),
+        "status": pl.Series(moments.status.tolist(), dtype=pl.String),
+    }).select(ESTIMATE_COLUMNS)
 
 
-def moments_from_long(
+def moments_from_rows(
     frame: pl.DataFrame, *, estimator: str = "sample", symbols: list[str] | None = None
 ) -> tuple[np.ndarray, list[str], Moments]:
-    """Inverse of ``moments_to_long`` for one estimator: ``(asofs, symbols, Moments)``.
+    """Inverse of ``moments_to_rows`` for one estimator: ``(asofs, symbols, Moments)``.
 
     ``asofs`` sorted (``datetime64[us]``); ``symbols`` the given list (its order; it must hold
-    every symbol of the rows), or the rows' symbols sorted. Values are returned bit for bit, null
-    -> NaN, and NaN for a symbol without rows at an asof (not in that asof's universe). Raises
-    ``DataError`` on a duplicate cell, a matrix cell missing between two symbols of an asof, an
-    unknown quantity or symbol_j, a status / n_obs that differs within an asof, or a null value
-    on an "ok" asof.
+    every symbol of the rows), or the rows' symbols sorted. Values come back bit for bit, NaN for a
+    symbol without an estimate at an asof (not in that asof's universe) and on every asof whose
+    status is not "ok". A quantity whose column the frame lacks (a read of some columns only, as
+    the consumers of ``features.estimates`` that need the covariance alone do) is all NaN. Raises
+    ``DataError`` on a second row for an asof, a symbol listed twice or outside ``symbols``, an
+    array whose length does not match the row's symbols, or an "ok" row without values.
     """
-    rows = frame.filter(pl.col("estimator") == estimator).with_columns(
+    rows = frame.filter(pl.col("estimator") == estimator).sort("as_of").with_columns(
         pl.col("as_of").dt.convert_time_zone("UTC").dt.cast_time_unit("us")
     )
     if rows.height == 0:
-        raise DataError(f"moments_from_long: no rows for estimator={estimator!r}")
-    unknown = rows.filter(~pl.col("quantity").is_in(_VECTORS + _MATRICES))
-    if unknown.height:
-        raise DataError(f"moments_from_long: unknown quantity={unknown['quantity'][0]!r} at asof={unknown['as_of'][0]}")
-    per_asof = rows.group_by("as_of").agg(
-        pl.col("status").n_unique().alias("n_status"), pl.col("n_obs").n_unique().alias("n_nobs"),
-        pl.col("status").first(), pl.col("n_obs").first(),
-        pl.col("symbol").filter(pl.col("quantity") == "mean").n_unique().alias("n_symbols"),
-    ).sort("as_of")
-    mixed = per_asof.filter((pl.col("n_status") > 1) | (pl.col("n_nobs") > 1))
-    if mixed.height:
-        raise DataError(f"moments_from_long: status or n_obs differs within asof={mixed['as_of'][0]}")
-    null_ok = rows.filter((pl.col("status") == "ok") & pl.col("value").is_null())
-    if null_ok.height:
-        r = null_ok.row(0, named=True)
-        raise DataError(
-            f"moments_from_long: null value with status 'ok' at asof={r['as_of']} "
-            f"quantity={r['quantity']} symbol={r['symbol']}"
-        )
-    found = sorted(rows["symbol"].unique().to_list())
+        raise DataError(f"moments_from_rows: no rows for estimator={estimator!r}")
+    if rows["as_of"].is_duplicated().any():
+        twice = rows.filter(pl.col("as_of").is_duplicated())["as_of"][0]
+        raise DataError(f"moments_from_rows: estimator={estimator!r} has two rows for asof={twice}")
+    listed = rows["symbols"].to_list()
+    found = sorted({s for names in listed for s in names})
     if symbols is None:
         symbols = found
     elif set(found) - set(symbols):
-        raise DataError(f"moments_from_long: rows hold symbols {sorted(set(found) - set(symbols))} outside {symbols}")
-    asofs = per_asof["as_of"].to_numpy()
-    k, n = asofs.size, len(symbols)
+        raise DataError(f"moments_from_rows: rows hold symbols {sorted(set(found) - set(symbols))} outside {symbols}")
     position = {s: i for i, s in enumerate(symbols)}
-    members = rows.filter(pl.col("quantity") == "mean").select("as_of", "symbol")
+    asofs = rows["as_of"].to_numpy()
+    status = rows["status"].to_numpy().astype(_STATUS_DTYPE)
+    k, n = asofs.size, len(symbols)
+    index = []
+    for asof, names in zip(asofs, listed):
+        if len(set(names)) != len(names):
+            raise DataError(f"moments_from_rows: estimator={estimator!r} lists a symbol twice at asof={asof}: {names}")
+        index.append(np.array([position[s] for s in names], dtype=np.int64))
     arrays = {q: np.full((k, n), np.nan) for q in _VECTORS} | {q: np.full((k, n, n), np.nan) for q in _MATRICES}
     for quantity, array in arrays.items():
-        part = rows.filter(pl.col("quantity") == quantity)
-        cells = ["as_of", "symbol"] + (["symbol_j"] if quantity in _MATRICES else [])
-        expected = int((per_asof["n_symbols"] ** (2 if quantity in _MATRICES else 1)).sum())
-        if part.height != expected or part.select(cells).is_duplicated().any():
-            raise DataError(
-                f"moments_from_long: quantity={quantity!r} has {part.height} rows, expected {expected} unique cells "
-                "(every symbol of an asof, and every pair of them for matrices)"
-            )
-        stray_symbols = part.join(members, on=["as_of", "symbol"], how="anti")
-        if quantity in _MATRICES:
-            stray_symbols = pl.concat([stray_symbols, part.join(members, left_on=["as_of", "symbol_j"],
-                                                                 right_on=["as_of", "symbol"], how="anti")])
-        if stray_symbols.height:
-            r = stray_symbols.row(0, named=True)
-            raise DataError(f"moments_from_long: quantity={quantity!r} at asof={r['as_of']} names "
-                            f"symbol={r['symbol']!r} symbol_j={r.get('symbol_j')!r}, which has no mean at that asof")
-        idx = [np.searchsorted(asofs, part["as_of"].to_numpy()), part["symbol"].replace_strict(position).to_numpy()]
-        if quantity in _MATRICES:
-            idx.append(part["symbol_j"].replace_strict(position).to_numpy())
-        array[tuple(idx)] = part["value"].to_numpy()
+        if quantity not in rows.columns:
+            continue
+        column = rows[quantity].to_arrow()
+        offsets, values = column.offsets.to_numpy(), column.values.to_numpy(zero_copy_only=False)
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        power = 2 if quantity in _MATRICES else 1
+        for i, idx in enumerate(index):
+            if valid[i] != (status[i] == "ok"):
+                raise DataError(f"moments_from_rows: estimator={estimator!r} asof={asofs[i]} status={str(status[i])!r} "
+                                f"{'lacks' if status[i] == 'ok' else 'holds'} {quantity} values; values exist exactly when status is 'ok'")
+            if not valid[i]:
+                continue
+            block = values[offsets[i] : offsets[i + 1]]
+            if block.size != idx.size**power:
+                raise DataError(f"moments_from_rows: estimator={estimator!r} asof={asofs[i]} {quantity} holds {block.size} "
+                                f"values for {idx.size} symbols, expected {idx.size**power}")
+            if power == 1:
+                array[i, idx] = block
+            else:
+                array[i][np.ix_(idx, idx)] = block.reshape(idx.size, idx.size)
     moments = Moments(
         mean=arrays["mean"], cov=arrays["cov"], downside=arrays["downside"], semicov=arrays["semicov"],
-        n_obs=per_asof["n_obs"].to_numpy().astype(np.int64),
-        status=per_asof["status"].to_numpy().astype(_STATUS_DTYPE),
+        n_obs=rows["n_obs"].to_numpy().astype(np.int64), status=status,
     )
     return asofs, list(symbols), moments
+
+
+def _list_array(blocks: list[np.ndarray | None]) -> pa.LargeListArray:
+    """Arrow list array of float64 blocks (None = a null list), built from one buffer of values."""
+    lengths = np.array([0 if b is None else b.size for b in blocks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    parts = [b for b in blocks if b is not None]
+    values = np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values, pa.float64()),
+                                         mask=pa.array([b is None for b in blocks], pa.bool_()))
 
 
 def _window_rows(

@@ -4,7 +4,8 @@ The stock DuckDB-polars IO manager deletes a partition and inserts its replaceme
 autocommit mode, so a crash between the two loses the stored partition, and it inserts by
 column position. `WarehouseIOManager` runs delete + insert in ONE transaction and inserts by
 column name; an empty frame still creates the table so downstream reads never hit a missing
-table.
+table. An asset whose definition metadata has `VIEWS` ({view name: SELECT}) gets those views
+(re)created in the same transaction, so a view never names a table that is not there.
 """
 
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,9 @@ from perpfolio.sources.exchange_cache import ExchangeCache
 from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
 from perpfolio.tiers import SymbolTiers, TierTable, load_snapshot, load_tier_file, resolve_tiers
+
+
+VIEWS = "perpfolio/views"  # definition metadata: {"schema.view": "SELECT ..."} created with the table
 
 
 class _TransactionalClient(DuckDbClient):
@@ -80,6 +84,8 @@ class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
         DuckDbClient.delete_table_slice(context, table_slice, connection)
         connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM perpfolio_frame")
         connection.unregister("perpfolio_frame")
+        for view, select in (context.definition_metadata or {}).get(VIEWS, {}).items():
+            connection.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
         return {"row_count": obj.height}
 
     def load_input(self, context: dg.InputContext, table_slice: TableSlice, connection) -> pl.DataFrame:

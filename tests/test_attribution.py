@@ -269,7 +269,7 @@ def test_assets_end_to_end(tmp_path):
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
         read = lambda name: as_utc(con.sql(f"SELECT * FROM {name}").pl())  # noqa: E731
         metrics, attribution, even = read("backtest.metrics"), read("backtest.attribution"), read("backtest.break_even")
-        contributions, weights, estimates = read("risk.contributions"), read("portfolio.weights"), read("features.estimates")
+        contributions, weights, estimates = read("risk.contributions"), read("portfolio.weights"), read("features.estimates_long")
     for frame, model, key in ((attribution, schemas.Attribution, ATTRIBUTION), (even, schemas.BreakEven, BREAK_EVEN),
                               (contributions, schemas.RiskContributions, CONTRIBUTIONS)):
         assert frame.height and check_frame(schemas.conform(frame, model), model, key).passed
@@ -285,7 +285,7 @@ def test_assets_end_to_end(tmp_path):
     np.testing.assert_allclose(on_metrics["total_return"], on_metrics["total_return_m"], rtol=1e-12)
     assert even.filter(pl.col("strategy") == "baseline:equal_weight")["status"].to_list() == ["reference"]
 
-    # one book, its latest asof, by hand from the stored long-format covariance
+    # one book, its latest asof, by hand from the covariance as the long view shows it
     book = contributions.filter(pl.col("strategy") == "min_variance")
     latest = book.filter(pl.col("as_of") == book["as_of"].max()).sort("symbol")
     symbols = latest["symbol"].to_list()

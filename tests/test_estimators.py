@@ -13,8 +13,9 @@ from perpfolio.errors import ConfigError, DataError
 from perpfolio.estimators import (
     Moments,
     annualize,
-    moments_from_long,
-    moments_to_long,
+    ESTIMATE_COLUMNS,
+    moments_from_rows,
+    moments_to_rows,
     rolling_moments,
     to_datetime64,
     window_ends,
@@ -189,7 +190,7 @@ class TestAnnualize:
             annualize(m, bad)
 
 
-class TestLongFormat:
+class TestStoredRows:
     @pytest.fixture
     def moments(self, returns):
         r = returns.copy()
@@ -199,53 +200,55 @@ class TestLongFormat:
 
     def test_layout(self, moments):
         asofs, symbols, m = moments
-        frame = moments_to_long(asofs, symbols, m, window_bars=48)
-        assert frame.columns == ["as_of", "estimator", "quantity", "symbol", "symbol_j", "value", "window_bars", "n_obs", "status"]
-        assert frame.schema["as_of"] == pl.Datetime("us", "UTC") and frame.schema["n_obs"] == pl.Int64
-        assert frame.height == 5 * (2 * 4 + 2 * 16)
-        one = frame.filter(pl.col("as_of") == pl.lit(asofs[1]).dt.replace_time_zone("UTC"))
-        cell = one.filter((pl.col("quantity") == "cov") & (pl.col("symbol") == "ETHUSDT") & (pl.col("symbol_j") == "SOLUSDT"))
-        assert cell["value"].to_list() == [m.cov[1, 1, 2]]
-        assert one.filter(pl.col("quantity") == "downside")["value"].to_list() == m.downside[1].tolist()
-        assert one.filter(pl.col("quantity") == "mean")["symbol_j"].null_count() == 4
-        by_status = frame.group_by("status").agg(pl.col("value").null_count(), pl.len()).sort("status")
-        assert by_status.rows() == [("insufficient_history", 40, 40), ("missing_data", 40, 40), ("ok", 0, 120)]
+        frame = moments_to_rows(asofs, symbols, m, window_bars=48)
+        assert frame.columns == list(ESTIMATE_COLUMNS) and frame.height == 5
+        assert frame.schema["as_of"] == pl.Datetime("us", "UTC") and frame.schema["cov"] == pl.List(pl.Float64)
+        one = frame.row(1, named=True)
+        assert one["symbols"] == symbols and one["status"] == "ok" and one["window_bars"] == 48
+        assert one["cov"][1 * 4 + 2] == m.cov[1, 1, 2] and one["semicov"][3 * 4 + 0] == m.semicov[1, 3, 0]
+        assert one["downside"] == m.downside[1].tolist() and len(one["cov"]) == 16
+        assert frame["status"].to_list() == ["insufficient_history", "ok", "ok", "missing_data", "ok"]
+        assert frame.filter(pl.col("status") != "ok").select(pl.col("mean", "downside", "cov", "semicov").null_count()).row(0) == (2, 2, 2, 2)
+        assert frame.filter(pl.col("status") != "ok")["symbols"].to_list() == [symbols, symbols]
 
     def test_round_trip_bit_exact(self, moments):
         asofs, symbols, m = moments
-        frame = moments_to_long(asofs, symbols, m, estimator="sample", window_bars=48)
+        frame = moments_to_rows(asofs, symbols, m, estimator="sample", window_bars=48)
         shuffled = pl.concat([frame.sample(fraction=1.0, shuffle=True, seed=1), frame.with_columns(estimator=pl.lit("ewma"))])
-        back_asofs, back_symbols, back = moments_from_long(shuffled, estimator="sample")
+        back_asofs, back_symbols, back = moments_from_rows(shuffled, estimator="sample")
         np.testing.assert_array_equal(back_asofs, asofs)
         assert back_symbols == symbols
         for name in ("mean", "cov", "downside", "semicov", "n_obs", "status"):
             assert np.array_equal(getattr(back, name), getattr(m, name), equal_nan=name not in ("n_obs", "status")), name
 
-    def test_missing_cell_and_unknown_estimator(self, moments):
+    def test_a_read_of_some_columns_leaves_the_others_nan(self, moments):
         asofs, symbols, m = moments
-        frame = moments_to_long(asofs, symbols, m, window_bars=48)
-        # without its first mean row, that symbol is absent from the asof, so its downside row is one too many
-        with pytest.raises(DataError, match="quantity='downside' has 20 rows, expected 19"):
-            moments_from_long(frame.slice(1))
-        one_cov_cell_less = frame.filter(~((pl.col("quantity") == "cov") & (pl.col("symbol") == "XRPUSDT")
-                                            & (pl.col("symbol_j") == "BTCUSDT") & (pl.col("as_of") == pl.col("as_of").max())))
-        with pytest.raises(DataError, match="quantity='cov' has 79 rows, expected 80"):
-            moments_from_long(one_cov_cell_less)
+        frame = moments_to_rows(asofs, symbols, m, window_bars=48).drop("mean", "downside", "semicov")
+        _, _, back = moments_from_rows(frame)
+        assert np.array_equal(back.cov, m.cov, equal_nan=True)
+        assert np.isnan(back.mean).all() and np.isnan(back.semicov).all()
+
+    def test_malformed_rows(self, moments):
+        asofs, symbols, m = moments
+        frame = moments_to_rows(asofs, symbols, m, window_bars=48)
         with pytest.raises(DataError, match="no rows for estimator='lw'"):
-            moments_from_long(frame, estimator="lw")
-        stray = frame.with_columns(symbol_j=pl.when(pl.col("symbol_j") == "XRPUSDT").then(pl.lit("DOGEUSDT")).otherwise("symbol_j"))
-        with pytest.raises(DataError, match="symbol_j='DOGEUSDT', which has no mean at that asof"):
-            moments_from_long(stray)
-        mixed = frame.with_columns(status=pl.when(pl.col("quantity") == "cov").then(pl.lit("ok")).otherwise("status"))
-        with pytest.raises(DataError, match="status or n_obs differs within asof=2024-01-01 10:00"):
-            moments_from_long(mixed)
-        with pytest.raises(DataError, match="null value with status 'ok'"):
-            moments_from_long(frame.with_columns(value=pl.when(pl.col("quantity") == "mean").then(None).otherwise("value")))
+            moments_from_rows(frame, estimator="lw")
+        with pytest.raises(DataError, match="two rows for asof=2024-01-01 10:00"):
+            moments_from_rows(pl.concat([frame, frame.head(1)]))
+        with pytest.raises(DataError, match=r"symbols \['DOGEUSDT'\] outside"):
+            moments_from_rows(frame.with_columns(symbols=pl.lit(["BTCUSDT", "DOGEUSDT", "SOLUSDT", "XRPUSDT"])), symbols=symbols)
+        with pytest.raises(DataError, match="lists a symbol twice"):
+            moments_from_rows(frame.with_columns(symbols=pl.lit(["BTCUSDT", "BTCUSDT", "SOLUSDT", "XRPUSDT"])))
+        short = frame.with_columns(cov=pl.col("cov").list.head(15))
+        with pytest.raises(DataError, match="cov holds 15 values for 4 symbols, expected 16"):
+            moments_from_rows(short)
+        with pytest.raises(DataError, match="status='ok' lacks mean values"):
+            moments_from_rows(frame.with_columns(mean=pl.lit(None, pl.List(pl.Float64))))
 
     def test_shape_checks(self, moments):
         asofs, symbols, m = moments
         with pytest.raises(DataError, match="3 symbols for moments of shape"):
-            moments_to_long(asofs, symbols[:3], m, window_bars=48)
+            moments_to_rows(asofs, symbols[:3], m, window_bars=48)
         with pytest.raises(DataError, match=r"Moments.cov has shape \(5, 4, 4\), expected \(5, 3, 3\)"):
             Moments(mean=m.mean[:, :3], cov=m.cov, downside=m.downside[:, :3], semicov=m.semicov, n_obs=m.n_obs, status=m.status)
 
@@ -430,13 +433,13 @@ class TestEveryEstimator:
                 np.testing.assert_array_equal(getattr(moved[name], q)[: k + 1], getattr(base[name], q)[: k + 1])
             assert not np.allclose(moved[name].cov[k + 1 :], base[name].cov[k + 1 :])
 
-    def test_long_round_trip_with_per_asof_windows(self, returns):
+    def test_rows_round_trip_with_per_asof_windows(self, returns):
         ends = np.array([100, 150, 200])
         windows = np.array([48, 24, 36])
         m = annualize(rolling_estimates(returns, ends, window=windows, estimators=("ledoit_wolf",))["ledoit_wolf"], 8760.0)
-        frame = moments_to_long(hourly(300)[ends], ["A", "B", "C", "D"], m, estimator="ledoit_wolf_reset", window_bars=windows)
-        assert frame.group_by("as_of").agg(pl.col("window_bars").unique()).sort("as_of")["window_bars"].to_list() == [[48], [24], [36]]
-        _, _, back = moments_from_long(frame, estimator="ledoit_wolf_reset")
+        frame = moments_to_rows(hourly(300)[ends], ["A", "B", "C", "D"], m, estimator="ledoit_wolf_reset", window_bars=windows)
+        assert frame.sort("as_of")["window_bars"].to_list() == [48, 24, 36]
+        _, _, back = moments_from_rows(frame, estimator="ledoit_wolf_reset")
         np.testing.assert_array_equal(back.cov, m.cov)
 
     @pytest.mark.parametrize(

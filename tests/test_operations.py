@@ -63,8 +63,9 @@ def read_tables(warehouse: Path) -> dict[str, pl.DataFrame]:
 
 
 def checksums(tables: dict[str, pl.DataFrame]) -> dict[str, str]:
-    """sha256 of each canonical table (its CSV text): equal checksums mean equal rows and values."""
-    return {name: hashlib.sha256(frame.write_csv().encode()).hexdigest() for name, frame in tables.items()}
+    """sha256 of each canonical table (its JSON text, which holds list columns too): equal checksums
+    mean equal rows and values."""
+    return {name: hashlib.sha256(frame.write_json().encode()).hexdigest() for name, frame in tables.items()}
 
 
 # OSQP is warm-started from the previous asof's solution inside one run (eps 1e-9), so a range run

@@ -28,7 +28,7 @@ TABLES = {
     "raw.implied_vol": ["ts", "underlying"],
     "features.net_returns": ["ts", "symbol"],
     "features.universe": ["as_of", "symbol"],
-    "features.estimates": ["as_of", "estimator", "quantity", "symbol", "symbol_j"],
+    "features.estimates": ["as_of", "estimator"],
     "signals.signals": ["as_of", "symbol"],
     "portfolio.weights": ["as_of", "strategy", "symbol"],
     "portfolio.frontier": ["as_of", "point", "symbol"],

@@ -285,7 +285,7 @@ def loop_bias(tables: dict[str, pl.DataFrame], estimator: str, book: str) -> tup
     traded = tables["portfolio.weights"].filter(~pl.col("status").str.contains("insufficient_history"))
     asofs = sorted(traded["as_of"].unique())
     returns = tables["features.net_returns"]
-    cov = tables["features.estimates"].filter((pl.col("estimator") == estimator) & (pl.col("quantity") == "cov"))
+    cov = tables["features.estimates_long"].filter((pl.col("estimator") == estimator) & (pl.col("quantity") == "cov"))
     z = []
     for k, asof in enumerate(asofs):
         rows = traded.filter(pl.col("as_of") == asof)
@@ -322,7 +322,7 @@ def test_asset_end_to_end_agrees_with_a_plain_loop_over_the_stored_tables(tmp_pa
         result = dg.materialize(list(defs.assets), selection=[RISK_MODEL, RISK_MODEL_SUMMARY], resources=defs.resources,
                                 instance=instance)
         assert result.success
-    names = ("features.net_returns", "features.estimates", "portfolio.weights", "backtest.risk_model",
+    names = ("features.net_returns", "features.estimates", "features.estimates_long", "portfolio.weights", "backtest.risk_model",
              "backtest.risk_model_summary")
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
         tables = {name: as_utc(con.sql(f"SELECT * FROM {name}").pl()) for name in names}

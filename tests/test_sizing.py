@@ -334,7 +334,7 @@ class TestPipeline:
         book = equity.filter(pl.col("strategy") == "min_variance").sort("ts")
         asof = book["ts"][0]  # the path starts at the first traded asof and trades at the next bar
         w = weights.filter((pl.col("strategy") == "min_variance") & (pl.col("as_of") == asof)).sort("symbol")
-        stamps, found, moments = estimators.moments_from_long(tables["features.estimates"], estimator="ewma")
+        stamps, found, moments = estimators.moments_from_rows(tables["features.estimates"], estimator="ewma")
         k = int(np.searchsorted(stamps, estimators.to_datetime64([asof])[0]))
         assert found == w["symbol"].to_list()
         vol = np.sqrt(w["weight"].to_numpy() @ moments.cov[k] @ w["weight"].to_numpy())

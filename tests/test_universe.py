@@ -1,17 +1,22 @@
 """The point-in-time universe (issue 12): who is in at each asof and why, estimates on the members'
 complete bars, optimization on the members only, universe-aware baselines."""
 
+import re
 import tomllib
 from datetime import UTC, datetime
 
+import duckdb
 import numpy as np
+import pandera.errors
 import polars as pl
 import pytest
 from sklearn.covariance import OAS, LedoitWolf
 
+from assets import schemas
+from assets.schemas import conform
 from perpfolio.backtest import baseline_weights
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.estimators import age_weights, moments_from_long, moments_to_long, rolling_estimates
+from perpfolio.estimators import age_weights, moments_from_rows, moments_to_rows, rolling_estimates
 from perpfolio.optimize import AsofInputs, parse_strategies
 from perpfolio.optimize.walk_forward import optimize_walk_forward
 from perpfolio.universe import complete_rows, members_at, point_in_time_universe, universe_frame
@@ -128,17 +133,17 @@ class TestEstimatesOnTheMembers:
         assert est.status.tolist() == ["missing_data", "missing_data"]
         assert np.isnan(est.mean).all()
 
-    def test_long_rows_hold_only_the_members_and_read_back(self, rng):
+    def test_stored_rows_hold_only_the_members_and_read_back(self, rng):
         r = rng.normal(0.0, 0.01, (60, 4))
         r[:45, 2] = np.nan
         members = np.array([[True, True, False, True], [True, True, False, True], [True, True, True, True]])
         ends = np.array([40, 50, 59])
         m = rolling_estimates(r, ends, window=10, members=members, estimators=("sample",))["sample"]
         asofs = np.array(["2025-01-01T23:00", "2025-01-02T23:00", "2025-01-03T23:00"], dtype="datetime64[us]")
-        long = moments_to_long(asofs, SYMBOLS, m, window_bars=10)
-        per_asof = long.filter(pl.col("quantity") == "cov").group_by("as_of").len().sort("as_of")["len"].to_list()
-        assert per_asof == [9, 9, 16]
-        _, symbols, back = moments_from_long(long, symbols=SYMBOLS)
+        rows = moments_to_rows(asofs, SYMBOLS, m, window_bars=10)
+        assert rows["symbols"].to_list() == [[SYMBOLS[i] for i in (0, 1, 3)]] * 2 + [SYMBOLS]
+        assert rows["cov"].list.len().to_list() == [9, 9, 16]
+        _, symbols, back = moments_from_rows(rows, symbols=SYMBOLS)
         assert symbols == SYMBOLS
         np.testing.assert_array_equal(np.isnan(back.mean), np.isnan(m.mean))
         np.testing.assert_array_equal(back.cov[np.isfinite(m.cov)], m.cov[np.isfinite(m.cov)])
@@ -235,3 +240,52 @@ class TestBaselines:
         static = {"BTCUSDT": 0.5, "ETHUSDT": 0.3, "SOLUSDT": 0.2}
         np.testing.assert_allclose(baseline_weights("static", symbols, 3, static=static, members=members),
                                    [[0.625, 0.375, 0], [0.5, 0.3, 0.2], [0, 0.6, 0.4]])
+
+
+class TestEstimatesTable:
+    """features.estimates as stored: the pandera model's checks and the long view people query."""
+
+    @pytest.fixture
+    def stored(self, rng):
+        r = rng.normal(0.0, 0.01, (60, 4))
+        r[:45, 2] = np.nan
+        members = np.array([[True, True, False, True], [True, True, True, True], [True, True, True, True]])
+        ends = np.array([40, 59, 5])  # members without SOL; all four; too early (insufficient_history)
+        m = rolling_estimates(r, ends, window=10, members=members, estimators=("sample",))["sample"]
+        asofs = np.array(["2025-01-01T23:00", "2025-01-02T23:00", "2025-01-03T23:00"], dtype="datetime64[us]")
+        return m, conform(moments_to_rows(asofs, SYMBOLS, m, window_bars=10), schemas.Estimates)
+
+    def test_model_accepts_the_writer_and_names_each_fault(self, stored):
+        _, rows = stored
+        schemas.Estimates.validate(rows)
+        faults = {
+            "array lengths must match symbols": rows.with_columns(cov=pl.col("cov").list.head(3)),
+            "present exactly when status is ok": rows.with_columns(status=pl.lit("ok")),
+            "array values must be finite": rows.with_columns(mean=pl.col("mean").list.eval(pl.element() / 0.0)),
+            "a symbol listed twice": rows.with_columns(symbols=pl.col("symbols").list.eval(pl.element().first().repeat_by(4).explode())),
+            "duplicate (as_of, estimator)": pl.concat([rows, rows.head(1)]),
+        }
+        for message, bad in faults.items():
+            with pytest.raises(pandera.errors.SchemaErrors, match=re.escape(message)):
+                schemas.Estimates.validate(bad, lazy=True)
+
+    def test_long_view_shows_every_cell(self, stored):
+        m, rows = stored
+        con = duckdb.connect()
+        con.execute("CREATE SCHEMA features")
+        con.register("rows", rows.to_arrow())
+        con.execute("CREATE TABLE features.estimates AS SELECT * FROM rows")
+        con.execute(f"CREATE VIEW {schemas.ESTIMATES_LONG_VIEW} AS {schemas.ESTIMATES_LONG_SQL}")
+        long = pl.from_arrow(con.execute(f"SELECT * FROM {schemas.ESTIMATES_LONG_VIEW}").arrow())
+        assert long.columns == ["as_of", "estimator", "quantity", "symbol", "symbol_j", "value", "window_bars", "n_obs", "status"]
+        # 3 members (2*3 + 2*9 cells), 4 members (2*4 + 2*16), and 4 symbols of nulls for the early asof
+        assert long.height == 24 + 40 + 40
+        assert long.filter(pl.col("status") != "ok")["value"].null_count() == 40
+        position = {s: i for i, s in enumerate(SYMBOLS)}
+        asofs = sorted(rows["as_of"].unique())
+        for row in long.filter(pl.col("status") == "ok").iter_rows(named=True):
+            k, i = asofs.index(row["as_of"]), position[row["symbol"]]
+            quantity = getattr(m, row["quantity"])
+            expected = quantity[k, i] if row["symbol_j"] is None else quantity[k, i, position[row["symbol_j"]]]
+            assert row["value"] == expected, row
+        assert long.filter(pl.col("symbol") == "SOLUSDT")["as_of"].unique().len() == 2  # not a member at the first asof
