@@ -15,7 +15,7 @@ import pandera.polars as pa
 import polars as pl
 
 from assets.schemas import conform
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL
+from pipelines.partitions import WAREHOUSE_POOL
 
 SCHEMA_CHECK = "schema"
 
@@ -38,16 +38,18 @@ def table_metadata(key: dg.AssetKey, model: type[pa.DataFrameModel]) -> dict[str
 
 def table_asset(
     key: dg.AssetKey, model: type[pa.DataFrameModel], *, partitions: dg.PartitionsDefinition | None = None,
-    partition_expr: str | None = None, **asset_kwargs: Any,
+    partition_expr: str | None = None, backfill_policy: dg.BackfillPolicy | None = None, **asset_kwargs: Any,
 ):
     """`@dg.asset` for a warehouse table: writer pool, blocking schema check, output only when valid,
     the table's name and column schema as standard metadata (:func:`table_metadata`).
 
     A partitioned table also gets its `partition_expr` (the column a partition's rows are found by)
-    and the single-run backfill policy, so a range of days is one run.
+    and its `backfill_policy` (pipelines.partitions.run_policy: how many partitions one run covers).
     """
+    if partitions is not None and (partition_expr is None or backfill_policy is None):
+        raise ValueError(f"table_asset {key.to_user_string()}: a partitioned table needs partition_expr and backfill_policy")
     partitioned = {} if partitions is None else {
-        "partitions_def": partitions, "backfill_policy": SINGLE_RUN, "metadata": {"partition_expr": partition_expr},
+        "partitions_def": partitions, "backfill_policy": backfill_policy, "metadata": {"partition_expr": partition_expr},
     }
     metadata = {**table_metadata(key, model), **partitioned.pop("metadata", {}), **asset_kwargs.pop("metadata", {})}
     return dg.asset(

@@ -10,7 +10,7 @@ from assets import schemas
 from assets.checks import table_asset, time_range, validated
 from assets.raw import CANDLES, FUNDING
 from perpfolio import estimators, returns, signals as signal_lib, universe as universe_lib
-from pipelines.partitions import lookback, partition_window, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs, run_policy
 from pipelines.resources import VIEWS
 from pipelines.settings import Settings
 
@@ -132,7 +132,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     ppy = returns.periods_per_year(settings.bar_hours)
 
     @table_asset(
-        NET_RETURNS, schemas.NetReturns, partitions=partitions, partition_expr="ts",
+        NET_RETURNS, schemas.NetReturns, partitions=partitions, partition_expr="ts", backfill_policy=run_policy(settings),
         ins={"candles": dg.AssetIn(CANDLES, partition_mapping=lookback(1, settings)), "funding": dg.AssetIn(FUNDING)},
         group_name="features", kinds={"duckdb", "polars"},
         description="Per-bar return of a long position: simple price return plus funding return "
@@ -146,7 +146,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         yield from validated(frame, schemas.NetReturns, NET_RETURNS, metadata=meta)
 
     @table_asset(
-        UNIVERSE, schemas.Universe, partitions=partitions, partition_expr="as_of",
+        UNIVERSE, schemas.Universe, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days, settings))},
         group_name="features", kinds={"duckdb", "numpy"},
         description=f"Point-in-time universe at each daily asof: a symbol is in when it has a price at the asof, its "
@@ -171,7 +171,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         yield from validated(frame, schemas.Universe, UNIVERSE, metadata=meta)
 
     @table_asset(
-        ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of",
+        ESTIMATES, schemas.Estimates, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={"net_returns": dg.AssetIn(
             NET_RETURNS, partition_mapping=lookback(max(settings.lookback_days, regime_lookback_days(settings)), settings)
         ), "universe": dg.AssetIn(UNIVERSE)},

@@ -20,6 +20,7 @@ from assets.features import estimates_in
 from assets.portfolio import WEIGHTS, stored_moments
 from perpfolio import report
 from perpfolio.optimize import FRONTIER_SCHEMA, Constraints, StrategySpec, frontier_walk, load_strategies, validate_for_universe
+from pipelines.partitions import run_policy
 from pipelines.settings import Settings
 
 FRONTIER = dg.AssetKey(["portfolio", "frontier"])
@@ -93,7 +94,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     points = settings.frontier_points
 
     @table_asset(
-        FRONTIER, schemas.Frontier, partitions=partitions, partition_expr="as_of",
+        FRONTIER, schemas.Frontier, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={"estimates": estimates_in("mean", "cov"), "weights": dg.AssetIn(WEIGHTS)},
         group_name="portfolio", kinds={"duckdb", "osqp", "matplotlib"},
         description=f"Efficient frontier per rebalance: {points} points from the min-variance portfolio to the highest "

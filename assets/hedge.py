@@ -8,7 +8,7 @@ from assets.checks import markdown_table, table_asset, validated
 from assets.features import NET_RETURNS
 from assets.raw import CANDLES, REFERENCE_PRICES
 from perpfolio import hedge
-from pipelines.partitions import lookback, partition_window, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs, run_policy
 from pipelines.settings import Settings
 
 SPOT_HEDGE = dg.AssetKey(["risk", "spot_hedge"])
@@ -22,7 +22,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     days = settings.lookback_days + 2
 
     @table_asset(
-        SPOT_HEDGE, schemas.SpotHedge, partitions=partitions, partition_expr="as_of",
+        SPOT_HEDGE, schemas.SpotHedge, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={"net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(days, settings)),
              "reference_prices": dg.AssetIn(REFERENCE_PRICES, partition_mapping=lookback(days, settings)),
              "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(days, settings))},

@@ -14,7 +14,7 @@ from assets.signals import SIGNALS, regime_at
 from perpfolio import estimators, returns, universe as universe_lib
 from perpfolio.optimize import AsofInputs, EstimateSet, load_strategies, optimize_walk_forward, validate_for_universe
 from perpfolio.optimize.universe import liquid_universe, trailing_quote_volume
-from pipelines.partitions import lookback, partition_window
+from pipelines.partitions import lookback, partition_window, run_policy
 from pipelines.settings import Settings
 
 WEIGHTS = dg.AssetKey(["portfolio", "weights"])
@@ -111,7 +111,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     symbols = list(settings.symbols)
 
     @table_asset(
-        WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of",
+        WEIGHTS, schemas.Weights, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={"estimates": dg.AssetIn(ESTIMATES), "signals": dg.AssetIn(SIGNALS), "universe": dg.AssetIn(UNIVERSE),
              "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(settings.lookback_days, settings)),
              "candles": dg.AssetIn(CANDLES, partition_mapping=lookback(settings.lookback_days, settings)),

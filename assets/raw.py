@@ -13,7 +13,7 @@ import polars as pl
 from assets import schemas
 from assets.checks import schema_check, table_metadata, time_range, validated
 from perpfolio.quality import outlier_error
-from pipelines.partitions import SINGLE_RUN, WAREHOUSE_POOL, partition_window
+from pipelines.partitions import WAREHOUSE_POOL, partition_window, run_policy
 from pipelines.resources import RawMarket
 from pipelines.settings import Settings
 
@@ -73,7 +73,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
         },
         check_specs=[schema_check(key, model) for key, model, _, _ in _TABLES.values()],
         partitions_def=partitions,
-        backfill_policy=SINGLE_RUN,
+        backfill_policy=run_policy(settings),
         pool=WAREHOUSE_POOL,
         group_name="raw",
     )

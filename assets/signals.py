@@ -10,7 +10,7 @@ from assets.checks import table_asset, validated
 from assets.features import NET_RETURNS, aligned_returns, one_bar_returns, regime_lookback_days
 from assets.raw import IMPLIED_VOL
 from perpfolio import signals as signal_lib
-from pipelines.partitions import lookback, partition_window, rebalance_asofs
+from pipelines.partitions import lookback, partition_window, rebalance_asofs, run_policy
 from pipelines.settings import Settings
 
 SIGNALS = dg.AssetKey(["signals", "signals"])
@@ -33,7 +33,7 @@ def build(settings: Settings, partitions: dg.PartitionsDefinition) -> list[dg.As
     history_days = max(bars_days + trailing_days, regime_lookback_days(settings))
 
     @table_asset(
-        SIGNALS, schemas.Signals, partitions=partitions, partition_expr="as_of",
+        SIGNALS, schemas.Signals, partitions=partitions, partition_expr="as_of", backfill_policy=run_policy(settings),
         ins={
             "net_returns": dg.AssetIn(NET_RETURNS, partition_mapping=lookback(history_days, settings)),
             "implied_vol": dg.AssetIn(IMPLIED_VOL, partition_mapping=lookback(IV_LOOKBACK_DAYS + trailing_days, settings)),

@@ -15,9 +15,32 @@ import dagster as dg
 
 from pipelines.settings import Settings
 
-SINGLE_RUN = dg.BackfillPolicy.single_run()
 WAREHOUSE_POOL = "duckdb_warehouse"  # one writer at a time: instance config sets every pool's limit to 1
 SHORTEST_DAYS = {"daily": 1, "weekly": 7, "monthly": 28}  # the fewest days a partition of each grain holds
+
+
+PAIR_DAYS_PER_RUN = 1_000_000  # auto: symbols^2 x days of one run (100 perps: 100 days; BENCHMARKS.md)
+
+
+def max_days_per_run(settings: Settings) -> int:
+    """PERPFOLIO_MAX_DAYS_PER_RUN, or with auto ``PAIR_DAYS_PER_RUN // symbols^2``. The estimates of a
+    run's days are computed and stored in one step, one covariance and one semicovariance of every
+    symbol pair per asof and estimator, so a run's memory grows with symbols^2 x days: auto keeps a
+    run of any universe near the same size, and a universe of up to 57 perps gets 300+ days per run."""
+    return settings.max_days_per_run or max(1, PAIR_DAYS_PER_RUN // len(settings.symbols) ** 2)
+
+
+def partitions_per_run(settings: Settings) -> int:
+    """Partitions one run materializes at most: the whole partitions that `max_days_per_run` holds (at
+    least one). A longer backfill runs in pieces of this size, one after the other (the weights of a
+    piece start from the previous piece's stored ones)."""
+    return max(1, max_days_per_run(settings) // SHORTEST_DAYS[settings.partitions])
+
+
+def run_policy(settings: Settings) -> dg.BackfillPolicy:
+    """The backfill policy of every partitioned asset: runs of at most `partitions_per_run` partitions,
+    so a range within that is one run."""
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run(settings))
 
 
 def grid_start(day: date, grain: str) -> date:

@@ -8,12 +8,15 @@ last day, cut to PERPFOLIO_START..END.
     python -m pipelines.run --start 2024-01-01 --end 2024-06-30 --walk-forward-only   # history in pieces,
                                                   # then one run without the flag evaluates everything
 
-The walk-forward assets run as ONE run over the whole range (single-run backfill policy), then
-the evaluation job rebuilds backtest, metrics, stress and report. Runs are recorded in
-DAGSTER_HOME, so `make ui` shows them.
+The walk-forward assets run over the range in runs of at most PERPFOLIO_MAX_DAYS_PER_RUN days of
+whole partitions (their backfill policy, as a backfill from the UI splits it), one after the
+other; then the evaluation job rebuilds backtest, metrics, stress and report. Runs are recorded
+in DAGSTER_HOME, so `make ui` shows them.
 """
 
 import argparse
+import ctypes
+import gc
 import os
 import socket
 import sys
@@ -22,7 +25,6 @@ from datetime import date, datetime, timezone
 
 import dagster as dg
 import polars as pl
-from dagster._core.definitions.dependency import NodeHandle
 
 from pipelines.definitions import build_definitions
 from pipelines.partitions import partition_keys_for
@@ -52,6 +54,9 @@ def failure_report(job: dg.JobDefinition, result, partitions: str) -> str:
     by asset and check, not only by step.
     """
     lines = [f"run {result.run_id} of job {job.name} over partitions {partitions} failed:"]
+    # a step is named after its node: an asset's or a multi-asset's op
+    assets_of_step = {a.node_def.name: ", ".join(sorted(k.to_user_string() for k in a.keys))
+                      for a in job.asset_layer.asset_graph.assets_defs if a.keys and a.is_executable}
     checks = [e.event_specific_data for e in result.all_events
               if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.event_specific_data.passed]
     for check in checks:
@@ -60,11 +65,7 @@ def failure_report(job: dg.JobDefinition, result, partitions: str) -> str:
                      + (f" ({count.value} failing rows)" if count is not None else "") + f", partitions {partitions}"
                      + (f"; first: {first.value}" if first is not None else ""))
     for event in (e for e in result.all_events if e.is_step_failure):
-        try:
-            assets_def = job.asset_layer.get_assets_def_for_node(NodeHandle.from_string(event.step_key))
-            assets = ", ".join(sorted(k.to_user_string() for k in assets_def.keys)) if assets_def else event.step_key
-        except Exception:  # noqa: BLE001 - the report must not hide the failure it describes
-            assets = event.step_key
+        assets = assets_of_step.get(event.step_key, event.step_key)
         error = event.event_specific_data.error
         while error is not None and error.cause is not None and "DagsterExecutionStepExecutionError" in error.cls_name:
             error = error.cause  # the user's exception, not Dagster's wrapper
@@ -87,26 +88,46 @@ def evaluation_job() -> dg.JobDefinition:
 RECONSTRUCT = {"daily_walk_forward": walk_forward_job, "evaluation": evaluation_job}
 
 
+def run_ranges(job: dg.JobDefinition, start: date, end: date) -> list[tuple[str, str]]:
+    """(first, last) partition keys of each run that materializes the partitions holding `start`..`end`:
+    consecutive pieces of at most the smallest `max_partitions_per_run` of the job's assets' backfill
+    policies (pipelines.partitions.run_policy), in order."""
+    first, last = partition_keys_for(job.partitions_def, start, end)
+    keys = job.partitions_def.get_partition_keys_in_range(dg.PartitionKeyRange(first, last))
+    limits = [a.backfill_policy.max_partitions_per_run for a in job.asset_layer.asset_graph.assets_defs
+              if a.backfill_policy is not None and a.backfill_policy.max_partitions_per_run is not None]
+    size = min(limits, default=len(keys))
+    return [(keys[i], keys[min(i + size, len(keys)) - 1]) for i in range(0, len(keys), size)]
+
+
 def materialize_range(
     defs: dg.Definitions, start: date, end: date, instance: dg.DagsterInstance, *, executor: str = "in_process",
     evaluate: bool = True,
 ) -> dict[str, float]:
-    """One run of the walk-forward job over [start, end], then (``evaluate``) one run of the evaluation
-    job; returns the wall time of each run in seconds, by job name.
+    """The walk-forward job over [start, end] in the runs of `run_ranges`, then (``evaluate``) one run of
+    the evaluation job; returns the wall time in seconds by job name (all of its runs).
 
     Each run is tagged with this process's host and pid, so a later invocation can tell a run
     that was killed (SIGKILL, power loss) from one still going: see `recover_interrupted_runs`.
     """
-    first, last = partition_keys_for(defs.resolve_job_def("daily_walk_forward").partitions_def, start, end)
-    tags = {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last}
+    pieces = run_ranges(defs.resolve_job_def("daily_walk_forward"), start, end)
     owner = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     # Dagster's console logger would print each failed step's whole trace (70+ lines) before the
     # summary below; the run's event log keeps it for the UI, and the summary names each failure
     quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-    timings = {}
-    span = f"{first}..{last}" + ("" if (first, last) == (start.isoformat(), end.isoformat())
-                                 else f" (the partitions holding {start}..{end})")
-    runs = [("daily_walk_forward", tags, span)] + ([("evaluation", {}, "(unpartitioned)")] if evaluate else [])
+    timings: dict[str, float] = {}
+
+    def label(i: int, first: str, last: str) -> str:
+        if len(pieces) > 1:
+            return f"{first}..{last} (run {i + 1} of {len(pieces)} over the partitions holding {start}..{end})"
+        return f"{first}..{last}" + ("" if (first, last) == (start.isoformat(), end.isoformat())
+                                     else f" (the partitions holding {start}..{end})")
+
+    runs = [
+        ("daily_walk_forward", {"dagster/asset_partition_range_start": first, "dagster/asset_partition_range_end": last},
+         label(i, first, last))
+        for i, (first, last) in enumerate(pieces)
+    ] + ([("evaluation", {}, "(unpartitioned)")] if evaluate else [])
     for job_name, run_tags, partitions in runs:
         began = time.perf_counter()
         job = defs.resolve_job_def(job_name)
@@ -118,10 +139,23 @@ def materialize_range(
                 pass
         if not result.success:
             raise RunFailed(failure_report(job, result, partitions))
-        timings[job_name] = time.perf_counter() - began
+        timings[job_name] = timings.get(job_name, 0.0) + time.perf_counter() - began
         covered = f"partitions {partitions}" if run_tags else "all stored history"
-        print(f"{job_name}: {covered} done in {timings[job_name]:.1f} s (run {result.run_id})")
+        print(f"{job_name}: {covered} done in {time.perf_counter() - began:.1f} s (run {result.run_id})")
+        del result
+        release_memory()
     return timings
+
+
+def release_memory() -> None:
+    """Give a finished run's memory back before the next run starts: collect the reference cycles that
+    still hold its frames, then (glibc) return the freed heap to the system. Without it a process of
+    several runs kept about 0.5 GB more per run at 100 perps (BENCHMARKS.md)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def recover_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:

@@ -62,6 +62,7 @@ class Settings:
     start: date = date(2025, 1, 1)
     end: date | None = date(2025, 7, 29)
     partitions: Literal["daily", "weekly", "monthly"] = "weekly"  # grain of the time partitions (pipelines.partitions)
+    max_days_per_run: int | None = None  # a backfill runs in pieces of at most this many days; None = auto (pipelines.partitions)
     seed: int = 1
     source: Literal["synthetic", "archive", "exchange"] = "synthetic"
     synthetic_events: bool = False  # source "synthetic": listings, delistings, outages, bad prints, missing funding
@@ -192,6 +193,9 @@ class Settings:
                               f"got {self.frontier_points!r}")
         if self.partitions not in ("daily", "weekly", "monthly"):
             raise ConfigError(f"PERPFOLIO_PARTITIONS must be daily, weekly or monthly, got {self.partitions!r}")
+        if self.max_days_per_run is not None and (isinstance(self.max_days_per_run, bool) or not isinstance(self.max_days_per_run, int)
+                                                  or self.max_days_per_run < 1):
+            raise ConfigError(f"PERPFOLIO_MAX_DAYS_PER_RUN must be auto or a whole number of days >= 1, got {self.max_days_per_run!r}")
         if self.executor not in ("in_process", "multiprocess", "celery", "k8s"):
             raise ConfigError(
                 f"PERPFOLIO_EXECUTOR must be in_process, multiprocess, celery or k8s, got {self.executor!r}"
@@ -309,6 +313,7 @@ class Settings:
             "start": date.fromisoformat,
             "end": lambda v: None if v.lower() == "open" else date.fromisoformat(v),
             "partitions": lambda v: v.lower(),
+            "max_days_per_run": lambda v: None if v.lower() == "auto" else int(v),
             "seed": int,
             "source": str,
             "synthetic_events": _flag,

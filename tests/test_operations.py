@@ -194,6 +194,16 @@ class TestBackfillEquivalence:
         # then both modes solve every day from the previous day's stored weights
         assert {"fallback:flat:insufficient_history", "optimal"} <= set(decisions["status"])
 
+    def test_a_range_split_into_runs_of_one_partition_equals_one_run(self, short, reference, tmp_path):
+        """PERPFOLIO_MAX_DAYS_PER_RUN=7 splits the short window's two weekly partitions into two runs
+        (the second seeded from the first's stored weights): the same tables as one run."""
+        settings = settings_in(tmp_path, replace(short, max_days_per_run=7))
+        with dg.DagsterInstance.ephemeral() as instance:
+            materialize_range(build_definitions(settings), settings.start, settings.end, instance)
+            walk_forward_runs = [r for r in instance.get_runs() if r.job_name == "daily_walk_forward"]
+        assert sorted(r.tags["dagster/asset_partition_range_start"] for r in walk_forward_runs) == ["2024-12-30", "2025-01-06"]
+        assert_same_tables(read_tables(settings.warehouse), reference, tolerance=SOLVER_TOLERANCE)
+
     def test_weights_depend_on_their_previous_day_only(self, short):
         defs = build_definitions(short)
         node = defs.resolve_asset_graph().get(WEIGHTS)

@@ -8,7 +8,10 @@ import pytest
 
 from perpfolio.errors import ConfigError
 from pipelines.definitions import build_definitions
-from pipelines.partitions import grid_end_after, grid_start, lookback, partition_keys_for, partition_window, time_partitions
+from pipelines.partitions import (
+    grid_end_after, grid_start, lookback, partition_keys_for, partition_window, partitions_per_run, time_partitions,
+)
+from pipelines.run import run_ranges
 from pipelines.settings import Settings
 
 UTC = timezone.utc
@@ -76,6 +79,35 @@ def test_the_grain_reads_from_env_and_an_unknown_one_is_refused():
     assert Settings.from_env({"PERPFOLIO_PARTITIONS": "Monthly"}).partitions == "monthly"
     with pytest.raises(ConfigError, match="PERPFOLIO_PARTITIONS must be daily, weekly or monthly, got 'hourly'"):
         Settings.from_env({"PERPFOLIO_PARTITIONS": "hourly"})
+
+
+@pytest.mark.parametrize(("grain", "days", "n", "per_run"), [
+    ("weekly", 92, 3, 13), ("daily", 92, 3, 92), ("monthly", 92, 3, 3), ("weekly", 6, 3, 1), ("monthly", 1, 3, 1),
+    ("weekly", None, 3, 15873), ("weekly", None, 100, 14), ("daily", None, 100, 100), ("monthly", None, 500, 1),
+])
+def test_a_run_holds_the_whole_partitions_that_fit_its_days(grain, days, n, per_run):
+    """auto (None): 10^6 // n^2 days, 100 for 100 perps, 4 for 500 (still one whole partition)."""
+    symbols = ("BTCUSDT", "ETHUSDT", "SOLUSDT") + tuple(f"S{i:03d}USDT" for i in range(3, n))
+    settings = Settings(symbols=symbols, partitions=grain, max_days_per_run=days)
+    assert partitions_per_run(settings) == per_run
+    defs = build_definitions(settings)
+    partitioned = [a for a in defs.resolve_asset_graph().assets_defs if a.partitions_def is not None and a.keys]
+    assert len(partitioned) >= 7 and {a.backfill_policy.max_partitions_per_run for a in partitioned} == {per_run}
+
+
+def test_a_range_is_split_into_consecutive_runs_in_order():
+    job = build_definitions(Settings(max_days_per_run=92)).resolve_job_def("daily_walk_forward")
+    assert run_ranges(build_definitions(Settings()).resolve_job_def("daily_walk_forward"), date(2025, 1, 1),
+                      date(2025, 7, 29)) == [("2024-12-30", "2025-07-28")]  # auto, 3 perps: one run
+    pieces = run_ranges(job, date(2025, 1, 1), date(2025, 7, 29))  # 30 weeks from Monday 2024-12-30
+    assert pieces == [("2024-12-30", "2025-03-24"), ("2025-03-31", "2025-06-23"), ("2025-06-30", "2025-07-28")]
+    assert run_ranges(job, date(2025, 3, 5), date(2025, 3, 5)) == [("2025-03-03", "2025-03-03")]
+
+
+@pytest.mark.parametrize("bad", ["0", "-7", "two"])
+def test_max_days_per_run_is_a_positive_whole_number(bad):
+    with pytest.raises(ConfigError, match="PERPFOLIO_MAX_DAYS_PER_RUN"):
+        Settings.from_env({"PERPFOLIO_MAX_DAYS_PER_RUN": bad})
 
 
 def tick(settings: Settings, schedule_name: str, at: datetime):
