@@ -1,8 +1,8 @@
 """Pandera (polars) models of every warehouse table: the data contract of DESIGN.md section 2.
 
 Each model is declared once and used three ways: `conform` puts an asset's output in the
-table's column order and dtypes (the DuckDB insert is positional), the blocking asset check
-validates it, and the README's table reference is read from the descriptions.
+table's column order and dtypes, the blocking asset check validates it, and the UI's column view
+shows its columns with their descriptions (`dagster/column_schema`, assets/checks.py).
 
 Pandera's polars backend rejects NaN/null in a float column by default but lets `inf`
 through `gt=0`, so every float column states finiteness explicitly.

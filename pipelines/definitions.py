@@ -1,7 +1,7 @@
 """The Dagster code location: assembles assets, checks, resources, jobs and schedules.
 
 Nothing is computed at import; `defs` is built when Dagster loads the location, from the
-PERPFOLIO_* environment (see pipelines/settings.py and the README).
+PERPFOLIO_* environment (see pipelines/settings.py and docs/configuration.md).
 """
 
 import dagster as dg
