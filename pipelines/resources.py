@@ -1,24 +1,24 @@
 """Resources: the warehouse IO manager and the market-data source.
 
-The stock DuckDB-polars IO manager deletes a partition and inserts its replacement in
-autocommit mode, so a crash between the two loses the stored partition, and it inserts by
-column position. `WarehouseIOManager` runs delete + insert in ONE transaction and inserts by
-column name; an empty frame still creates the table so downstream reads never hit a missing
-table. An asset whose definition metadata has `VIEWS` ({view name: SELECT}) gets those views
-(re)created in the same transaction, so a view never names a table that is not there.
+`WarehouseIOManager` keeps every asset as a DuckDB table (schema = the asset key's prefix, table =
+its last part), written with Dagster's public `ConfigurableIOManager` API. A partition (or range)
+write deletes the rows of its time window and inserts the new ones in ONE transaction, by column
+name: a crash between the two cannot lose the stored partition (the stock DuckDB-polars IO
+manager deletes and inserts in autocommit mode, by column position). An empty frame still creates
+the table, so downstream reads never hit a missing table. An asset whose definition metadata has
+`VIEWS` ({view name: SELECT}) gets those views (re)created in the same transaction.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import dagster as dg
+import duckdb
 import polars as pl
-from dagster._core.storage.db_io_manager import DbIOManager, DbTypeHandler, TableSlice
-from dagster_duckdb.io_manager import DuckDbClient
-from dagster_duckdb_polars import DuckDBPolarsIOManager, DuckDBPolarsTypeHandler
 
 from perpfolio.errors import ConfigError
 from perpfolio.quality import OUTLIER_POLICIES, detection_window, drop_outliers, find_funding_gaps, find_outliers
@@ -30,25 +30,28 @@ from perpfolio.sources.implied_vol import read_implied_vol
 from perpfolio.sources.synthetic import generate_market
 from perpfolio.tiers import SymbolTiers, TierTable, load_snapshot, load_tier_file, resolve_tiers
 
-
 VIEWS = "perpfolio/views"  # definition metadata: {"schema.view": "SELECT ..."} created with the table
 
 
-class _TransactionalClient(DuckDbClient):
-    """DuckDB client whose connection scope is one transaction: all of a write, or none of it.
+class WarehouseIOManager(dg.ConfigurableIOManager):
+    """Polars frames in DuckDB tables; partition writes are atomic, inserts go by column name.
 
-    The stock client closes its connection only on success, so a failed write left the file open
-    (and locked against other processes) until garbage collection; this one always closes it.
+    ``database``: a DuckDB file (its folder is created on the first write) or ``md:<name>``.
+    Partitioned assets name the column their partitions are found by in the definition metadata
+    ``partition_expr``; an input may list the ``columns`` it reads (input metadata), and an input
+    with ``allow_missing_table`` reads an empty frame before the table's first write.
     """
 
-    @staticmethod
+    database: str
+    connection_config: dict[str, Any] = {}
+
     @contextmanager
-    def connect(context, table_slice: TableSlice) -> Iterator:
-        config = {"custom_user_agent": "dagster", **context.resource_config["connection_config"]}
-        database = context.resource_config["database"]
-        if not database.startswith("md:") and database != ":memory:":  # a local file: its folder may not exist yet
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        conn = connect_waiting(database, config)
+    def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection whose scope is one transaction: all of a write, or none of it; always closed
+        (a failed write must not keep the file locked against other processes)."""
+        if not self.database.startswith("md:") and self.database != ":memory:":
+            Path(self.database).parent.mkdir(parents=True, exist_ok=True)
+        conn = connect_waiting(self.database, {"custom_user_agent": "dagster", **self.connection_config})
         try:
             conn.execute("BEGIN TRANSACTION")
             try:
@@ -61,65 +64,70 @@ class _TransactionalClient(DuckDbClient):
             conn.close()
 
     @staticmethod
-    def delete_table_slice(context, table_slice: TableSlice, connection) -> None:
-        """Nothing here: the handler deletes the slice itself, after adding any new column, because
-        DuckDB cannot commit an ALTER TABLE that follows a DELETE of the same table in one transaction."""
+    def _table(key: dg.AssetKey) -> tuple[str, str]:
+        return (key.path[-2] if len(key.path) > 1 else "public"), key.path[-1]
 
+    @staticmethod
+    def _window(context: dg.InputContext | dg.OutputContext, metadata: dict) -> tuple[str, list]:
+        """(SQL condition, parameters) selecting the rows of the context's partitions: its time
+        window on the column `partition_expr`; everything for an unpartitioned asset."""
+        if not context.has_asset_partitions:
+            return "TRUE", []
+        expr = metadata.get("partition_expr")
+        if expr is None:
+            raise ConfigError(f"asset {context.asset_key.to_user_string()} is partitioned but has no "
+                              "'partition_expr' metadata naming the column its partitions are found by")
+        if not context.asset_partition_keys:  # a mapping to partitions that do not exist (before the first)
+            return "FALSE", []
+        window = context.asset_partitions_time_window
+        return f'"{expr}" >= ? AND "{expr}" < ?', [window.start, window.end]
 
-class _PolarsByNameHandler(DuckDBPolarsTypeHandler):
-    def handle_output(self, context: dg.OutputContext, table_slice: TableSlice, obj: pl.DataFrame, connection):
-        """Replace the slice with ``obj``, inserted by column name. A column the stored table lacks (a
-        warehouse written by an older version) is added first, null for the rows already stored; a
-        stored column the frame lacks is null in the new rows."""
-        table = f"{table_slice.schema}.{table_slice.table}"
-        connection.register("perpfolio_frame", obj.to_arrow())
-        connection.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM perpfolio_frame LIMIT 0")
-        stored = {name for (name,) in connection.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?",
-            [table_slice.schema, table_slice.table]).fetchall()}
-        for name, dtype, *_ in connection.execute("DESCRIBE SELECT * FROM perpfolio_frame").fetchall():
-            if name not in stored:
-                quoted = '"' + name.replace('"', '""') + '"'
-                connection.execute(f"ALTER TABLE {table} ADD COLUMN {quoted} {dtype}")
-        DuckDbClient.delete_table_slice(context, table_slice, connection)
-        connection.execute(f"INSERT INTO {table} BY NAME SELECT * FROM perpfolio_frame")
-        connection.unregister("perpfolio_frame")
-        for view, select in (context.definition_metadata or {}).get(VIEWS, {}).items():
-            connection.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
-        return {"row_count": obj.height}
+    def handle_output(self, context: dg.OutputContext, obj: pl.DataFrame) -> None:
+        """Replace the output's partitions (or the whole table) with ``obj``, inserted by column name. A
+        column the stored table lacks (a warehouse written by an older version) is added first, null
+        for the rows already stored; a stored column the frame lacks is null in the new rows."""
+        metadata = context.definition_metadata or {}
+        schema, name = self._table(context.asset_key)
+        table = f"{schema}.{name}"
+        where, params = self._window(context, metadata)
+        with self._transaction() as conn:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            conn.register("perpfolio_frame", obj.to_arrow())
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM perpfolio_frame LIMIT 0")
+            stored = {c for (c,) in conn.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE schema_name = ? AND table_name = ?", [schema, name]).fetchall()}
+            for column, dtype, *_ in conn.execute("DESCRIBE SELECT * FROM perpfolio_frame").fetchall():
+                if column not in stored:
+                    quoted = '"' + column.replace('"', '""') + '"'
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {quoted} {dtype}")
+            # the DELETE after any ALTER: DuckDB cannot commit an ALTER TABLE that follows a DELETE
+            # of the same table in one transaction
+            conn.execute(f"DELETE FROM {table} WHERE {where}", params)
+            conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM perpfolio_frame")
+            conn.unregister("perpfolio_frame")
+            for view, select in metadata.get(VIEWS, {}).items():
+                conn.execute(f"CREATE OR REPLACE VIEW {view} AS {select}")
+        context.add_output_metadata({"dagster/row_count": obj.height})
 
-    def load_input(self, context: dg.InputContext, table_slice: TableSlice, connection) -> pl.DataFrame:
-        # an input declared with metadata allow_missing_table (a self-dependency on the previous
-        # partition) reads as an empty frame before the table's first write, instead of failing
-        if (context.definition_metadata or {}).get("allow_missing_table") and not connection.execute(
-            "SELECT 1 FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?", [table_slice.schema, table_slice.table]
-        ).fetchall():
-            return pl.DataFrame()
-        return as_utc(super().load_input(context, table_slice, connection))
+    def load_input(self, context: dg.InputContext) -> pl.DataFrame:
+        """The rows of the input's partitions (all of them for an unpartitioned consumer), only the
+        ``columns`` the input lists when it does, with timestamps in UTC."""
+        metadata = context.definition_metadata or {}
+        schema, name = self._table(context.asset_key)
+        where, params = self._window(context, context.upstream_output.definition_metadata or {})
+        columns = ", ".join(f'"{c}"' for c in metadata["columns"]) if metadata.get("columns") else "*"
+        with self._transaction() as conn:
+            exists = conn.execute("SELECT 1 FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+                                  [schema, name]).fetchall()
+            if not exists and metadata.get("allow_missing_table"):
+                return pl.DataFrame()
+            return as_utc(conn.execute(f"SELECT {columns} FROM {schema}.{name} WHERE {where}", params).pl())
 
 
 def as_utc(frame: pl.DataFrame) -> pl.DataFrame:
     """Zoned timestamps read from DuckDB carry its session zone ('Etc/UTC'); the data contract says 'UTC'."""
     zoned = [name for name, dtype in frame.schema.items() if isinstance(dtype, pl.Datetime) and dtype.time_zone]
     return frame.with_columns(pl.col(zoned).dt.convert_time_zone("UTC"))
-
-
-class WarehouseIOManager(DuckDBPolarsIOManager):
-    """Polars frames in DuckDB tables (schema = asset key prefix); partition writes are atomic."""
-
-    @staticmethod
-    def type_handlers() -> Sequence[DbTypeHandler]:
-        return [_PolarsByNameHandler()]
-
-    def create_io_manager(self, context) -> DbIOManager:
-        return DbIOManager(
-            db_client=_TransactionalClient(),
-            database=self.database,
-            schema=self.schema_,
-            type_handlers=self.type_handlers(),
-            default_load_type=pl.DataFrame,
-            io_manager_name="WarehouseIOManager",
-        )
 
 
 @dataclass(frozen=True)
