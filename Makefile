@@ -46,7 +46,7 @@ case-study: $(STAMP)  ## docs/real-data-case-study.md from a run on the shared r
 	$(PY) -m pipelines.case_study $(if $(DATA),--data $(DATA))
 
 replay: $(STAMP)  ## the synthetic market served as Binance/Bybit/OKX/Deribit APIs on 127.0.0.1:8765 (PERPFOLIO_SOURCE=exchange)
-	$(PY) -m perpfolio.replay --port 8765
+	$(PY) -m tools.replay --port 8765
 
 bench: $(STAMP)  ## benchmarks (not part of make test); see BENCHMARKS.md
 	$(PY) -m pip install --quiet -e ".[test,bench]"

@@ -2,7 +2,7 @@
 server, through the exchange source as the raw asset runs it (ccxt client, pagination, validation,
 download cache), for each exchange's format and page sizes.
 
-The server runs in its own process (python -m perpfolio.replay) so the figures are the client's.
+The server runs in its own process (python -m tools.replay) so the figures are the client's.
 Each exchange is read three ways: cold with ccxt's rate limiter OFF (what the client itself costs),
 warm (every day already in the cache: no request at all), and - for Binance only, on 2 symbols,
 scaled - with the rate limiter ON (what a real download is bound by: the exchange's weight budget).
@@ -35,7 +35,7 @@ NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 
 
 def start_server(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "perpfolio.replay", "--port", str(port), "--symbols",
+    proc = subprocess.Popen([sys.executable, "-m", "tools.replay", "--port", str(port), "--symbols",
                              ",".join(SYMBOLS), "--start", "2024-12-31", "--end", "2026-01-02"], stdout=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

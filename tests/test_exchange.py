@@ -1,5 +1,5 @@
 """The live exchange source (perpfolio.sources.exchange) against the local replay server
-(perpfolio.replay): each exchange's format and paging, fault tolerance, resume, validation."""
+(tools.replay): each exchange's format and paging, fault tolerance, resume, validation."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from perpfolio.errors import ConfigError, DataError, SourceUnavailable
-from perpfolio.replay import Fault, ReplayServer, synthetic_market
+from tools.replay import Fault, ReplayServer, synthetic_market
 from perpfolio.sources.exchange import (
     EXCHANGES, DvolClient, client_for, funding_intervals, read_exchange,
 )

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 import pytest
 
-from perpfolio.replay import ReplayServer, synthetic_market
+from tools.replay import ReplayServer, synthetic_market
 from pipelines.definitions import build_definitions
 from pipelines.run import materialize_range
 from tests.test_operations import (

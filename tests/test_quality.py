@@ -395,7 +395,7 @@ class _PlantedSynthetic(RawMarket):
 
 
 def test_the_exchange_source_reports_the_same_rows_naming_its_endpoint():
-    from perpfolio.replay import ReplayServer, Series, synthetic_market
+    from tools.replay import ReplayServer, Series, synthetic_market
 
     end = datetime(2025, 2, 1, tzinfo=UTC)
     served = synthetic_market(SYMBOLS, ORIGIN, end, seed=1)

@@ -14,7 +14,7 @@ import pytest
 
 from perpfolio.backtest import compare
 from perpfolio.errors import ConfigError, DataError
-from perpfolio.replay import OKX_CONTRACT, ReplayServer, replay_tiers, synthetic_market
+from tools.replay import OKX_CONTRACT, ReplayServer, replay_tiers, synthetic_market
 from perpfolio.sources.exchange import client_for, read_leverage_tiers
 from perpfolio.stress import Scenario, liquidation_levels, stress_test
 from perpfolio.tiers import (

@@ -4,7 +4,7 @@ Deribit (DVOL) over HTTP on 127.0.0.1, serving the built-in synthetic market, wi
 It lets the exchange source (perpfolio.sources.exchange) run offline: in the tests, in the
 benchmark, and for a user who wants to try ``PERPFOLIO_SOURCE=exchange`` without network access::
 
-    python -m perpfolio.replay --port 8765 --symbols BTC,ETH,SOL --start 2025-01-01 --end 2025-07-30
+    python -m tools.replay --port 8765 --symbols BTC,ETH,SOL --start 2025-01-01 --end 2025-07-30
     PERPFOLIO_SOURCE=exchange PERPFOLIO_EXCHANGE_URL=http://127.0.0.1:8765 make run
 
 Each endpoint answers in its exchange's format and with its paging rules (both bounds inclusive

@@ -1,0 +1,1 @@
+"""Test and tooling code outside the installed package: the exchange replay server."""
