@@ -17,7 +17,7 @@ from pipelines.settings import Settings
 NET_RETURNS = dg.AssetKey(["features", "net_returns"])
 UNIVERSE = dg.AssetKey(["features", "universe"])
 ESTIMATES = dg.AssetKey(["features", "estimates"])
-ESTIMATE_KEYS = ["as_of", "estimator", "symbols", "window_bars", "n_obs", "status"]
+ESTIMATE_KEYS = [c for c in estimators.ESTIMATE_COLUMNS if c not in estimators.QUANTITIES]  # read by every consumer
 
 
 def estimates_in(*quantities: str) -> dg.AssetIn:

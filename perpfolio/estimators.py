@@ -39,6 +39,7 @@ _STATUS_DTYPE = "<U20"
 _CHUNK = 64
 _VECTORS = ("mean", "downside")
 _MATRICES = ("cov", "semicov")
+QUANTITIES = _VECTORS + _MATRICES  # the array columns of features.estimates
 ESTIMATE_COLUMNS = ("as_of", "estimator", "symbols", "mean", "downside", "cov", "semicov", "window_bars", "n_obs", "status")  # features.estimates
 
 
